@@ -1,0 +1,1 @@
+"""Benchmarks: per-layer (layers.py); end-to-end ones live beside it."""

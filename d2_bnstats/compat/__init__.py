@@ -1,0 +1,1 @@
+"""Compatibility pieces for the detectron2 versions the plug-in supports."""

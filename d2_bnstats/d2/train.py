@@ -1,0 +1,84 @@
+"""The logic behind ``tools/train_net.py``: config set-up, training and evaluation.
+
+Follows detectron2's ``tools/train_net.py`` conventions (``--config-file``, ``--num-gpus``,
+``--eval-only``, ``--resume``, trailing ``KEY VALUE`` overrides), callable from Python:
+
+    from d2_bnstats.d2.train import argument_parser, run
+    run(argument_parser().parse_args(["--config", "configs/cpu/frcnn_r18_bn_2img.yaml"]))
+"""
+import logging
+import os
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+from .config import add_bnstats_config, check_batch_config, check_norm_keys, resolve_device
+from .launch import launch
+from .trainer import Trainer
+
+logger = logging.getLogger("d2_bnstats")
+
+
+def argument_parser(epilog=None):
+    parser = default_argument_parser(epilog=epilog)
+    parser.add_argument(
+        "--config", dest="config_file", metavar="FILE", help="alias of --config-file"
+    )
+    return parser
+
+
+def load_config(config_file: str, opts=(), world_size: int = 1):
+    """Build and check a config: detectron2 defaults + BNSTATS keys + file + ``KEY VALUE`` opts."""
+    cfg = get_cfg()
+    add_bnstats_config(cfg)
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"config file {config_file} does not exist")
+        cfg.merge_from_file(config_file)
+    if opts:
+        if len(opts) % 2:
+            raise ValueError(f"overrides must come as KEY VALUE pairs, got an odd list: {list(opts)}")
+        cfg.merge_from_list(list(opts))
+    resolve_device(cfg)
+    check_norm_keys(cfg)
+    check_batch_config(cfg, world_size)
+    weights = cfg.MODEL.WEIGHTS
+    if weights and "://" not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"MODEL.WEIGHTS = {weights!r}: no such file")
+    return cfg
+
+
+def setup(args):
+    cfg = load_config(args.config_file, args.opts, world_size=comm.get_world_size())
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
+        return results
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def run(args):
+    """Launch ``main`` in ``args.num_gpus`` processes (gloo on CPU)."""
+    return launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )

@@ -1,0 +1,1 @@
+"""Normalisation layers (the maths). Nothing here imports detectron2's trainer or config."""

@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny fashion-scenes data set built once per session, small configs."""
+import os
+
+import pytest
+import torch
+
+import d2_bnstats  # noqa: F401  (patches get_norm, registers data sets)
+from d2_bnstats.data import build_fashion_scenes, register_fashion_scenes
+from d2_bnstats.data.register import fashion_scenes_root
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU_BASE = os.path.join(REPO, "configs", "cpu", "Base-R18-FPN-fashion.yaml")
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def datasets_root(tmp_path_factory):
+    """DETECTRON2_DATASETS for the tests, holding fashion_scenes_tiny; registered under that root."""
+    root = str(tmp_path_factory.mktemp("datasets"))
+    build_fashion_scenes(fashion_scenes_root(root), "fashion_scenes_tiny")
+    old = os.environ.get("DETECTRON2_DATASETS")
+    os.environ["DETECTRON2_DATASETS"] = root
+    register_fashion_scenes(root, overwrite=True)
+    yield root
+    if old is None:
+        os.environ.pop("DETECTRON2_DATASETS", None)
+    else:
+        os.environ["DETECTRON2_DATASETS"] = old
+    register_fashion_scenes(overwrite=True)
+
+
+def tiny_opts(output_dir, max_iter=2, **extra):
+    """Overrides that make the CPU base config train a couple of iterations on the tiny split."""
+    opts = {
+        "DATASETS.TRAIN": "('fashion_scenes_tiny_train',)",
+        "DATASETS.TEST": "('fashion_scenes_tiny_val',)",
+        "SOLVER.MAX_ITER": str(max_iter),
+        "SOLVER.STEPS": "()",
+        "SOLVER.WARMUP_ITERS": "0",
+        "SOLVER.BASE_LR": "0.001",
+        "DATALOADER.NUM_WORKERS": "0",
+        "OUTPUT_DIR": str(output_dir),
+    }
+    opts.update({k: str(v) for k, v in extra.items()})
+    return [x for kv in opts.items() for x in kv]

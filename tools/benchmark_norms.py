@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Per-layer speed of every registered norm as ratios to nn.BatchNorm2d (train) and FrozenBatchNorm2d (eval).
+
+    python tools/benchmark_norms.py                        # all norms, backbone and head shapes
+    python tools/benchmark_norms.py --norms BN EvalNorm --repeats 9 --json out.json
+    python tools/benchmark_norms.py --quick                # tiny shapes (smoke run)
+
+The logic is in d2_bnstats.benchmark.layers.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+
+import torch
+
+import d2_bnstats
+from d2_bnstats.benchmark.layers import BACKBONE_SHAPES, HEAD_SHAPES, QUICK_SHAPES, benchmark_norms, format_table
+
+
+def parse_shape(text):
+    try:
+        n, c, h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is NxCxHxW, e.g. 2x64x128x128; got {text!r}")
+    return n, c, h, w
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--norms", nargs="+", help=f"norm names (default: all: {', '.join(d2_bnstats.available_norms())})")
+    p.add_argument("--shapes", nargs="+", type=parse_shape, help="NxCxHxW shapes (default: backbone and head shapes)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions (smoke run)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    if args.norms:
+        for name in args.norms:
+            d2_bnstats.registry.check_norm_name(name, where="--norms")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else BACKBONE_SHAPES + HEAD_SHAPES)
+    repeats, iters = (2, 2) if args.quick else (args.repeats, args.iters)
+    rows = benchmark_norms(args.norms, shapes, repeats=repeats, iters=iters, progress=lambda m: print(m, file=sys.stderr))
+    print(f"# per-layer benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(format_table(rows))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                       "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

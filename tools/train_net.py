@@ -1,0 +1,16 @@
+#!/usr/bin/env python
+"""Train or evaluate a detectron2 model with d2_bnstats norms.
+
+    python tools/train_net.py --config configs/cpu/frcnn_r18_bn_2img.yaml
+    python tools/train_net.py --config-file C --num-gpus 2 SOLVER.MAX_ITER 100   # 2 processes (gloo on CPU)
+    python tools/train_net.py --config-file C --eval-only MODEL.WEIGHTS output/model_final.pth
+
+The logic is in d2_bnstats.d2.train.
+"""
+import d2_bnstats  # noqa: F401  (registers the norms and data sets)
+from d2_bnstats.d2.train import argument_parser, run
+
+if __name__ == "__main__":
+    args = argument_parser().parse_args()
+    print("Command Line Args:", args)
+    run(args)
