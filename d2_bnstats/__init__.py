@@ -5,6 +5,7 @@ a norm (MODEL.RESNETS.NORM, MODEL.FPN.NORM, MODEL.ROI_BOX_HEAD.NORM, MODEL.ROI_M
 MODEL.RETINANET.NORM, MODEL.SEM_SEG_HEAD.NORM) and registers the fashion-scenes data sets.
 """
 from .d2 import patch as _patch
+from .d2.build import current_config, register_model_transform
 from .d2.config import NORM_KEYS, add_bnstats_config, check_norm_keys
 from .data import register_fashion_scenes
 from .registry import (
@@ -27,8 +28,10 @@ __all__ = [
     "add_bnstats_config",
     "available_norms",
     "check_norm_keys",
+    "current_config",
     "get_norm",
     "register_fashion_scenes",
+    "register_model_transform",
     "register_norm",
     "registered_norms",
     "unregister_norm",

@@ -269,6 +269,7 @@ import detectron2.modeling.meta_arch.retinanet as retinanet
 import detectron2.modeling.meta_arch.semantic_seg as semantic_seg
 import detectron2.layers.blocks as blocks
 import detectron2.layers as layers
+import detectron2.engine.defaults
 original = fpn.get_norm
 import d2_bnstats
 from d2_bnstats.registry import get_norm
@@ -281,6 +282,9 @@ d2_bnstats.register_norm("LateNorm", lambda c: nn.GroupNorm(2, c))
 assert isinstance(fpn.get_norm("LateNorm", 8), nn.GroupNorm)
 import d2_bnstats.d2.patch as patch
 assert patch.install() == 0 and patch.original_get_norm() is original   # idempotent
+import detectron2.engine.defaults as defaults, detectron2.modeling as modeling
+from d2_bnstats.d2.build import build_model
+assert defaults.build_model is build_model and modeling.build_model is build_model
 print("OK")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
