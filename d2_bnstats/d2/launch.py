@@ -5,6 +5,7 @@ CUDA is available and hard-code NCCL; newer ones fall back to gloo. This wrapper
 detectron2 whenever CUDA is available and otherwise runs the same recipe with gloo, so that
 ``--num-gpus 2`` on a CPU machine means "2 processes", on every detectron2 version.
 """
+import inspect
 import logging
 import os
 from datetime import timedelta
@@ -34,15 +35,10 @@ def launch(
             f"--num-gpus and --num-machines must be >= 1, got {num_gpus_per_machine} and {num_machines}"
         )
     if torch.cuda.is_available():
-        return d2_launch(
-            main_func,
-            num_gpus_per_machine,
-            num_machines=num_machines,
-            machine_rank=machine_rank,
-            dist_url=dist_url,
-            args=args,
-            timeout=timeout,
-        )
+        kwargs = dict(num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url, args=args)
+        if "timeout" in inspect.signature(d2_launch).parameters:  # older detectron2 has no timeout
+            kwargs["timeout"] = timeout
+        return d2_launch(main_func, num_gpus_per_machine, **kwargs)
     world_size = num_machines * num_gpus_per_machine
     if world_size == 1:
         return main_func(*args)
