@@ -1,0 +1,183 @@
+"""RoI-shuffled BatchNorm for detection heads: normalise random mixtures of RoIs instead of one image's.
+
+The RoIs of one image normalised together leak batch information (their statistics describe that
+image), which hurts BN in box and mask heads (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm",
+§6 "information leakage"; the remedy is the shuffle BN of MoCo/CMC). In training:
+
+Several processes (W > 1): the global RoI batch is the concatenation, in rank order, of every
+process's RoIs (N = Σ_k n_k rows; unequal n_k and empty processes allowed). Rank 0 draws one random
+permutation π of the N rows and broadcasts it. The permuted batch is cut into W consecutive splits
+whose sizes differ by at most one (the first N mod W splits have one row more); process j normalises
+split j with that split's own BN statistics; the outputs are routed back and un-permuted, so every
+process receives the outputs of exactly its own RoIs, in their order. Gradients take the reverse
+route to the process that owns each RoI; weight/bias gradients of process j are those of split j
+(summed over processes by DistributedDataParallel, they equal the gradient of BN over all splits).
+
+    Communication: the all-gather-and-pad of the textbook recipe moves W·max_k n_k rows to every
+    process and back (and all-reduces as much in the backward pass). This layer sends each row only
+    where it is needed, with one variable-size all-to-all each way (forward: owner → split, split →
+    owner; backward: the reverse), after an all-gather of the W row counts and the broadcast of π.
+    The result is the same permutation, splits and outputs; the traffic per process is its own rows.
+
+One process: a shuffle alone changes nothing (BN is permutation invariant), so the layer draws a
+random permutation, cuts the permuted batch into K groups (``num_groups``; sizes differ by at most
+one; K is capped at the number of rows) normalised separately — ghost BN on a shuffled batch — and
+un-permutes. With K = 1 it is plain BN.
+
+Running statistics: updated once per forward from the statistics of the splits (or groups), as in
+:mod:`d2_bnstats.layers.ghost_bn`: the count-weighted mean of their means and of their unbiased
+variances (each split a separate BN batch), all-reduced so that every process holds the same values;
+not updated when the global batch is empty. Evaluation (or ``training=False``) is plain BN with the
+running (population) statistics and communicates nothing, so processes may evaluate different
+numbers of images. With ``track_running_stats=False`` and no running buffers, evaluation uses the
+statistics of the local input, unshuffled.
+
+Collective in training with W > 1: every process must call the layer the same number of times (also
+processes with 0 RoIs, which detectron2's mask head produces) and back-propagate through it.
+Permutations come from torch's default generator of rank 0 (seeded by detectron2's SEED).
+"""
+from typing import List, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .ghost_bn import batch_norm_with_moments, even_split_sizes, normalise_and_track
+from .sync import all_reduce_sum, world_size
+from .sync_bn import empty_output, update_running_stats
+from .sync import Moments
+
+
+class _AllToAll(torch.autograd.Function):
+    """Differentiable variable-size all-to-all along dim 0: the backward pass is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, output_sizes: List[int], input_sizes: List[int]):
+        ctx.output_sizes, ctx.input_sizes = output_sizes, input_sizes
+        return _all_to_all(x.contiguous(), output_sizes, input_sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad.contiguous(), ctx.input_sizes, ctx.output_sizes), None, None
+
+
+def _all_to_all(x: torch.Tensor, output_sizes: List[int], input_sizes: List[int]) -> torch.Tensor:
+    out = x.new_empty((sum(output_sizes),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x, output_split_sizes=list(output_sizes), input_split_sizes=list(input_sizes))
+    return out
+
+
+def all_to_all(x: torch.Tensor, output_sizes: Sequence[int], input_sizes: Sequence[int]) -> torch.Tensor:
+    """Send rows ``x[sum(input_sizes[:j]) : ...]`` to process j; receive ``output_sizes[k]`` rows from
+    process k, concatenated in rank order. Differentiable."""
+    return _AllToAll.apply(x, list(output_sizes), list(input_sizes))
+
+
+class ShufflePlan:
+    """Where each row goes in the global shuffle (computed identically on every process).
+
+    ``counts[k]`` rows live on process k (global rows ``offsets[k] : offsets[k] + counts[k]``);
+    ``perm[p]`` is the global row at permuted position p; split j holds the permuted positions
+    ``starts[j] : starts[j] + split_sizes[j]``.
+    """
+
+    def __init__(self, counts: torch.Tensor, perm: torch.Tensor, rank: int, world: int):
+        device = perm.device
+        counts_list = [int(c) for c in counts.tolist()]
+        self.total = sum(counts_list)
+        self.split_sizes = even_split_sizes(self.total, world)
+        ends = torch.tensor(counts_list, device=device).cumsum(0)
+        split_ends = torch.tensor(self.split_sizes, device=device).cumsum(0)
+        offset = int(ends[rank]) - counts_list[rank]
+        start = int(split_ends[rank]) - self.split_sizes[rank]
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(self.total, device=device)
+        # rows this process owns: permuted position, destination split, sent ordered by position
+        own_positions = inverse[offset : offset + counts_list[rank]]
+        self.send_order = torch.argsort(own_positions)
+        destination = torch.bucketize(own_positions, split_ends, right=True)
+        self.send_sizes = torch.bincount(destination, minlength=world).tolist()
+        # positions of this process's split: the owner of each; rows arrive grouped by owner, then position
+        sources = torch.bucketize(perm[start : start + self.split_sizes[rank]], ends, right=True)
+        self.receive_sizes = torch.bincount(sources, minlength=world).tolist()
+        arrival = torch.argsort(sources, stable=True)  # arrival[i] = split position of the i-th received row
+        self.arrival = arrival
+        self.arrival_inverse = torch.argsort(arrival)
+        self.send_order_inverse = torch.argsort(self.send_order)
+
+
+class RoIShuffleBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d over a random mixture of the global RoI batch (see module docstring).
+
+    Args are those of ``nn.BatchNorm2d`` plus ``num_groups`` (K, used in one process only).
+    """
+
+    def __init__(self, num_features, num_groups: int = 2, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, **kwargs):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats, **kwargs)
+        if not isinstance(num_groups, int) or num_groups < 1:
+            raise ValueError(f"num_groups must be a positive integer (groups normalised separately in one process), got {num_groups!r}")
+        self.num_groups = num_groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        self._check_input_dim(x)
+        if world_size() > 1:
+            return self._forward_distributed(x)
+        n = x.shape[0]
+        if x.numel() == 0:
+            return empty_output(x, self.weight, self.bias)
+        groups = min(self.num_groups, n)
+        if groups == 1:
+            return super().forward(x)
+        perm = torch.randperm(n, device=x.device)
+        y_perm = normalise_and_track(self, x.index_select(0, perm), even_split_sizes(n, groups))
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(n, device=x.device)
+        return y_perm.index_select(0, inverse)
+
+    def _forward_distributed(self, x: torch.Tensor) -> torch.Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        device = x.device
+        count = torch.tensor([x.shape[0]], dtype=torch.int64, device=device)
+        counts = [torch.zeros_like(count) for _ in range(world)]
+        dist.all_gather(counts, count)
+        counts = torch.cat(counts)
+        total = int(counts.sum())
+        if total == 0:  # the global batch is empty: every process knows, nothing more to exchange
+            return empty_output(x, self.weight, self.bias)
+        perm = torch.randperm(total, device=device) if rank == 0 else torch.empty(total, dtype=torch.int64, device=device)
+        dist.broadcast(perm, src=0)
+        plan = ShufflePlan(counts, perm, rank, world)
+
+        send = x.index_select(0, plan.send_order)
+        received = all_to_all(send, plan.receive_sizes, plan.send_sizes)
+        split = received.index_select(0, plan.arrival_inverse)  # rows of split `rank` in permuted order
+        channels = x.shape[1]
+        if split.shape[0] > 0:
+            y_split, mean, var = batch_norm_with_moments(split, self.weight, self.bias, self.eps)
+            n = float(split.numel() // channels)
+        else:
+            y_split = empty_output(split, self.weight, self.bias)
+            mean = var = x.new_zeros(channels, dtype=torch.promote_types(x.dtype, torch.float32))
+            n = 0.0
+        if self.track_running_stats and self.running_mean is not None:
+            self._track(n, mean, var)
+        back = all_to_all(y_split.index_select(0, plan.arrival), plan.send_sizes, plan.receive_sizes)
+        return back.index_select(0, plan.send_order_inverse)
+
+    def _track(self, n: float, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """All-reduce Σ n, Σ n·μ, Σ n·σ²_unbiased over the splits; update the running statistics."""
+        with torch.no_grad():
+            unbiased_var = var * (n / max(n - 1.0, 1.0))
+            packed = torch.cat([mean.new_tensor([n]), mean * n, unbiased_var * n])
+            all_reduce_sum([packed])
+            channels = mean.numel()
+            total = packed[0]
+            scale = 1.0 / total.clamp(min=1)
+            agg_mean = packed[1 : 1 + channels] * scale
+            agg_var = packed[1 + channels :] * scale
+            update_running_stats(self, Moments(total, agg_mean, agg_var), agg_var)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", num_groups={self.num_groups}"
