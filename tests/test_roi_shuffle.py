@@ -1,9 +1,9 @@
 """RoI-shuffled BN: BN applied to the splits of one global permutation, against a plain reference.
 
 Reference (single process, plain torch): concatenate the processes' RoIs in rank order, permute them
-with the permutation rank 0 draws (the layer draws ``torch.randperm(N)`` from rank 0's default
-generator, so re-seeding reproduces it), cut into splits of near-equal size, apply a fresh
-``nn.BatchNorm2d`` to each split, un-permute. The multi-process cases share one 2-process spawn.
+with the layer's permutation (``last_permutation``, which must be the same on every process), cut
+into splits of near-equal size, apply a fresh ``nn.BatchNorm2d`` to each split, un-permute. The
+multi-process cases share one 2-process spawn.
 """
 import pytest
 import torch
@@ -16,7 +16,6 @@ from d2_bnstats.layers.ghost_bn import even_split_sizes
 from .distributed import run_distributed
 
 C = 3
-SEED_RANK0 = 1234
 
 
 def rois(seed, n, size=3):
@@ -68,11 +67,6 @@ def reference(parts, grads, perm, groups, momentum=0.1):
     }
 
 
-def rank0_perm(total):
-    torch.manual_seed(SEED_RANK0)
-    return torch.randperm(total)
-
-
 DIST_CASES = {"unequal": (5, 3), "rank1-empty": (4, 0), "rank0-empty": (0, 3), "one-roi": (1, 0), "all-empty": (0, 0)}
 
 
@@ -89,7 +83,7 @@ def _shuffle_worker(rank, world_size, cases):
     out = {}
     for name, (parts, grads) in cases.items():
         layer = set_affine(RoIShuffleBatchNorm2d(C, num_groups=7).double())  # num_groups unused with 2 processes
-        torch.manual_seed(SEED_RANK0 if rank == 0 else 999 + rank)  # only rank 0's generator may matter
+        torch.manual_seed(1000 + rank)  # different generators: the permutation must still be one
         x = parts[rank].clone().requires_grad_(True)
         y = layer(x)
         (y * grads[rank]).sum().backward()
@@ -101,24 +95,25 @@ def _shuffle_worker(rank, world_size, cases):
             "running_mean": layer.running_mean.clone(),
             "running_var": layer.running_var.clone(),
             "num_batches_tracked": layer.num_batches_tracked.clone(),
+            "perm": layer.last_permutation,
         }
 
-    # the routing alone: split `rank` of the permuted batch arrives exactly; the way back is exact
-    parts, _ = cases["unequal"]
-    total = sum(p.shape[0] for p in parts)
-    perm = torch.arange(total).flip(0).roll(2)
-    plan = ShufflePlan(torch.tensor([p.shape[0] for p in parts]), perm, rank, world_size)
-    x = parts[rank]
-    received = all_to_all(x.index_select(0, plan.send_order), plan.receive_sizes, plan.send_sizes)
-    split = received.index_select(0, plan.arrival_inverse)
-    back = all_to_all(split.index_select(0, plan.arrival), plan.send_sizes, plan.receive_sizes)
-    out["routing"] = {"perm": perm, "split": split, "back": back.index_select(0, plan.send_order_inverse)}
+    # the routing alone, with row ids for features: split `rank` of a given permutation arrives
+    # (in arrival order), and the way back restores this process's rows in their order exactly
+    counts = [5, 3]
+    perm = torch.arange(8).flip(0).roll(2)
+    plan = ShufflePlan(torch.tensor(counts), perm, rank, world_size)
+    ids = (torch.arange(counts[rank]) + (5 if rank else 0)).double()[:, None, None, None].expand(-1, 2, 1, 1)
+    received = all_to_all(ids.index_select(0, plan.send_order), plan.receive_sizes, plan.send_sizes)
+    back = all_to_all(received, plan.send_sizes, plan.receive_sizes)
+    out["routing"] = {"perm": perm, "received": received[:, 0, 0, 0], "back": back.index_select(0, plan.send_order_inverse), "ids": ids}
 
     # evaluation: population statistics, no collectives (ranks call it different numbers of times)
     layer = set_affine(RoIShuffleBatchNorm2d(C).double())
     layer.running_mean.fill_(0.25)
     layer.eval()
-    out["eval"] = [layer(parts[0]) for _ in range(rank + 1)][-1].detach()
+    x = cases["unequal"][0][0]
+    out["eval"] = [layer(x) for _ in range(rank + 1)][-1].detach()
     return out
 
 
@@ -131,8 +126,10 @@ def distributed_results():
 def test_two_processes_equal_bn_on_the_permuted_splits(distributed_results, name):
     parts, grads = case_data(name)
     total = sum(p.shape[0] for p in parts)
-    ref = reference(parts, grads, rank0_perm(total), groups=2)
     got = [r[name] for r in distributed_results]
+    perm = got[0]["perm"]
+    assert torch.equal(perm, got[1]["perm"]) and torch.equal(perm.sort().values, torch.arange(total))
+    ref = reference(parts, grads, perm, groups=2)
     for rank in range(2):
         assert got[rank]["output"].shape == parts[rank].shape
         torch.testing.assert_close(got[rank]["output"], ref["outputs"][rank], rtol=1e-9, atol=1e-10)
@@ -161,13 +158,11 @@ def test_all_empty_global_batch(distributed_results):
 
 
 def test_routing_delivers_the_split_and_unpermutes_exactly(distributed_results):
-    parts, _ = case_data("unequal")
-    x = torch.cat(parts)
     perm = distributed_results[0]["routing"]["perm"]
-    splits = x[perm].split(even_split_sizes(len(perm), 2))
+    splits = perm.split(even_split_sizes(len(perm), 2))  # global row ids of each split
     for rank, r in enumerate(distributed_results):
-        assert torch.equal(r["routing"]["split"], splits[rank])
-        assert torch.equal(r["routing"]["back"], parts[rank])
+        assert sorted(r["routing"]["received"].long().tolist()) == sorted(splits[rank].tolist())
+        assert torch.equal(r["routing"]["back"], r["routing"]["ids"])
 
 
 def test_evaluation_uses_population_statistics(distributed_results):
@@ -187,12 +182,12 @@ def test_single_process_equals_bn_on_shuffled_groups(n, groups):
     x = rois(3, n)
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     layer = set_affine(RoIShuffleBatchNorm2d(C, num_groups=groups).double())
-    torch.manual_seed(77)
     xi = x.clone().requires_grad_(True)
     y = layer(xi)
     (y * g).sum().backward()
-    torch.manual_seed(77)
-    ref = reference([x], [g], torch.randperm(n), groups=min(groups, n))
+    perm = layer.last_permutation
+    assert torch.equal(perm.sort().values, torch.arange(n))
+    ref = reference([x], [g], perm, groups=min(groups, n))
     torch.testing.assert_close(y.detach(), ref["outputs"][0], rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(xi.grad, ref["input_grads"][0], rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(layer.weight.grad, ref["weight_grad"], rtol=1e-8, atol=1e-10)
@@ -205,13 +200,10 @@ def test_single_process_grouping_differs_from_plain_bn_as_designed():
     bn = set_affine(nn.BatchNorm2d(C).double())
     plain = bn(x)
     layer = set_affine(RoIShuffleBatchNorm2d(C, num_groups=3).double())
-    torch.manual_seed(5)
     y = layer(x)
     assert not torch.allclose(y, plain, atol=1e-3)  # a shuffle alone would change nothing
     # ... but every group of the permutation is normalised on its own: per-group mean = bias
-    torch.manual_seed(5)
-    perm = torch.randperm(12)
-    for group in perm.split(4):
+    for group in layer.last_permutation.split(4):
         z = (y[group] - layer.bias[None, :, None, None]) / layer.weight[None, :, None, None]
         torch.testing.assert_close(z.mean((0, 2, 3)), torch.zeros(C, dtype=torch.float64), rtol=0, atol=1e-9)
     # K = 1 is exactly BN

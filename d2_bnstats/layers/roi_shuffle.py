@@ -5,19 +5,26 @@ image), which hurts BN in box and mask heads (Wu & Johnson 2021, "Rethinking 'Ba
 §6 "information leakage"; the remedy is the shuffle BN of MoCo/CMC). In training:
 
 Several processes (W > 1): the global RoI batch is the concatenation, in rank order, of every
-process's RoIs (N = Σ_k n_k rows; unequal n_k and empty processes allowed). Rank 0 draws one random
-permutation π of the N rows and broadcasts it. The permuted batch is cut into W consecutive splits
-whose sizes differ by at most one (the first N mod W splits have one row more); process j normalises
-split j with that split's own BN statistics; the outputs are routed back and un-permuted, so every
-process receives the outputs of exactly its own RoIs, in their order. Gradients take the reverse
-route to the process that owns each RoI; weight/bias gradients of process j are those of split j
-(summed over processes by DistributedDataParallel, they equal the gradient of BN over all splits).
+process's RoIs (N = Σ_k n_k rows; unequal n_k and empty processes allowed). One random permutation π
+of the N rows is chosen by rank 0 and made known to every process. The permuted batch is cut into W
+consecutive splits whose sizes differ by at most one (the first N mod W splits have one row more);
+process j normalises split j with that split's own BN statistics; the outputs go back to the owners
+of the rows and are un-permuted, so every process receives the outputs of exactly its own RoIs, in
+their order. Gradients take the reverse route to the process that owns each RoI; the weight/bias
+gradients of process j are those of split j (DistributedDataParallel sums them: the gradient of BN
+applied to every split). ``last_permutation`` holds π of the last training forward.
 
-    Communication: the all-gather-and-pad of the textbook recipe moves W·max_k n_k rows to every
-    process and back (and all-reduces as much in the backward pass). This layer sends each row only
-    where it is needed, with one variable-size all-to-all each way (forward: owner → split, split →
-    owner; backward: the reverse), after an all-gather of the W row counts and the broadcast of π.
-    The result is the same permutation, splits and outputs; the traffic per process is its own rows.
+    Communication, and how it differs from the textbook recipe (all-gather the RoI features padded
+    to max_k n_k, broadcast π, let each process pick its split, all-gather the outputs back): that
+    moves W·max_k n_k rows to and from every process (and all-reduces as much in the backward
+    pass). Here one all-gather carries the W row counts together with a random seed drawn on rank 0
+    from its default generator; every process expands the seed into the same π
+    (``torch.randperm`` with a generator seeded by it: chosen on rank 0, broadcast as its seed).
+    Each row is then sent only where it is needed, with one variable-size all-to-all each way
+    (forward: owner → split, split → owner; backward: the reverse), and BN, being indifferent to
+    the order of the rows within a split, normalises them in arrival order. Same π, same splits,
+    same outputs; the features each process sends and receives are its own rows, not W times the
+    largest batch. Plus one all-reduce of 2C + 1 numbers for the running statistics.
 
 One process: a shuffle alone changes nothing (BN is permutation invariant), so the layer draws a
 random permutation, cuts the permuted batch into K groups (``num_groups``; sizes differ by at most
@@ -34,7 +41,8 @@ statistics of the local input, unshuffled.
 
 Collective in training with W > 1: every process must call the layer the same number of times (also
 processes with 0 RoIs, which detectron2's mask head produces) and back-propagate through it.
-Permutations come from torch's default generator of rank 0 (seeded by detectron2's SEED).
+The seed comes from rank 0's default generator (seeded by detectron2's SEED); in one process the
+permutation is ``torch.randperm`` from the default generator.
 """
 from typing import List, Sequence
 
@@ -43,9 +51,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .ghost_bn import batch_norm_with_moments, even_split_sizes, normalise_and_track
-from .sync import all_reduce_sum, world_size
+from .sync import Moments, all_reduce_sum, world_size
 from .sync_bn import empty_output, update_running_stats
-from .sync import Moments
 
 
 class _AllToAll(torch.autograd.Function):
@@ -78,7 +85,10 @@ class ShufflePlan:
 
     ``counts[k]`` rows live on process k (global rows ``offsets[k] : offsets[k] + counts[k]``);
     ``perm[p]`` is the global row at permuted position p; split j holds the permuted positions
-    ``starts[j] : starts[j] + split_sizes[j]``.
+    ``starts[j] : starts[j] + split_sizes[j]``. Rows are sent grouped by destination split
+    (``send_order``, ``send_sizes``) and arrive grouped by owner (``receive_sizes``); the order of
+    the rows within a split does not matter to BN, so they are normalised in arrival order and sent
+    back in that order, and ``send_order_inverse`` puts the returned rows back in the owner's order.
     """
 
     def __init__(self, counts: torch.Tensor, perm: torch.Tensor, rank: int, world: int):
@@ -92,18 +102,14 @@ class ShufflePlan:
         start = int(split_ends[rank]) - self.split_sizes[rank]
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(self.total, device=device)
-        # rows this process owns: permuted position, destination split, sent ordered by position
-        own_positions = inverse[offset : offset + counts_list[rank]]
-        self.send_order = torch.argsort(own_positions)
-        destination = torch.bucketize(own_positions, split_ends, right=True)
+        # this process's rows: their permuted positions give their destination splits
+        destination = torch.bucketize(inverse[offset : offset + counts_list[rank]], split_ends, right=True)
+        self.send_order = torch.argsort(destination, stable=True)
+        self.send_order_inverse = torch.argsort(self.send_order)
         self.send_sizes = torch.bincount(destination, minlength=world).tolist()
-        # positions of this process's split: the owner of each; rows arrive grouped by owner, then position
+        # this process's split: the owner of each of its rows
         sources = torch.bucketize(perm[start : start + self.split_sizes[rank]], ends, right=True)
         self.receive_sizes = torch.bincount(sources, minlength=world).tolist()
-        arrival = torch.argsort(sources, stable=True)  # arrival[i] = split position of the i-th received row
-        self.arrival = arrival
-        self.arrival_inverse = torch.argsort(arrival)
-        self.send_order_inverse = torch.argsort(self.send_order)
 
 
 class RoIShuffleBatchNorm2d(nn.BatchNorm2d):
@@ -117,6 +123,8 @@ class RoIShuffleBatchNorm2d(nn.BatchNorm2d):
         if not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"num_groups must be a positive integer (groups normalised separately in one process), got {num_groups!r}")
         self.num_groups = num_groups
+        # the permutation of the last training forward (global row order, identical on every process)
+        self.last_permutation = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -131,6 +139,7 @@ class RoIShuffleBatchNorm2d(nn.BatchNorm2d):
         if groups == 1:
             return super().forward(x)
         perm = torch.randperm(n, device=x.device)
+        self.last_permutation = perm
         y_perm = normalise_and_track(self, x.index_select(0, perm), even_split_sizes(n, groups))
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(n, device=x.device)
@@ -139,20 +148,23 @@ class RoIShuffleBatchNorm2d(nn.BatchNorm2d):
     def _forward_distributed(self, x: torch.Tensor) -> torch.Tensor:
         world, rank = dist.get_world_size(), dist.get_rank()
         device = x.device
-        count = torch.tensor([x.shape[0]], dtype=torch.int64, device=device)
-        counts = [torch.zeros_like(count) for _ in range(world)]
-        dist.all_gather(counts, count)
-        counts = torch.cat(counts)
+        # one all-gather: every process's row count, and the seed of the permutation drawn on rank 0
+        seed = torch.randint(0, 2**62, (1,), device=device) if rank == 0 else torch.zeros(1, dtype=torch.int64, device=device)
+        info = torch.cat([torch.tensor([x.shape[0]], dtype=torch.int64, device=device), seed])
+        gathered = [torch.empty_like(info) for _ in range(world)]
+        dist.all_gather(gathered, info)
+        counts = torch.stack(gathered)[:, 0]
         total = int(counts.sum())
         if total == 0:  # the global batch is empty: every process knows, nothing more to exchange
+            self.last_permutation = counts.new_zeros(0)
             return empty_output(x, self.weight, self.bias)
-        perm = torch.randperm(total, device=device) if rank == 0 else torch.empty(total, dtype=torch.int64, device=device)
-        dist.broadcast(perm, src=0)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(gathered[0][1]))
+        perm = torch.randperm(total, generator=generator, device=device)  # identical on every process
+        self.last_permutation = perm
         plan = ShufflePlan(counts, perm, rank, world)
 
-        send = x.index_select(0, plan.send_order)
-        received = all_to_all(send, plan.receive_sizes, plan.send_sizes)
-        split = received.index_select(0, plan.arrival_inverse)  # rows of split `rank` in permuted order
+        split = all_to_all(x.index_select(0, plan.send_order), plan.receive_sizes, plan.send_sizes)
         channels = x.shape[1]
         if split.shape[0] > 0:
             y_split, mean, var = batch_norm_with_moments(split, self.weight, self.bias, self.eps)
@@ -163,7 +175,7 @@ class RoIShuffleBatchNorm2d(nn.BatchNorm2d):
             n = 0.0
         if self.track_running_stats and self.running_mean is not None:
             self._track(n, mean, var)
-        back = all_to_all(y_split.index_select(0, plan.arrival), plan.send_sizes, plan.receive_sizes)
+        back = all_to_all(y_split, plan.send_sizes, plan.receive_sizes)
         return back.index_select(0, plan.send_order_inverse)
 
     def _track(self, n: float, mean: torch.Tensor, var: torch.Tensor) -> None:

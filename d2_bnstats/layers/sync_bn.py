@@ -9,10 +9,16 @@ SyncBN); :class:`SyncBatchNorm2d` takes μ and σ² over the *global* batch of a
 
 with n_k = N_k·H_k·W_k the number of values of process k, so processes may differ in batch size and
 in spatial size, and a process may hold no values at all (an empty RoI batch). The moments come from
-:func:`d2_bnstats.layers.sync.global_moments` (one differentiable all-gather of [n_k, μ_k, σ²_k]); the
-gradient flows back through it, so input, weight and bias gradients are those of BN over the
-concatenated global batch (weight/bias gradients summed over processes, as DistributedDataParallel
-does).
+:func:`d2_bnstats.layers.sync.global_moments` (one all-gather of [n_k, μ_k, σ²_k]). The backward pass
+is BN's, with its two reductions taken over the global batch: with x̂ = (x − μ)/sqrt(σ² + ε) and g the
+output gradient,
+
+    ∂L/∂x = γ / sqrt(σ² + ε) · (g − Σ g / n − x̂ · Σ g x̂ / n),   sums over all processes' values,
+
+where Σ g and Σ g x̂ are summed by one :func:`~d2_bnstats.layers.sync.all_reduce_sum` of 2C numbers
+(the gradient autograd would get by differentiating through ``global_moments``, computed with two
+fused passes over x instead of the ~8 of the autograd graph). Weight and bias gradients are the local
+Σ g x̂ and Σ g; DistributedDataParallel sums them over processes, giving BN's on the global batch.
 
 Running statistics follow torch's conventions (``momentum`` weights the new value, ``running_var``
 is the unbiased variance σ²·n/(n − 1) of the *global* batch), so every process holds the same running
@@ -30,9 +36,10 @@ torch's uses fused ones. A process whose loss does not depend on the layer's out
 would skip the backward all-reduce and hang the others; detectron2's losses always depend on it.
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .sync import Moments, global_moments, world_size
+from .sync import Moments, all_reduce_sum, global_moments, world_size
 
 
 def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, moments: Moments, unbiased_var: torch.Tensor) -> None:
@@ -62,22 +69,53 @@ def unbiased(moments: Moments) -> torch.Tensor:
 def empty_output(x: torch.Tensor, weight, bias) -> torch.Tensor:
     """An empty output shaped like ``x`` and connected to ``x``, weight and bias (zero gradients)."""
     y = x * 1
-    if weight is not None:
-        y = y + (weight.sum() + bias.sum()) * 0
+    for p in (weight, bias):
+        if p is not None:
+            y = y + p.sum() * 0
     return y
 
 
-def affine_normalise(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
-    """γ (x − μ) / sqrt(σ² + ε) + β with per-channel μ, σ² (channel dim 1), differentiable in all."""
-    invstd = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = weight * invstd
-        shift = bias - mean * scale
-    else:
-        scale = invstd
-        shift = -mean * invstd
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    return x * scale.reshape(shape).to(x.dtype) + shift.reshape(shape).to(x.dtype)
+class _GlobalBatchNorm(torch.autograd.Function):
+    """y = γ (x − μ) / sqrt(σ² + ε) + β with given global μ, σ² (count n); backward as in the module
+    docstring (one all-reduce of Σ g, Σ g x̂). Collective in backward: every process must run it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, count, eps):
+        y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        ctx.eps = eps
+        ctx.save_for_backward(x, weight, mean, var, count)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, var, count = ctx.saved_tensors
+        eps = ctx.eps
+        channels = mean.numel()
+        if x.numel() > 0:
+            # one fused pass: Σ g x̂ and Σ g over this process's values
+            _, sum_gx, sum_g = torch.ops.aten.native_batch_norm_backward(
+                grad.contiguous(), x, None, mean, var, None, None, False, eps, [False, True, True]
+            )
+            local = torch.cat([sum_g.to(mean.dtype), sum_gx.to(mean.dtype)])
+        else:
+            local = mean.new_zeros(2 * channels)
+        sums = local.clone()
+        all_reduce_sum([sums])
+        n = count.clamp(min=1)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+        mean_g, mean_gx = sums[:channels] / n, sums[channels:] / n
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # ∂L/∂x = scale·g + (−scale·invstd·mean_gx)·x + scale·(invstd·mean_gx·μ − mean_g): one fused
+            # per-channel affine of x (an inference-mode batch_norm) plus one in-place addcmul
+            b = -scale * invstd * mean_gx
+            c = scale * (invstd * mean_gx * mean - mean_g)
+            grad_x = F.batch_norm(x, torch.zeros_like(b), torch.ones_like(b), b, c, False, 0.0, 0.0)
+            grad_x.addcmul_(grad, scale.to(x.dtype).reshape((1, -1) + (1,) * (x.dim() - 2)))
+        grad_weight = local[channels:].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_bias = local[:channels].to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
@@ -97,9 +135,10 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
                 return empty_output(x, self.weight, self.bias)
             return super().forward(x)
         self._check_input_dim(x)
-        moments = global_moments(x, channel_dim=1, sync=True)
-        y = affine_normalise(x, moments.mean, moments.var, self.weight, self.bias, self.eps)
-        update_running_stats(self, moments, unbiased(moments).detach())
+        with torch.no_grad():
+            moments = global_moments(x.detach(), channel_dim=1, sync=True)
+        y = _GlobalBatchNorm.apply(x, self.weight, self.bias, moments.mean, moments.var, moments.count, self.eps)
+        update_running_stats(self, moments, unbiased(moments))
         return y
 
     def extra_repr(self):
