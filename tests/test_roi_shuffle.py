@@ -114,6 +114,11 @@ def _shuffle_worker(rank, world_size, cases):
     layer.eval()
     x = cases["unequal"][0][0]
     out["eval"] = [layer(x) for _ in range(rank + 1)][-1].detach()
+
+    # the multi-process benchmark (tools/benchmark_sync.py) runs and is self-consistent
+    from d2_bnstats.benchmark.distributed import benchmark_in_process
+
+    out["bench"] = benchmark_in_process(["SyncBN", "RoIShuffleBN"], [((4, C, 2, 2), (2, C, 2, 2))], repeats=1, iters=1, warmup=1)
     return out
 
 
@@ -172,6 +177,16 @@ def test_evaluation_uses_population_statistics(distributed_results):
     bn.eval()
     for r in distributed_results:
         torch.testing.assert_close(r["eval"], bn(parts[0]).detach(), rtol=0, atol=0)
+
+
+def test_distributed_benchmark_rows(distributed_results):
+    from d2_bnstats.benchmark.distributed import BN_REFERENCE, format_table
+
+    rows = distributed_results[0]["bench"]
+    assert [r.norm for r in rows] == [BN_REFERENCE, "SyncBN", "RoIShuffleBN"]
+    assert rows[0].train_ratio == [1.0, 1.0] and rows[0].shapes == ((4, C, 2, 2), (2, C, 2, 2))
+    assert all(len(r.train_ms) == 2 and min(r.train_ms) > 0 for r in rows)
+    assert "RoIShuffleBN" in format_table(rows)
 
 
 # --- one process: shuffle + K groups ---------------------------------------------------------------

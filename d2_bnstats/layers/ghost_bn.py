@@ -64,24 +64,45 @@ def normalise_groups(x: torch.Tensor, sizes: Sequence[int], weight, bias, eps: f
     """Split ``x`` along dim 0 into consecutive groups of ``sizes`` and BN-normalise each separately.
 
     Returns the output (same shape as ``x``) and the per-group moments (counts [G], means [G, C],
-    biased variances [G, C]); empty groups give count 0.
+    biased variances [G, C]) of the non-empty groups.
+
+    Groups of equal size are normalised in ONE batch-norm call: a run of G groups of n samples is
+    viewed as n samples of G·C channels (one transposing copy in, one out), which on CPU is several
+    times faster than G separate calls on the slices.
     """
-    values_per_sample = x[0].numel() // x.shape[1] if x.shape[0] > 0 else 0
-    outputs, counts, means, variances = [], [], [], []
     channels = x.shape[1]
-    for part in x.split(list(sizes), dim=0):
-        if part.shape[0] == 0:
+    outputs, counts, means, variances = [], [], [], []
+    start = 0
+    for size, repeat in _runs(sizes):
+        block = x[start : start + size * repeat]
+        start += size * repeat
+        if size == 0:
             continue
-        y, mean, var = batch_norm_with_moments(part, weight, bias, eps)
-        outputs.append(y)
-        counts.append(float(part.shape[0] * values_per_sample))
-        means.append(mean)
-        variances.append(var)
+        merged = block.reshape(repeat, size, channels, -1).transpose(0, 1).reshape(size, repeat * channels, -1)
+        w = weight.repeat(repeat) if weight is not None and repeat > 1 else weight
+        b = bias.repeat(repeat) if bias is not None and repeat > 1 else bias
+        y, mean, var = batch_norm_with_moments(merged, w, b, eps)
+        outputs.append(y.reshape(size, repeat, channels, -1).transpose(0, 1).reshape(block.shape))
+        counts.extend([float(block[0].numel() // channels * size)] * repeat)
+        means.append(mean.reshape(repeat, channels))
+        variances.append(var.reshape(repeat, channels))
     if not outputs:
         zeros = x.new_zeros(1, channels, dtype=torch.promote_types(x.dtype, torch.float32))
         return empty_output(x, weight, bias), Moments(zeros.new_zeros(1), zeros, zeros)
     y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
-    return y, Moments(torch.tensor(counts, device=x.device, dtype=means[0].dtype), torch.stack(means), torch.stack(variances))
+    mean = torch.cat(means)
+    return y, Moments(torch.tensor(counts, device=x.device, dtype=mean.dtype), mean, torch.cat(variances))
+
+
+def _runs(sizes: Sequence[int]) -> List[Tuple[int, int]]:
+    """[(size, how many consecutive groups have it)]"""
+    runs: List[Tuple[int, int]] = []
+    for size in sizes:
+        if runs and runs[-1][0] == size:
+            runs[-1] = (size, runs[-1][1] + 1)
+        else:
+            runs.append((size, 1))
+    return runs
 
 
 def aggregate_group_statistics(groups: Moments) -> Tuple[Moments, torch.Tensor]:
