@@ -256,6 +256,26 @@ def test_detectron2_syncbn_cycle_list_is_rebuilt_with_the_plugin_layer():
     assert any(type(m).__name__ == "CycleBatchNormList" for m in model.modules())
 
 
+def test_detectron2_per_level_checkpoint_loads_into_per_level_norms(tmp_path):
+    """A checkpoint of detectron2's RetinaNet with "BN" (CycleBatchNormList) loads level by level."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    source = _build(["MODEL.RETINANET.NORM", "BN", "BNSTATS.PER_LEVEL.ENABLED", "False"])
+    cycle = source.head.bbox_subnet[1]
+    assert type(cycle).__name__ == "CycleBatchNormList"
+    with torch.no_grad():
+        for i, bn in enumerate(cycle):
+            bn.running_mean.fill_(i + 1.0)
+        cycle.weight.fill_(0.25)
+    DetectionCheckpointer(source, save_dir=str(tmp_path)).save("source")
+    target = _build(["MODEL.RETINANET.NORM", "BN"])
+    DetectionCheckpointer(target).load(str(tmp_path / "source.pth"))
+    wrapper = target.head.bbox_subnet[1]
+    assert isinstance(wrapper, PerLevelNorm)
+    assert [float(level.running_mean[0]) for level in wrapper.levels] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert all(torch.all(level.weight == 0.25) for level in wrapper.levels)
+
+
 def test_enabled_on_a_model_without_the_heads_warns(caplog):
     from detectron2.modeling import build_model
 

@@ -49,3 +49,18 @@ def test_two_process_training_with_syncbn_and_roi_shuffle_keeps_replicas_identic
     assert replicas["mismatched_parameters"] == []
     # SyncBN and RoIShuffleBN keep their running statistics identical on both processes
     assert replicas["mismatched_buffers"] == []
+
+
+@pytest.mark.slow
+def test_training_iteration_benchmark_runs_variants_in_one_run(datasets_root, tmp_path):
+    env = dict(os.environ, DETECTRON2_DATASETS=datasets_root, PYTHONWARNINGS="ignore", PYTHONPATH=REPO)
+    out = tmp_path / "bench.json"
+    config = os.path.join(REPO, "configs", "cpu", "frcnn_r18_syncbn_roishuffle_2img.yaml")
+    cmd = [sys.executable, "tools/benchmark_sync.py", "--train-config", config, "--iters", "1", "--json", str(out),
+           "--variant", "MODEL.ROI_BOX_HEAD.NORM=BN", "--variant", "MODEL.ROI_BOX_HEAD.NORM=RoIShuffleBN,BNSTATS.ROI_SHUFFLE.NUM_GROUPS=3",
+           "DATASETS.TRAIN", "('fashion_scenes_tiny_train',)", "DATALOADER.NUM_WORKERS", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.load(open(out))["rows"]
+    assert [r["variant"] for r in rows] == ["MODEL.ROI_BOX_HEAD.NORM BN", "MODEL.ROI_BOX_HEAD.NORM RoIShuffleBN BNSTATS.ROI_SHUFFLE.NUM_GROUPS 3"]
+    assert rows[0]["delta_ms"] == [0.0, 0.0] and all(min(r["iteration_ms"]) > 0 for r in rows)

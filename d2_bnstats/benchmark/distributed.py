@@ -86,3 +86,67 @@ def format_table(rows: Sequence[DistributedTiming]) -> str:
         for r in rows
     ]
     return tabulate(table, headers=["norm", "input per process", "fwd+bwd ms per process", "/ BN"], tablefmt="github")
+
+
+@dataclasses.dataclass
+class TrainingTiming:
+    variant: str  # the KEY VALUE overrides of this variant
+    iteration_ms: List[float]  # per process: median time of one training iteration
+    delta_ms: List[float]  # per process: minus the first variant's
+
+
+def benchmark_training_in_process(
+    config_file: str, variants: Sequence[Sequence[str]], iters: int = 10, warmup: int = 2, opts: Sequence[str] = ()
+) -> List[TrainingTiming]:
+    """Per-iteration training time of config variants, interleaved in ONE run on the same batches.
+
+    Each variant (a list of ``KEY VALUE`` overrides of ``config_file`` + ``opts``) gets its own model
+    (DistributedDataParallel), optimizer and the same data; iteration i of every variant runs on batch
+    i, one variant after the other, all processes starting each together (a barrier). Run in every
+    process of an initialised process group; returns the rows on every process.
+    """
+    from detectron2.data import build_detection_train_loader
+    from detectron2.solver import build_optimizer
+    from detectron2.utils.events import EventStorage
+
+    from ..d2.build import build_model
+    from ..d2.train import load_config
+
+    world = dist.get_world_size()
+    cfgs = [load_config(config_file, list(opts) + list(v), world_size=world) for v in variants]
+    runs = []
+    for cfg in cfgs:
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        if world > 1:
+            model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        model.train()
+        runs.append((model, build_optimizer(cfg, model)))
+    loader = iter(build_detection_train_loader(cfgs[0]))
+    times: List[List[float]] = [[] for _ in runs]
+    with EventStorage():
+        for it in range(warmup + iters):
+            data = next(loader)
+            for k, (model, optimizer) in enumerate(runs):
+                dist.barrier()
+                start = time.perf_counter()
+                loss = sum(model(data).values())
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                if it >= warmup:
+                    times[k].append((time.perf_counter() - start) * 1000)
+    medians = [statistics.median(t) for t in times]
+    gathered: List[Optional[List[float]]] = [None] * world
+    dist.all_gather_object(gathered, medians)
+    return [
+        TrainingTiming(" ".join(v) or "(config as is)", [g[k] for g in gathered], [g[k] - g[0] for g in gathered])
+        for k, v in enumerate(variants)
+    ]
+
+
+def format_training_table(rows: Sequence[TrainingTiming]) -> str:
+    from tabulate import tabulate
+
+    table = [[r.variant, " | ".join(f"{m:.0f}" for m in r.iteration_ms), " | ".join(f"{d:+.0f}" for d in r.delta_ms)] for r in rows]
+    return tabulate(table, headers=["variant", "ms per iteration per process", "vs first"], tablefmt="github")
