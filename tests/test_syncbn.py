@@ -110,6 +110,14 @@ def _sync_worker(rank, world_size, cases):
     x = make_parts(5, [(2, C, 3, 3)])[0]
     out["eval"] = [bn(x) for _ in range(rank + 1)][-1].detach()
 
+    # per-level SyncBN (RetinaNet head): each level's statistics are those of that level's global batch
+    from d2_bnstats import PerLevelNorm
+
+    per_level = PerLevelNorm(new_bn(SyncBatchNorm2d), 2)
+    for level, shape in enumerate(PER_LEVEL_SHAPES[rank]):
+        per_level(make_parts(30 + 2 * level + rank, [shape])[0])
+    out["per-level"] = [{k: v.clone() for k, v in n.state_dict().items()} for n in per_level.levels]
+
     # replica check: SyncBN buffers agree, plain BN buffers differ, a perturbed parameter is found
     from d2_bnstats.d2.replicas import compare_replicas
 
@@ -120,6 +128,10 @@ def _sync_worker(rank, world_size, cases):
             model[1].bias[0] += 1e-12
     out["replicas"] = compare_replicas(model)
     return out
+
+
+# per rank: the input of level 0 and of level 1 (levels differ in size; rank 1's level 1 is empty)
+PER_LEVEL_SHAPES = [[(2, C, 8, 8), (2, C, 4, 4)], [(1, C, 6, 6), (0, C, 3, 3)]]
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +178,15 @@ def test_evaluation_needs_no_collectives_and_is_bn_inference(distributed_results
     expected = bn(make_parts(5, [(2, C, 3, 3)])[0]).detach()
     for r in distributed_results:
         torch.testing.assert_close(r["eval"], expected, rtol=0, atol=0)
+
+
+def test_per_level_sync_bn_keeps_each_levels_global_statistics(distributed_results):
+    for level in range(2):
+        parts = [make_parts(30 + 2 * level + rank, [PER_LEVEL_SHAPES[rank][level]])[0] for rank in range(2)]
+        _, ref_state = reference_steps([(parts, upstream_grads(parts))])
+        for r in distributed_results:
+            for key in ("running_mean", "running_var", "num_batches_tracked"):
+                torch.testing.assert_close(r["per-level"][level][key], ref_state[key], rtol=1e-9, atol=1e-10)
 
 
 def test_replica_check_finds_exactly_the_differing_tensors(distributed_results):

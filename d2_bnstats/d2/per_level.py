@@ -65,6 +65,8 @@ def _carry_state(cycle: nn.Module, wrapper: PerLevelNorm) -> None:
 
 def _num_levels(head: nn.Module, cfg) -> int:
     configured = cfg.BNSTATS.PER_LEVEL.NUM_LEVELS
+    if not isinstance(configured, int) or configured < 0:
+        raise ValueError(f"BNSTATS.PER_LEVEL.NUM_LEVELS = {configured!r}: expected 0 (infer) or a positive integer")
     if configured > 0:
         return configured
     inferred = getattr(head, "_num_features", None)

@@ -100,7 +100,7 @@ def keeps_statistics(module: nn.Module) -> bool:
     if type(module).__name__ == "FrozenBatchNorm2d":
         return False
     if isinstance(module, _NormBase):
-        return module.track_running_stats and module.running_mean is not None
+        return any(True for _ in module.buffers())  # BN without running statistics has none
     if hasattr(module, "set_population_statistics"):
         return True
     return len(module._buffers) > 0
