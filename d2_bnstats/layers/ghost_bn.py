@@ -139,10 +139,28 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
 
 
-def normalise_and_track(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-    """Normalise consecutive groups of ``x`` separately and update ``bn``'s running statistics with
+def normalise_interleaved(x: torch.Tensor, groups: int, weight, bias, eps: float) -> Tuple[torch.Tensor, Moments]:
+    """BN-normalise ``groups`` interleaved groups of ``x`` separately: row s·G + g belongs to group g
+    (N divisible by G). No copy: ``x`` viewed as (N/G samples, G·C channels) is one batch-norm call."""
+    n, channels = x.shape[0], x.shape[1]
+    size = n // groups
+    merged = x.reshape(size, groups * channels, -1)
+    w = weight.repeat(groups) if weight is not None else None
+    b = bias.repeat(groups) if bias is not None else None
+    y, mean, var = batch_norm_with_moments(merged, w, b, eps)
+    count = float(x[0].numel() // channels * size)
+    counts = torch.full((groups,), count, device=x.device, dtype=mean.dtype)
+    return y.reshape(x.shape), Moments(counts, mean.reshape(groups, channels), var.reshape(groups, channels))
+
+
+def normalise_and_track(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, sizes: Sequence[int], interleaved: bool = False) -> torch.Tensor:
+    """Normalise groups of ``x`` separately (consecutive groups of ``sizes``; or, with
+    ``interleaved``, len(sizes) equal interleaved groups) and update ``bn``'s running statistics with
     the aggregated group statistics (shared by GhostBN and the one-process RoI shuffle)."""
-    y, groups = normalise_groups(x, sizes, bn.weight, bn.bias, bn.eps)
+    if interleaved:
+        y, groups = normalise_interleaved(x, len(sizes), bn.weight, bn.bias, bn.eps)
+    else:
+        y, groups = normalise_groups(x, sizes, bn.weight, bn.bias, bn.eps)
     if bn.track_running_stats and bn.running_mean is not None:
         moments, unbiased_var = aggregate_group_statistics(groups)
         update_running_stats(bn, moments, unbiased_var)
