@@ -56,9 +56,10 @@ def test_training_iteration_benchmark_runs_variants_in_one_run(datasets_root, tm
     env = dict(os.environ, DETECTRON2_DATASETS=datasets_root, PYTHONWARNINGS="ignore", PYTHONPATH=REPO)
     out = tmp_path / "bench.json"
     config = os.path.join(REPO, "configs", "cpu", "frcnn_r18_syncbn_roishuffle_2img.yaml")
-    cmd = [sys.executable, "tools/benchmark_sync.py", "--train-config", config, "--iters", "1", "--json", str(out),
+    cmd = [sys.executable, "tools/benchmark_sync.py", "--train-config", config, "--iters", "1", "--warmup", "0", "--json", str(out),
            "--variant", "MODEL.ROI_BOX_HEAD.NORM=BN", "--variant", "MODEL.ROI_BOX_HEAD.NORM=RoIShuffleBN,BNSTATS.ROI_SHUFFLE.NUM_GROUPS=3",
-           "DATASETS.TRAIN", "('fashion_scenes_tiny_train',)", "DATALOADER.NUM_WORKERS", "0"]
+           "DATASETS.TRAIN", "('fashion_scenes_tiny_train',)", "DATALOADER.NUM_WORKERS", "0",
+           "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.CONV_DIM", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.load(open(out))["rows"]

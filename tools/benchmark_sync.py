@@ -42,7 +42,7 @@ def _worker(args):
     torch.set_num_threads(args.threads)
     if args.train_config:
         variants = [[kv for item in v.split(",") for kv in item.split("=", 1)] for v in args.variants]
-        rows = benchmark_training_in_process(args.train_config, variants, iters=args.iters, opts=args.opts)
+        rows = benchmark_training_in_process(args.train_config, variants, iters=args.iters, warmup=args.warmup, opts=args.opts)
         table = format_training_table(rows)
     else:
         rows = benchmark_in_process(args.norms, args.shapes or DEFAULT_SHAPES, repeats=args.repeats, iters=args.iters)
@@ -63,6 +63,7 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="+", type=parse_shapes, help="per shape set: NxCxHxW for each process, comma-separated")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2, help="with --train-config: untimed iterations first")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     p.add_argument("--json", help="write the rows as JSON here")
     p.add_argument("--train-config", help="time whole training iterations of this config's --variants instead")
