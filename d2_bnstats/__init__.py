@@ -5,9 +5,17 @@ a norm (MODEL.RESNETS.NORM, MODEL.FPN.NORM, MODEL.ROI_BOX_HEAD.NORM, MODEL.ROI_M
 MODEL.RETINANET.NORM, MODEL.SEM_SEG_HEAD.NORM) and registers the fashion-scenes data sets.
 """
 from .d2 import patch as _patch
+from .d2 import norms_ghost as _norms_ghost  # noqa: F401  ("GhostBN")
+from .d2 import norms_roi_shuffle as _norms_roi_shuffle  # noqa: F401  ("RoIShuffleBN")
+from .d2 import norms_sync as _norms_sync  # noqa: F401  ("SyncBN": the exact global-batch layer)
+from .d2 import per_level as _per_level  # noqa: F401  (model transform "per_level_norms")
 from .d2.build import current_config, register_model_transform
 from .d2.config import NORM_KEYS, add_bnstats_config, check_norm_keys
 from .data import register_fashion_scenes
+from .layers.ghost_bn import GhostBatchNorm2d
+from .layers.per_level import PerLevelNorm, wrap_per_level
+from .layers.roi_shuffle import RoIShuffleBatchNorm2d
+from .layers.sync_bn import SyncBatchNorm2d
 from .registry import (
     UnknownNormError,
     available_norms,
@@ -23,7 +31,11 @@ _patch.install()
 register_fashion_scenes()
 
 __all__ = [
+    "GhostBatchNorm2d",
     "NORM_KEYS",
+    "PerLevelNorm",
+    "RoIShuffleBatchNorm2d",
+    "SyncBatchNorm2d",
     "UnknownNormError",
     "add_bnstats_config",
     "available_norms",
@@ -35,4 +47,5 @@ __all__ = [
     "register_norm",
     "registered_norms",
     "unregister_norm",
+    "wrap_per_level",
 ]

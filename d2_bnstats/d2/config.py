@@ -33,6 +33,34 @@ def add_bnstats_config(cfg) -> None:
     # failing, so one config serves GPU users and CPU checks.
     cfg.BNSTATS.CPU_FALLBACK = True
 
+    # --- synchronised and shuffled statistics (issue 5; docs/sync_and_shuffle.md) ---------------
+    cfg.BNSTATS.SYNC_BN = CN()
+    # True (default): the norm name "SyncBN" builds d2_bnstats' SyncBatchNorm2d: exact statistics of
+    # the global batch on CUDA/NCCL and CPU/gloo, plain BN in one process, empty inputs allowed.
+    # False: detectron2's own "SyncBN" (torch nn.SyncBatchNorm, CUDA only). "nnSyncBN" is always torch's.
+    cfg.BNSTATS.SYNC_BN.REPLACE_D2 = True
+    cfg.BNSTATS.GHOST_BN = CN()
+    # "GhostBN": samples (images or RoIs) per sub-batch; default 32. A batch of N is cut into
+    # ceil(N / VIRTUAL_BATCH_SIZE) sub-batches whose sizes differ by at most one.
+    cfg.BNSTATS.GHOST_BN.VIRTUAL_BATCH_SIZE = 32
+    cfg.BNSTATS.ROI_SHUFFLE = CN()
+    # "RoIShuffleBN", training in ONE process: the shuffled RoIs are normalised in this many groups
+    # (default 2; 1 = plain BN). With several processes each normalises one split; this is unused.
+    cfg.BNSTATS.ROI_SHUFFLE.NUM_GROUPS = 2
+    cfg.BNSTATS.PER_LEVEL = CN()
+    # False (default): heads keep what detectron2 builds (RetinaNet: per-level BN only for "BN"/"SyncBN").
+    # True: every statistics-keeping norm in the heads below gets one copy per FPN level sharing the
+    # parameters (any registered norm: BN, GhostBN, EvalNorm, MABN, third-party).
+    cfg.BNSTATS.PER_LEVEL.ENABLED = False
+    # Class names of the heads whose norms are applied once per FPN level; default ["RetinaNetHead"].
+    cfg.BNSTATS.PER_LEVEL.HEADS = ["RetinaNetHead"]
+    # Levels per head; default 0 = infer (RetinaNetHead: len(MODEL.RETINANET.IN_FEATURES)).
+    cfg.BNSTATS.PER_LEVEL.NUM_LEVELS = 0
+    # True: at the end of training compare every parameter and buffer across processes and write
+    # OUTPUT_DIR/replica_check.json (mismatches are logged as warnings); default False.
+    cfg.BNSTATS.CHECK_REPLICAS = False
+    # --- end of issue 5 keys ----------------------------------------------------------------------
+
 
 def get_config_value(cfg, dotted: str):
     node = cfg

@@ -4,7 +4,9 @@ Differences from ``DefaultTrainer``, each for a reason:
 - evaluation is COCO (bbox, plus segm with masks) through pycocotools when detectron2's compiled
   evaluator is missing;
 - multi-process training on CPU works: detectron2's ``create_ddp_model`` always passes
-  ``device_ids=[local_rank]``, which DistributedDataParallel rejects for CPU modules.
+  ``device_ids=[local_rank]``, which DistributedDataParallel rejects for CPU modules;
+- with ``BNSTATS.CHECK_REPLICAS`` the processes' parameters and buffers are compared at the end of
+  training (``d2_bnstats.d2.replicas``).
 """
 import contextlib
 
@@ -48,3 +50,12 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_coco_evaluator(cfg, dataset_name, output_folder)
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        bnstats = self.cfg.get("BNSTATS", None)
+        if bnstats is not None and bnstats.get("CHECK_REPLICAS", False):
+            from .replicas import ReplicaCheck
+
+            hooks.append(ReplicaCheck(self.cfg.OUTPUT_DIR))
+        return hooks
