@@ -8,6 +8,7 @@ from .d2 import patch as _patch
 from .d2.build import current_config, register_model_transform
 from .d2.config import NORM_KEYS, add_bnstats_config, check_norm_keys
 from .data import register_fashion_scenes
+from .layers.evalnorm import EvalNorm2d, set_evalnorm_mode
 from .registry import (
     UnknownNormError,
     available_norms,
@@ -22,7 +23,11 @@ __version__ = "0.1.0"
 _patch.install()
 register_fashion_scenes()
 
+from .d2 import norms_evalnorm as _norms_evalnorm  # noqa: E402,F401  (registers EvalNorm, SyncEvalNorm)
+
 __all__ = [
+    "EvalNorm2d",
+    "set_evalnorm_mode",
     "NORM_KEYS",
     "UnknownNormError",
     "add_bnstats_config",
