@@ -576,7 +576,9 @@ def _sync_worker(rank, world_size, parts, grad_out):
     }
 
 
-@pytest.mark.parametrize("sizes", [(2, 3), (2, 0)], ids=["unequal-batches", "one-rank-empty"])
+@pytest.mark.parametrize(
+    "sizes", [(2, 3), pytest.param((2, 0), marks=pytest.mark.slow)], ids=["unequal-batches", "one-rank-empty"]
+)
 def test_sync_evalnorm_in_two_processes_equals_batchnorm_on_the_union(sizes):
     g = torch.Generator().manual_seed(0)
     parts = [sample((n, 3, 5, 4), seed=10 + i) for i, n in enumerate(sizes)]

@@ -41,8 +41,8 @@ def add_bnstats_config(cfg) -> None:
     # alpha and beta for MODE "fixed", in [0, 1]; -1 = unset (BETA unset means BETA = ALPHA).
     cfg.BNSTATS.EVALNORM.ALPHA = -1.0
     cfg.BNSTATS.EVALNORM.BETA = -1.0
-    # B for MODE "rule"/"exact"; 0 = the normalisation batch each layer recorded in training.
-    cfg.BNSTATS.EVALNORM.BATCH_SIZE = 0.0
+    # B (an integer) for MODE "rule"/"exact"; 0 = the normalisation batch each layer recorded in training.
+    cfg.BNSTATS.EVALNORM.BATCH_SIZE = 0
     # Learn alpha_hat, beta_hat during training (the auxiliary loss "loss_evalnorm"); False = they
     # stay at their initial value 0 and training costs exactly what BN costs.
     cfg.BNSTATS.EVALNORM.LEARN = True

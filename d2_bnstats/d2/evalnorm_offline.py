@@ -220,6 +220,7 @@ def run_offline_estimation(
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import build_detection_train_loader
     from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
 
     if num_images < 1:
         raise ValueError(f"the number of images must be >= 1, got {num_images}")
@@ -242,7 +243,8 @@ def run_offline_estimation(
         )
     iters = math.ceil(num_images / batch)
     logger.info("EvalNorm offline estimation: %d layers, %d iterations of %d images", len(converted), iters, batch)
-    history = estimate_evalnorm(model, build_detection_train_loader(cfg), iters, lr=lr)
+    with EventStorage(0):  # detectron2's heads log to the storage in training mode
+        history = estimate_evalnorm(model, build_detection_train_loader(cfg), iters, lr=lr)
     output = output or os.path.join(cfg.OUTPUT_DIR, "model_evalnorm.pth")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     meta = {"source": cfg.MODEL.WEIGHTS, "images": iters * batch, "ims_per_batch": batch, "lr": lr, "layers": converted}

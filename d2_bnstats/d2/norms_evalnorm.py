@@ -50,13 +50,13 @@ def evalnorm_kwargs(cfg) -> dict:
             raise ValueError(f"BNSTATS.EVALNORM.BETA = {node.BETA} must be in [0, 1] (or -1: same as ALPHA)")
         kwargs["alpha"] = alpha
         kwargs["beta"] = alpha if beta == -1.0 else beta
-    batch_size = float(node.BATCH_SIZE)
-    if batch_size != 0.0:
-        if batch_size < 1.0:
+    batch_size = node.BATCH_SIZE
+    if batch_size != 0:
+        if batch_size < 1:
             raise ValueError(
                 f"BNSTATS.EVALNORM.BATCH_SIZE = {node.BATCH_SIZE} must be >= 1, or 0 for the batch size each layer recorded"
             )
-        kwargs["batch_size"] = batch_size
+        kwargs["batch_size"] = float(batch_size)
     return kwargs
 
 
