@@ -132,9 +132,19 @@ def test_bn_and_frozenbn_checkpoints_load_into_evalnorm_and_back(tmp_path):
         for key, value in target.state_dict().items():
             if key in source_state:
                 assert torch.equal(value, source_state[key]), key
-    # EvalNorm -> BN: loads; EvalNorm's own keys are the only unexpected ones
+    # EvalNorm -> EvalNorm: exact
     path = str(tmp_path / "evalnorm.pth")
+    with torch.no_grad():
+        for _, layer in evalnorm_layers(en_model):
+            layer.alpha_hat.fill_(0.25)
+            layer.norm_batch_size.fill_(2)
     torch.save({"model": en_model.state_dict()}, path)
+    reloaded = build(EN_CPU, small_opts(tmp_path))
+    inc = _incompatible(reloaded, path)
+    assert not inc.missing_keys and not inc.unexpected_keys
+    for key, value in en_model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+    # EvalNorm -> BN: loads; EvalNorm's own keys are the only unexpected ones
     bn_model = build(BN_CPU, small_opts(tmp_path))
     inc = _incompatible(bn_model, path)
     assert not inc.missing_keys

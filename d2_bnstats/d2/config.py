@@ -50,7 +50,7 @@ def add_bnstats_config(cfg) -> None:
     # each layer's alpha_hat, beta_hat see only their own term: effective step BASE_LR * weight.
     cfg.BNSTATS.EVALNORM.AUX_LOSS_WEIGHT = 1.0
     # Values per channel used for the auxiliary loss per training forward (strided subset; 0 = all).
-    cfg.BNSTATS.EVALNORM.AUX_SAMPLES = 1024
+    cfg.BNSTATS.EVALNORM.AUX_SAMPLES = 256
     # Write alpha_hat, beta_hat of every layer to the EventStorage (metrics.json, TensorBoard) as
     # "evalnorm/<layer>/alpha" and ".../beta", plus their means over layers.
     cfg.BNSTATS.EVALNORM.LOG = True

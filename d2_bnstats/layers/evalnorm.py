@@ -55,14 +55,15 @@ Conventions (documented choices)
   CPU configs, > 10^4 in box heads); the learned alpha_hat, beta_hat absorb it. Where this layer
   *writes* running_var from biased moments (the synchronised training path) it converts to
   unbiased with n / (n - 1), n the global count.
-- alpha_hat, beta_hat are 0-dim parameters kept in [0, 1] by projection: the forward uses
-  clamp(., 0, 1) and, after every optimiser step, the parameters themselves are clamped back
-  (torch's global optimizer step post hook), so projected gradient descent never gets stuck
-  outside the interval. They start at 0 (= BN inference until learned).
-- L_aux is the mean over elements of the absolute error, by default over a deterministic,
-  cyclically shifted strided subset of at most ``aux_samples`` values per channel (an unbiased
-  Monte-Carlo estimate of the full mean over a cycle of iterations; no random numbers are drawn,
-  so training randomness is unchanged). ``aux_samples=0`` uses every value.
+- alpha_hat, beta_hat are 0-dim parameters kept in [0, 1] by projection: after every optimiser
+  step the parameters are clamped back into [0, 1] (torch's global optimizer step post hook, so
+  any loop and optimiser works); the forward uses the clamped value with a straight-through
+  gradient (torch's clamp has zero gradient *at* a bound, which would freeze a parameter sitting
+  on it). They start at 0 (= BN inference until learned).
+- L_aux is the mean over elements of the absolute error, by default over a deterministic subset
+  of at most about ``aux_samples`` values per channel whose offset cycles with the step, so that
+  over a cycle every value is used equally often (an unbiased estimate of the full L_aux; no
+  random numbers are drawn, so training randomness is unchanged). ``aux_samples=0`` uses all.
 - In eval mode alpha, beta are constants (the task loss never trains them); gradients still
   flow to the input through mu_i, sigma2_i.
 - An empty input (N = 0) returns an empty output connected to the graph (zero gradients for
@@ -75,8 +76,7 @@ This module imports torch only.
 """
 import math
 import warnings
-import weakref
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +85,7 @@ from torch import nn
 from .sync import global_moments, world_size
 
 MODES = ("learned", "rule", "exact", "fixed", "ema")
-DEFAULT_AUX_SAMPLES = 1024
+DEFAULT_AUX_SAMPLES = 256
 
 Number = Union[float, torch.Tensor]
 
@@ -377,9 +377,6 @@ class EvalNorm2d(nn.BatchNorm2d):
         if self.training:
             return self._forward_train(x)
         return self._forward_eval(x)
-
-    def _affine_shape(self, t: Optional[torch.Tensor]):
-        return None if t is None else t.reshape(1, -1, 1, 1)
 
     def _empty_output(self, x: torch.Tensor, with_aux: bool) -> torch.Tensor:
         out = x
