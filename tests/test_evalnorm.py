@@ -2,8 +2,6 @@
 the paper's formulas (eqs. 3-9) re-implemented plainly in float64 here, exact batch statistics,
 and a single-process BN on the union of the processes' batches for the synchronised variant."""
 import copy
-import math
-import warnings
 
 import pytest
 import torch

@@ -18,7 +18,7 @@ from detectron2.utils.events import EventStorage
 import d2_bnstats  # noqa: F401
 from d2_bnstats.d2.evalnorm_offline import convert_to_evalnorm
 from d2_bnstats.d2.train import argument_parser, load_config, main
-from d2_bnstats.layers.evalnorm import EvalNorm2d, evalnorm_layers
+from d2_bnstats.layers.evalnorm import evalnorm_layers
 
 from .conftest import REPO, tiny_opts
 from .distributed import run_distributed
