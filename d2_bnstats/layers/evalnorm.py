@@ -434,12 +434,12 @@ class EvalNorm2d(nn.BatchNorm2d):
         self._record_aux(self._aux_loss(x.detach(), mean_i, var_i, mean_b, var_b, mean_e, var_e))
         return out
 
-    def _record_batch_size(self, b) -> None:
+    def _record_batch_size(self, b: float) -> None:
+        """Running average of B (the first batch is taken as is); no host-device transfer."""
         f = self._exponential_average_factor()
         with torch.no_grad():
             buf = self.norm_batch_size
-            b = torch.as_tensor(b, dtype=buf.dtype, device=buf.device)
-            buf.copy_(torch.where(buf > 0, buf + f * (b - buf), b))
+            buf.copy_(torch.where(buf > 0, buf * (1.0 - f) + f * b, torch.full_like(buf, b)))
 
     def _update_running_stats_sync(self, moments, hw: int) -> None:
         """BN's running-statistics update from the global moments (unbiased variance)."""
