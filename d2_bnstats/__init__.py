@@ -5,6 +5,7 @@ a norm (MODEL.RESNETS.NORM, MODEL.FPN.NORM, MODEL.ROI_BOX_HEAD.NORM, MODEL.ROI_M
 MODEL.RETINANET.NORM, MODEL.SEM_SEG_HEAD.NORM) and registers the fashion-scenes data sets.
 """
 from .d2 import patch as _patch
+from .d2 import norms_evalnorm as _norms_evalnorm  # noqa: F401  ("EvalNorm", "SyncEvalNorm"; model transform "evalnorm")
 from .d2 import norms_ghost as _norms_ghost  # noqa: F401  ("GhostBN")
 from .d2 import norms_roi_shuffle as _norms_roi_shuffle  # noqa: F401  ("RoIShuffleBN")
 from .d2 import norms_sync as _norms_sync  # noqa: F401  ("SyncBN": the exact global-batch layer)
@@ -12,6 +13,7 @@ from .d2 import per_level as _per_level  # noqa: F401  (model transform "per_lev
 from .d2.build import current_config, register_model_transform
 from .d2.config import NORM_KEYS, add_bnstats_config, check_norm_keys
 from .data import register_fashion_scenes
+from .layers.evalnorm import EvalNorm2d, set_evalnorm_mode
 from .layers.ghost_bn import GhostBatchNorm2d
 from .layers.per_level import PerLevelNorm, wrap_per_level
 from .layers.roi_shuffle import RoIShuffleBatchNorm2d
@@ -31,6 +33,7 @@ _patch.install()
 register_fashion_scenes()
 
 __all__ = [
+    "EvalNorm2d",
     "GhostBatchNorm2d",
     "NORM_KEYS",
     "PerLevelNorm",
@@ -45,6 +48,7 @@ __all__ = [
     "register_fashion_scenes",
     "register_model_transform",
     "register_norm",
+    "set_evalnorm_mode",
     "registered_norms",
     "unregister_norm",
     "wrap_per_level",

@@ -60,6 +60,27 @@ def add_bnstats_config(cfg) -> None:
     # OUTPUT_DIR/replica_check.json (mismatches are logged as warnings); default False.
     cfg.BNSTATS.CHECK_REPLICAS = False
     # --- end of issue 5 keys ----------------------------------------------------------------------
+    # EvalNorm ("EvalNorm" / "SyncEvalNorm" norms; docs/evalnorm.md). Read when the model is built.
+    cfg.BNSTATS.EVALNORM = CN()
+    # Evaluation statistics: "learned" (default; alpha_hat, beta_hat learned online by the auxiliary
+    # loss), "rule" (alpha = beta = 1/B^2), "exact" (1/B), "fixed" (ALPHA, BETA), "ema" (BN inference).
+    cfg.BNSTATS.EVALNORM.MODE = "learned"
+    # alpha and beta for MODE "fixed", in [0, 1]; -1 = unset (BETA unset means BETA = ALPHA).
+    cfg.BNSTATS.EVALNORM.ALPHA = -1.0
+    cfg.BNSTATS.EVALNORM.BETA = -1.0
+    # B (an integer) for MODE "rule"/"exact"; 0 = the normalisation batch each layer recorded in training.
+    cfg.BNSTATS.EVALNORM.BATCH_SIZE = 0
+    # Learn alpha_hat, beta_hat during training (the auxiliary loss "loss_evalnorm"); False = they
+    # stay at their initial value 0 and training costs exactly what BN costs.
+    cfg.BNSTATS.EVALNORM.LEARN = True
+    # loss_evalnorm = AUX_LOSS_WEIGHT * sum over EvalNorm layers of that layer's mean |mismatch|;
+    # each layer's alpha_hat, beta_hat see only their own term: effective step BASE_LR * weight.
+    cfg.BNSTATS.EVALNORM.AUX_LOSS_WEIGHT = 1.0
+    # Values per channel used for the auxiliary loss per training forward (strided subset; 0 = all).
+    cfg.BNSTATS.EVALNORM.AUX_SAMPLES = 256
+    # Write alpha_hat, beta_hat of every layer to the EventStorage (metrics.json, TensorBoard) as
+    # "evalnorm/<layer>/alpha" and ".../beta", plus their means over layers.
+    cfg.BNSTATS.EVALNORM.LOG = True
 
 
 def get_config_value(cfg, dotted: str):

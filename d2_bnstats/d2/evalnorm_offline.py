@@ -1,0 +1,263 @@
+"""Offline EvalNorm: estimate alpha_hat, beta_hat for a model that was trained with BatchNorm.
+
+EvalNorm paper, section 3.4 ("Offline estimation"): given a trained model, minimise the auxiliary
+loss L_aux over training data with everything else frozen. Here:
+
+1. :func:`convert_to_evalnorm` replaces the model's BatchNorm layers (``nn.BatchNorm2d`` and its
+   subclasses: detectron2's "BN", ``NaiveSyncBatchNorm``; ``nn.SyncBatchNorm``) by
+   :class:`~d2_bnstats.layers.evalnorm.EvalNorm2d` with the same affine parameters and running
+   statistics. ``FrozenBatchNorm2d`` layers are left alone by default: a layer that was frozen in
+   training always normalised with its fixed statistics, so it has no train/test gap and the
+   batch-normalised target of L_aux is not what the network saw. ``include_frozen=True`` converts
+   them too (for a model whose BN layers were folded into FrozenBN *after* training).
+2. :func:`estimate_evalnorm` runs the model in training mode on training batches (each layer sees
+   the input distribution it saw in training, batch statistics included) with every parameter but
+   alpha_hat, beta_hat frozen and the running statistics untouched (``track_running_stats`` is off
+   during the pass, the standard BN mechanism), and minimises ``loss_evalnorm`` with Adam and a
+   linearly decaying learning rate. Afterwards each layer's ``norm_batch_size`` is the mean batch
+   it saw (for modes "rule"/"exact"). Nothing else in the model changes (tested bit for bit).
+3. :func:`run_offline_estimation` does both from a detectron2 config and writes a checkpoint and
+   a config for evaluating it (norm keys BN -> EvalNorm); ``tools/estimate_evalnorm.py`` is its CLI.
+"""
+import logging
+import math
+import os
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
+
+import torch
+from torch import nn
+
+from ..layers.evalnorm import AuxLossHook, EvalNorm2d, evalnorm_layers, evalnorm_state
+
+logger = logging.getLogger(__name__)
+
+# norm names of layers that normalise with batch statistics in training -> their EvalNorm name
+BN_TO_EVALNORM = {
+    "BN": "EvalNorm",
+    "SyncBN": "SyncEvalNorm",
+    "nnSyncBN": "SyncEvalNorm",
+    "naiveSyncBN": "SyncEvalNorm",
+    "naiveSyncBN_N": "SyncEvalNorm",
+}
+
+
+def _is_frozen_bn(module: nn.Module) -> bool:
+    try:
+        from detectron2.layers import FrozenBatchNorm2d
+    except ImportError:  # pragma: no cover - detectron2 is a requirement of the d2 glue
+        return False
+    return isinstance(module, FrozenBatchNorm2d)
+
+
+def _convertible(module: nn.Module, include_frozen: bool) -> bool:
+    if isinstance(module, EvalNorm2d):
+        return False
+    if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+        return module.track_running_stats and module.running_mean is not None
+    return include_frozen and _is_frozen_bn(module)
+
+
+def _to_evalnorm(module: nn.Module, layer_kwargs: dict) -> EvalNorm2d:
+    frozen = _is_frozen_bn(module)
+    affine = True if frozen else module.affine
+    momentum = 0.1 if frozen else module.momentum
+    ref = module.running_mean
+    new = EvalNorm2d(module.num_features, eps=module.eps, momentum=momentum, affine=affine, **layer_kwargs)
+    new.to(device=ref.device)
+    with torch.no_grad():
+        if affine:
+            new.weight.copy_(module.weight)
+            new.bias.copy_(module.bias)
+        new.running_mean.copy_(module.running_mean)
+        new.running_var.copy_(module.running_var)
+        if not frozen and module.num_batches_tracked is not None:
+            new.num_batches_tracked.copy_(module.num_batches_tracked)
+    if not frozen and affine:
+        new.weight.requires_grad_(module.weight.requires_grad)
+        new.bias.requires_grad_(module.bias.requires_grad)
+    new.train(module.training)
+    return new
+
+
+def convert_to_evalnorm(model: nn.Module, include_frozen: bool = False, **layer_kwargs) -> List[str]:
+    """Replace BN layers of ``model`` in place by EvalNorm2d (see module docstring); returns the
+    names of the converted layers. ``layer_kwargs`` go to EvalNorm2d (e.g. ``mode``)."""
+    converted = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if _convertible(child, include_frozen):
+                setattr(parent, child_name, _to_evalnorm(child, layer_kwargs))
+                converted.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    if _convertible(model, include_frozen):
+        raise ValueError("the model itself is a BN layer; wrap it in a module to convert it")
+    return converted
+
+
+def estimate_evalnorm(
+    model: nn.Module,
+    data: Iterable,
+    num_iters: int,
+    lr: float = 0.01,
+    forward: Optional[Callable[[nn.Module, object], object]] = None,
+    log_period: int = 20,
+) -> List[float]:
+    """Learn alpha_hat, beta_hat of every EvalNorm2d in ``model`` on ``num_iters`` batches of
+    ``data`` with everything else frozen (module docstring); returns L_aux per iteration.
+
+    ``forward(model, batch)`` runs the model (default ``model(batch)``); its output is ignored
+    except through the layers' auxiliary losses.
+    """
+    layers = evalnorm_layers(model)
+    if not layers:
+        raise ValueError("the model has no EvalNorm2d layer; convert it first (convert_to_evalnorm)")
+    if num_iters < 1:
+        raise ValueError(f"num_iters must be >= 1, got {num_iters}")
+    forward = forward or (lambda m, batch: m(batch))
+    trainable = [p for _, layer in layers for p in (layer.alpha_hat, layer.beta_hat)]
+    ids = {id(p) for p in trainable}
+    saved_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    saved_tracking = {name: (layer.track_running_stats, layer.learn) for name, layer in layers}
+    was_training = model.training
+    batch_sizes: Dict[str, List[int]] = {name: [] for name, _ in layers}
+    handles = [
+        layer.register_forward_pre_hook(lambda m, inp, name=name: batch_sizes[name].append(int(inp[0].shape[0])))
+        for name, layer in layers
+    ]
+    hook = AuxLossHook(model, weight=1.0, key="loss_evalnorm")
+    history: List[float] = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in ids)
+        for _, layer in layers:
+            layer.track_running_stats = False  # BN's own switch: batch statistics, buffers untouched
+            layer.learn = True
+        model.train()
+        optimizer = torch.optim.Adam(trainable, lr=lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0 - it / num_iters)
+        iterator: Iterator = iter(data)
+        for it in range(num_iters):
+            output = forward(model, next(iterator))
+            if not isinstance(output, dict) or "loss_evalnorm" not in output:
+                losses = [layer.aux_loss for _, layer in layers if layer.aux_loss is not None]
+                if not losses:
+                    raise RuntimeError("no EvalNorm layer ran in training mode during the forward pass")
+                loss = torch.stack([l.reshape(()) for l in losses]).sum()
+            else:
+                loss = output["loss_evalnorm"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            history.append(float(loss.detach()) / len(layers))
+            if log_period and (it + 1) % log_period == 0:
+                logger.info("EvalNorm offline estimation: iteration %d/%d, mean L_aux per layer %.4f", it + 1, num_iters, history[-1])
+    finally:
+        hook.remove()
+        for h in handles:
+            h.remove()
+        for name, p in model.named_parameters():
+            p.requires_grad_(saved_grad[name])
+        for name, layer in layers:
+            layer.track_running_stats, layer.learn = saved_tracking[name]
+            layer.aux_loss = None
+        model.train(was_training)
+    with torch.no_grad():
+        for name, layer in layers:
+            if batch_sizes[name]:
+                layer.norm_batch_size.fill_(sum(batch_sizes[name]) / len(batch_sizes[name]))
+    return history
+
+
+def format_evalnorm_table(model_or_rows) -> str:
+    """Per-layer table: alpha_hat, beta_hat, recorded B and the rule of thumb 1/B^2."""
+    from tabulate import tabulate
+
+    rows = evalnorm_state(model_or_rows) if isinstance(model_or_rows, nn.Module) else model_or_rows
+    table = []
+    for r in rows:
+        b = r["batch_size"]
+        table.append(
+            [r["layer"], f"{r['alpha_hat']:.4f}", f"{r['beta_hat']:.4f}", "" if b is None else f"{b:g}", "" if b is None else f"{min(1.0, 1 / b ** 2):.4f}"]
+        )
+    return tabulate(table, headers=["layer", "alpha_hat", "beta_hat", "B", "1/B^2"], tablefmt="github")
+
+
+def evalnorm_eval_config(cfg, weights: str):
+    """A copy of ``cfg`` that builds the converted model: BN-type norm keys -> EvalNorm names,
+    MODEL.WEIGHTS = ``weights``, BNSTATS.EVALNORM.MODE = "learned"."""
+    from .config import NORM_KEYS, get_config_value
+
+    out = cfg.clone()
+    out.defrost()
+    for key in NORM_KEYS:
+        value = get_config_value(out, key)
+        if isinstance(value, str) and value in BN_TO_EVALNORM:
+            node = out
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node[part]
+            node[leaf] = BN_TO_EVALNORM[value]
+    out.MODEL.WEIGHTS = weights
+    out.BNSTATS.EVALNORM.MODE = "learned"
+    return out
+
+
+def run_offline_estimation(
+    cfg,
+    num_images: int = 500,
+    lr: float = 0.01,
+    ims_per_batch: Optional[int] = None,
+    include_frozen: bool = False,
+    output: Optional[str] = None,
+) -> dict:
+    """Load ``cfg.MODEL.WEIGHTS`` into ``cfg``'s model, convert its BN layers, estimate alpha_hat,
+    beta_hat on ``num_images`` training images (batches of ``ims_per_batch``: the images per process
+    used in training; default ``cfg.SOLVER.IMS_PER_BATCH``), and write ``output`` (default
+    ``OUTPUT_DIR/model_evalnorm.pth``) plus ``<output>.yaml``, a config that evaluates it.
+
+    Returns {"checkpoint", "config", "layers", "rows", "history", "iterations"}.
+    """
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import build_detection_train_loader
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    if num_images < 1:
+        raise ValueError(f"the number of images must be >= 1, got {num_images}")
+    cfg = cfg.clone()
+    cfg.defrost()
+    if ims_per_batch is not None:
+        if ims_per_batch < 1:
+            raise ValueError(f"images per batch must be >= 1, got {ims_per_batch}")
+        cfg.SOLVER.IMS_PER_BATCH = int(ims_per_batch)
+    batch = cfg.SOLVER.IMS_PER_BATCH
+    if not cfg.MODEL.WEIGHTS:
+        raise ValueError("MODEL.WEIGHTS is empty: give the trained model to estimate EvalNorm for (MODEL.WEIGHTS path)")
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    converted = convert_to_evalnorm(model, include_frozen=include_frozen)
+    if not converted:
+        raise ValueError(
+            "the model has no BatchNorm layer to convert (norm keys: FrozenBN/GN/...?); "
+            "pass include_frozen=True (--include-frozen) to convert FrozenBatchNorm2d layers"
+        )
+    iters = math.ceil(num_images / batch)
+    logger.info("EvalNorm offline estimation: %d layers, %d iterations of %d images", len(converted), iters, batch)
+    with EventStorage(0):  # detectron2's heads log to the storage in training mode
+        history = estimate_evalnorm(model, build_detection_train_loader(cfg), iters, lr=lr)
+    output = output or os.path.join(cfg.OUTPUT_DIR, "model_evalnorm.pth")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    meta = {"source": cfg.MODEL.WEIGHTS, "images": iters * batch, "ims_per_batch": batch, "lr": lr, "layers": converted}
+    torch.save({"model": model.state_dict(), "evalnorm_offline": meta}, output)
+    config_path = os.path.splitext(output)[0] + ".yaml"
+    eval_cfg = evalnorm_eval_config(cfg, os.path.abspath(output))
+    with open(config_path, "w") as f:
+        f.write(eval_cfg.dump())
+    return {
+        "checkpoint": output,
+        "config": config_path,
+        "layers": converted,
+        "rows": evalnorm_state(model),
+        "history": history,
+        "iterations": iters,
+    }
