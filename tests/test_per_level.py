@@ -242,6 +242,27 @@ def test_retinanet_head_norms_per_level_for_any_registered_norm(stateful_third_p
                 torch.testing.assert_close(got[key], value, msg=f"{name} level {level} {key}")
 
 
+def test_evalnorm_per_level_copies_all_contribute_to_the_auxiliary_loss():
+    """Per-level copies are made after the EvalNorm transform attached its hook: the hook must
+    still see every copy, so loss_evalnorm = weight x the sum of the aux losses of all 4 x 5 copies."""
+    from detectron2.utils.events import EventStorage
+
+    from d2_bnstats import EvalNorm2d
+
+    model = _build(["MODEL.RETINANET.NORM", "EvalNorm", "BNSTATS.EVALNORM.AUX_LOSS_WEIGHT", "0.5"])
+    wrappers = [m for m in model.head.modules() if isinstance(m, PerLevelNorm)]
+    copies = [level for w in wrappers for level in w.levels]
+    assert len(copies) == 20 and all(type(c) is EvalNorm2d for c in copies)
+    model.train()
+    with EventStorage():
+        losses = model(_retinanet_batch())
+    assert all(c.aux_loss is not None for c in copies)
+    everywhere = [m.aux_loss for m in model.modules() if isinstance(m, EvalNorm2d) and m.aux_loss is not None]
+    torch.testing.assert_close(losses["loss_evalnorm"], 0.5 * torch.stack([l.reshape(()) for l in everywhere]).sum())
+    losses["loss_evalnorm"].backward()
+    assert all(c.alpha_hat.grad is not None and torch.isfinite(c.alpha_hat.grad).all() for c in copies)
+
+
 def test_detectron2_syncbn_cycle_list_is_rebuilt_with_the_plugin_layer():
     """RetinaNet turns "SyncBN" into CycleBatchNormList(nn.SyncBatchNorm) behind get_norm's back."""
     model = _build(["MODEL.RETINANET.NORM", "SyncBN", "BNSTATS.PER_LEVEL.ENABLED", "False"])
