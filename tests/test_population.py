@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.layers import BatchNorm2d as D2BatchNorm2d
 from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from fvcore.nn.precise_bn import update_bn_stats
 from torch import nn
@@ -58,9 +57,13 @@ class SecondMomentNorm2d(nn.Module):
         self.running_sq.copy_(var + mean * mean)
 
 
+class BatchNorm2dSubclass(nn.BatchNorm2d):
+    """A BN subclass: PreciseBN reduces its input itself instead of reading torch's buffers."""
+
+
 NORMS = {
-    "nn.BatchNorm2d": nn.BatchNorm2d,
-    "detectron2.BatchNorm2d": D2BatchNorm2d,
+    "nn.BatchNorm2d": nn.BatchNorm2d,  # also detectron2's BatchNorm2d (the same class)
+    "BN subclass": BatchNorm2dSubclass,
     "NaiveSyncBatchNorm": lambda c: NaiveSyncBatchNorm(c, stats_mode="N"),
     "protocol layer": SecondMomentNorm2d,
 }
@@ -211,6 +214,7 @@ def test_layers_that_saw_no_data_are_skipped_not_crashed():
         for bn in (net.unused, net.empty):
             bn.running_mean.uniform_(-1, 1)
             bn.running_var.uniform_(0.5, 2)
+    net.sometimes.running_mean.fill_(float("nan"))  # a broken checkpoint: PreciseBN repairs it
     before = copy.deepcopy(net.state_dict())
     data = batches(3, shapes=((2, 5, 5), (1, 6, 6), (3, 4, 7)))
     report = precise_bn(net, data, len(data))

@@ -373,13 +373,16 @@ def _normaliser_copy(layer: nn.Module, training: bool) -> nn.Module:
 
 def capture_layer_inputs(model, batches, layer_names: Sequence[str]) -> Dict[str, List[torch.Tensor]]:
     """Training-mode forwards of ``model`` (no gradient, state left as it was) on ``batches``; every
-    call's input of every named layer, in order."""
+    call's input of every named layer. The dict is ordered by first call (layers never called last)."""
     inner = unwrap(model)
     captured = {name: [] for name in layer_names}
+    order = []
     handles = []
 
     def hook_for(name):
         def hook(module, inputs):
+            if not captured[name]:
+                order.append(name)
             captured[name].append(inputs[0].detach().clone())
 
         return hook
@@ -394,7 +397,7 @@ def capture_layer_inputs(model, batches, layer_names: Sequence[str]) -> Dict[str
         finally:
             for h in handles:
                 h.remove()
-    return captured
+    return {name: captured[name] for name in order + [n for n in layer_names if n not in order]}
 
 
 def _stats_of_differences(a: torch.Tensor, b: torch.Tensor):
@@ -419,6 +422,7 @@ def discrepancy_report(ctx: CompareContext, strategies: Sequence[Strategy], prep
     if not batches:
         return {"note": f"fewer than {images_per_batch} images in {dataset_name}", "layers": []}
     captured = capture_layer_inputs(ctx.model, batches, layers)
+    layers = list(captured)  # in the order of the forward pass
     base = unwrap(ctx.model)
     rows = []
     hist_values: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -516,7 +520,7 @@ def format_table(summary: dict) -> str:
                     v = res.get(t, {}).get(m)
                     values.append("" if v is None else f"{v:.2f}")
             note = "" if s["available"] else f"unavailable: {s['reason']}"
-            rows.append([s["name"], s["test_batch_size"]] + values + [note])
+            rows.append([s["name"], s["test_batch_size"] if s["available"] else ""] + values + [note])
         tables.append(f"COCO results on {dataset}" + (f" (first {summary['max_images']} images)" if summary["max_images"] else "")
                       + "\n" + tabulate(rows, headers=headers, tablefmt="github"))
     return "\n\n".join(tables)
@@ -569,6 +573,8 @@ def _plot_ap(summary: dict, path: str) -> Optional[str]:
                                 ha="center", va="bottom", fontsize=7)
         ax.set_xticks(list(xs))
         ax.set_xticklabels([r["name"] for r in rows], rotation=20, ha="right", fontsize=8)
+        top = max([v for r in rows for v in r["results"].get(dataset, {}).get(task, {}).values() if v == v] + [1.0])
+        ax.set_ylim(0, top * 1.15)
         ax.set_ylabel(f"{task} AP (COCO, %)")
         ax.set_title(f"{task}: inference statistics compared")
         ax.legend(fontsize=8)
@@ -599,15 +605,21 @@ def _plot_discrepancy_layers(report: dict, path: str) -> Optional[str]:
         ys = [float("nan") if y is None else y for y in ys]
         ax.plot(range(len(rows)), ys, marker="o", markersize=3, label=n)
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([r["name"] for r in rows], rotation=90, fontsize=6)
+    ax.set_xticklabels([short_layer_name(r["name"]) for r in rows], rotation=90, fontsize=6)
     ax.set_ylabel("mean |x̂_train − x̂_eval|")
+    ax.set_xlabel("layer, in forward order")
     ax.set_title("train–test discrepancy per layer (same inputs)")
-    ax.legend(fontsize=8)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def short_layer_name(name: str) -> str:
+    return name.replace("backbone.bottom_up.", "").replace("backbone.", "").replace("roi_heads.", "")
 
 
 def _plot_histograms(report: dict, out_dir: str) -> Dict[str, str]:

@@ -16,7 +16,9 @@ fvcore's ``update_bn_stats`` does that per batch.) The sums Σn, Σn·m, Σn·(v
 and, with several processes, summed over processes once at the end, so every process gets the
 statistics of the union of all processes' data, bit-identical on every process. A layer called
 several times per forward (a shared head) accumulates every call; a layer that saw no value (N = 0)
-keeps its statistics. Everything else is left as it was: parameters are never written (no
+keeps its statistics. (For torch's own BatchNorm{1,2,3}d the per-call moments are read from the
+layer's running buffers, updated with momentum 1 during the pass, instead of reducing the input a
+second time; other layers' inputs are reduced by a forward pre-hook.) Everything else is left as it was: parameters are never written (no
 gradient is taken), every registered buffer and every plain module attribute is restored after the
 pass (EMA updates, counters, ring buffers), and so are the random number generators (torch, CUDA,
 numpy, random) and each module's train/eval flag.
@@ -188,22 +190,35 @@ class _Accumulator:
         self.calls = 0
         self.empty_calls = 0
 
+    def _init(self, channels: int, device) -> None:
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.sum = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.sum_sq = torch.zeros(channels, dtype=torch.float64, device=device)
+
     def add(self, x: torch.Tensor) -> None:
+        """Add the moments of a layer input (channels on dim 1)."""
         self.calls += 1
-        moments = local_moments(x.detach(), _channel_dim(x))
         if self.sum is None:
-            channels = moments.mean.numel()
-            self.count = torch.zeros((), dtype=torch.float64, device=x.device)
-            self.sum = torch.zeros(channels, dtype=torch.float64, device=x.device)
-            self.sum_sq = torch.zeros(channels, dtype=torch.float64, device=x.device)
+            self._init(x.shape[_channel_dim(x)], x.device)
         if x.numel() == 0:
             self.empty_calls += 1
             return
-        n = moments.count.to(torch.float64)
-        mean = moments.mean.to(torch.float64)
+        moments = local_moments(x.detach(), _channel_dim(x))
+        self._add(moments.count, moments.mean, moments.var)
+
+    def add_moments(self, n: int, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Add moments computed elsewhere: n values per channel, mean, biased variance."""
+        self.calls += 1
+        if self.sum is None:
+            self._init(mean.numel(), mean.device)
+        self._add(torch.tensor(float(n), dtype=torch.float64, device=mean.device), mean, var)
+
+    def _add(self, n, mean, var) -> None:
+        n = n.to(torch.float64)
+        mean = mean.detach().to(torch.float64)
         self.count += n
         self.sum += n * mean
-        self.sum_sq += n * (moments.var.to(torch.float64) + mean * mean)
+        self.sum_sq += n * (var.detach().to(torch.float64) + mean * mean)
 
 
 @dataclass
@@ -249,6 +264,47 @@ def _pre_hook_accumulate(accumulator: _Accumulator):
             accumulator.add(x)
 
     return hook
+
+
+# torch's own BN classes (exact types: a subclass may normalise or update differently) update
+# running_mean/running_var with the batch mean and unbiased batch variance of their input in
+# training mode; with momentum 1 the buffers hold exactly those after each call, so PreciseBN reads
+# them instead of reducing the input a second time (what makes the pass cost ~ a plain forward).
+_TORCH_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _reads_running_statistics(module: nn.Module) -> bool:
+    return type(module) in _TORCH_BN_TYPES and module.track_running_stats
+
+
+def _post_hook_read_running(accumulator: _Accumulator):
+    def hook(module, inputs, output):
+        x = _layer_input(inputs)
+        if x is None:
+            return
+        if not module.training:  # something switched it to eval inside the forward: no update
+            accumulator.add(x)
+            return
+        if x.numel() == 0:
+            accumulator.calls += 1
+            accumulator.empty_calls += 1
+            if accumulator.sum is None:
+                accumulator._init(x.shape[_channel_dim(x)], x.device)
+            return
+        n = x.numel() // x.shape[_channel_dim(x)]
+        accumulator.add_moments(n, module.running_mean, module.running_var * ((n - 1) / n))
+
+    return hook
+
+
+def _attach(module: nn.Module, accumulator: _Accumulator):
+    if _reads_running_statistics(module):
+        module.momentum = 1.0  # restored with the module's other attributes after the pass
+        with torch.no_grad():  # torch computes (1 - m)·old + m·new: a NaN/inf old value would survive
+            module.running_mean.zero_()
+            module.running_var.fill_(1.0)
+        return module.register_forward_hook(_post_hook_read_running(accumulator))
+    return module.register_forward_pre_hook(_pre_hook_accumulate(accumulator))
 
 
 def _default_forward(model, batch):
@@ -304,7 +360,7 @@ def precise_bn(
     handles = []
     try:
         with preserved_state(inner), torch.no_grad():
-            handles = [m.register_forward_pre_hook(_pre_hook_accumulate(a)) for (_, m), a in zip(layers, accumulators)]
+            handles = [_attach(m, a) for (_, m), a in zip(layers, accumulators)]
             inner.train()
             iterator = iter(batches)
             for done in range(1, num_batches + 1):
