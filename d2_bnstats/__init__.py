@@ -8,6 +8,13 @@ from .d2 import patch as _patch
 from .d2.build import current_config, register_model_transform
 from .d2.config import NORM_KEYS, add_bnstats_config, check_norm_keys
 from .data import register_fashion_scenes
+from .layers.population import (
+    batch_statistics,
+    freeze_batch_statistics,
+    population_layers,
+    precise_bn,
+    unfreeze_batch_statistics,
+)
 from .registry import (
     UnknownNormError,
     available_norms,
@@ -27,12 +34,17 @@ __all__ = [
     "UnknownNormError",
     "add_bnstats_config",
     "available_norms",
+    "batch_statistics",
     "check_norm_keys",
     "current_config",
+    "freeze_batch_statistics",
     "get_norm",
+    "population_layers",
+    "precise_bn",
     "register_fashion_scenes",
     "register_model_transform",
     "register_norm",
     "registered_norms",
+    "unfreeze_batch_statistics",
     "unregister_norm",
 ]

@@ -66,10 +66,10 @@ def assert_statistics_equal_report(stats, report):
 
 @pytest.fixture(scope="module")
 def trained(datasets_root, tmp_path_factory):
-    """4 iterations, evaluation every 2, PreciseBN (2 batches) enabled."""
+    """3 iterations, evaluation every 2 (after the 2nd) and at the end, PreciseBN (2 batches) enabled."""
     out = tmp_path_factory.mktemp("precise_train")
     RecordingTrainer.evaluations.clear()
-    cfg = load_config(FRCNN_BN, tiny_opts(out, max_iter=4, **{
+    cfg = load_config(FRCNN_BN, tiny_opts(out, max_iter=3, **{
         "TEST.EVAL_PERIOD": 2, "TEST.PRECISE_BN.ENABLED": True, "TEST.PRECISE_BN.NUM_ITER": 2,
     }))
     cfg.freeze()
@@ -86,8 +86,8 @@ def test_precise_bn_hook_replaces_detectron2s_and_runs_before_every_evaluation(t
     position = {k: kinds.index(k) for k in (hooks.LRScheduler, PreciseBNHook, hooks.PeriodicCheckpointer, hooks.EvalHook)}
     assert position[hooks.LRScheduler] < position[PreciseBNHook] < position[hooks.PeriodicCheckpointer] < position[hooks.EvalHook]
     hook = trainer._hooks[position[PreciseBNHook]]
-    # periodic evaluation after iteration 1 (the 2nd), final evaluation after iteration 3
-    assert [it for it, _ in hook.history] == [1, 3]
+    # periodic evaluation after iteration 1 (the 2nd), final evaluation after iteration 2 (the last)
+    assert [it for it, _ in hook.history] == [1, 2]
     assert len(evaluations) == 2
     for (iteration, report), (_, stats) in zip(hook.history, evaluations):
         assert report.num_batches == 2 and report.skipped == []
@@ -244,3 +244,29 @@ def test_compare_tool_end_to_end(trained, datasets_root, tmp_path):
     for png in pngs:
         with open(png, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _two_process_training_worker(rank, world_size, opts):
+    cfg = load_config(FRCNN_BN, opts, world_size=world_size)
+    cfg.freeze()
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    hook = next(h for h in trainer._hooks if isinstance(h, PreciseBNHook))
+    return statistics(trainer.model), [r["backbone.bottom_up.stem.conv1.norm"].count for _, r in hook.history]
+
+
+@pytest.mark.slow
+def test_precise_bn_hook_in_two_process_training_gives_identical_statistics(datasets_root, tmp_path):
+    from .distributed import run_distributed
+
+    opts = tiny_opts(tmp_path, max_iter=2, **{
+        "SOLVER.IMS_PER_BATCH": 4, "TEST.PRECISE_BN.ENABLED": True, "TEST.PRECISE_BN.NUM_ITER": 2,
+        "DATASETS.TEST": "()",
+    })
+    (stats0, counts0), (stats1, counts1) = run_distributed(_two_process_training_worker, 2, args=(opts,), timeout=900)
+    assert counts0 == counts1 and len(counts0) == 1
+    # N counts the values of both processes: 2 batches x 2 processes x 2 images of 128x128 for the stem
+    assert counts0[0] == 2 * 2 * 2 * 64 * 64
+    for name in stats0:
+        assert torch.equal(stats0[name][0], stats1[name][0]) and torch.equal(stats0[name][1], stats1[name][1]), name
