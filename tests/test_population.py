@@ -4,7 +4,6 @@ on small torch models; the detectron2 trainer paths are in test_population_train
 References are computed plainly in the tests: the statistics of the concatenated layer inputs, and
 the training-mode normalisation formula."""
 import copy
-import math
 
 import pytest
 import torch

@@ -88,7 +88,7 @@ def test_precise_bn_hook_replaces_detectron2s_and_runs_before_every_evaluation(t
     hook = trainer._hooks[position[PreciseBNHook]]
     # periodic evaluation after iteration 1 (the 2nd), final evaluation after iteration 2 (the last)
     assert [it for it, _ in hook.history] == [1, 2]
-    assert len(evaluations) == 2
+    assert [it for it, _ in evaluations] == [it for it, _ in hook.history]
     for (iteration, report), (_, stats) in zip(hook.history, evaluations):
         assert report.num_batches == 2 and report.skipped == []
         assert len(report.updated) == len(population_layers(unwrap(trainer.model)))

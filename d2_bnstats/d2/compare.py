@@ -28,7 +28,7 @@ import math
 import os
 import re
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -683,6 +683,8 @@ def compare(
         from .trainer import Trainer as trainer_cls
     if not cfg.MODEL.WEIGHTS:
         raise ValueError("MODEL.WEIGHTS is empty: give the checkpoint to compare (MODEL.WEIGHTS path/to/model_final.pth)")
+    if not cfg.DATASETS.TEST:
+        raise ValueError("DATASETS.TEST is empty: name the test set(s) to evaluate on, e.g. DATASETS.TEST \"('fashion_scenes_val',)\"")
     options = {"precise_bn_samples": precise_bn_samples, "test_batch_size": batch_sizes[0] if batch_sizes else 2,
                "batch_sizes": list(batch_sizes) or [2], "max_images": max_images}
     specs = list(strategies) if strategies else default_strategy_specs(options)

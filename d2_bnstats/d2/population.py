@@ -17,8 +17,6 @@ import math
 import time
 from typing import Callable, List, Optional
 
-import torch
-from detectron2.data.common import DatasetFromList, MapDataset
 from detectron2.data.samplers import InferenceSampler
 from detectron2.engine import HookBase
 from detectron2.utils import comm
@@ -29,7 +27,6 @@ from ..layers.population import (
     PreciseBNReport,
     batch_statistics,
     freeze_batch_statistics,
-    frozen_layers,
     population_layers,
     precise_bn,
     unwrap,
@@ -45,7 +42,8 @@ logger = logging.getLogger("d2_bnstats.population")
 def precise_bn_num_batches(cfg) -> int:
     """Batches (per process) of one PreciseBN pass: ``BNSTATS.PRECISE_BN.NUM_SAMPLES`` images in
     total over all processes if set, else ``TEST.PRECISE_BN.NUM_ITER`` batches."""
-    samples = int(cfg.BNSTATS.PRECISE_BN.NUM_SAMPLES)
+    node = cfg.get("BNSTATS", None)
+    samples = int(node.PRECISE_BN.NUM_SAMPLES) if node is not None and "PRECISE_BN" in node else 0
     if samples > 0:
         return max(1, math.ceil(samples / cfg.SOLVER.IMS_PER_BATCH))
     return int(cfg.TEST.PRECISE_BN.NUM_ITER)
@@ -80,7 +78,9 @@ def check_population_config(cfg) -> None:
 
 
 def frozen_bn_enabled(cfg) -> bool:
-    return cfg.BNSTATS.FROZEN_BN.START_ITER >= 0
+    node = cfg.get("BNSTATS", None)
+    node = node.get("FROZEN_BN", None) if node is not None else None
+    return node is not None and node.START_ITER >= 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,7 +111,8 @@ class PreciseBNRunner:
         self.model = model
         self.num_batches = precise_bn_num_batches(cfg) if num_batches is None else num_batches
         self.images_per_batch = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-        self.log_period = cfg.BNSTATS.PRECISE_BN.LOG_PERIOD
+        node = cfg.get("BNSTATS", None)
+        self.log_period = node.PRECISE_BN.LOG_PERIOD if node is not None and "PRECISE_BN" in node else 20
         self._build_loader = build_loader
         self._iter = None
         self.reports: List[PreciseBNReport] = []
@@ -294,7 +295,9 @@ def build_batched_test_loader(cfg, dataset_name: str, batch_size: int, max_image
 
 
 def test_batch_stats_enabled(cfg) -> bool:
-    return bool(cfg.BNSTATS.TEST_BATCH_STATS.ENABLED)
+    node = cfg.get("BNSTATS", None)
+    node = node.get("TEST_BATCH_STATS", None) if node is not None else None
+    return bool(node is not None and node.ENABLED)
 
 
 class _NullContext:
