@@ -88,7 +88,9 @@ def test_precise_bn_hook_replaces_detectron2s_and_runs_before_every_evaluation(t
     hook = trainer._hooks[position[PreciseBNHook]]
     # periodic evaluation after iteration 1 (the 2nd), final evaluation after iteration 2 (the last)
     assert [it for it, _ in hook.history] == [1, 2]
-    assert [it for it, _ in evaluations] == [it for it, _ in hook.history]
+    # the periodic evaluation runs in after_step of iteration 1, the final one in after_train (the
+    # storage's iteration is then max_iter); each right after the PreciseBN pass before it
+    assert [it for it, _ in evaluations] == [1, 3]
     for (iteration, report), (_, stats) in zip(hook.history, evaluations):
         assert report.num_batches == 2 and report.skipped == []
         assert len(report.updated) == len(population_layers(unwrap(trainer.model)))
@@ -270,3 +272,27 @@ def test_precise_bn_hook_in_two_process_training_gives_identical_statistics(data
     assert counts0[0] == 2 * 2 * 2 * 64 * 64
     for name in stats0:
         assert torch.equal(stats0[name][0], stats1[name][0]) and torch.equal(stats0[name][1], stats1[name][1]), name
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_still_runs_precise_bn_before_its_evaluation(trained, tmp_path):
+    import shutil
+
+    cfg, _, _, out = trained
+    shutil.copy(out / "model_final.pth", tmp_path / "model_final.pth")
+    (tmp_path / "last_checkpoint").write_text("model_final.pth")
+    resumed_cfg = cfg.clone()
+    resumed_cfg.defrost()
+    resumed_cfg.OUTPUT_DIR = str(tmp_path)
+    resumed_cfg.freeze()
+    RecordingTrainer.evaluations.clear()
+    trainer = RecordingTrainer(resumed_cfg)
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == trainer.max_iter  # nothing left to train
+    trainer.train()
+    hook = next(h for h in trainer._hooks if isinstance(h, PreciseBNHook))
+    (_, report), = hook.history
+    (_, stats), = RecordingTrainer.evaluations
+    assert_statistics_equal_report(stats, report)
+    saved = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    assert_statistics_equal_report({n: (saved[f"{n}.running_mean"], saved[f"{n}.running_var"]) for n in report.updated}, report)
