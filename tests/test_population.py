@@ -262,6 +262,23 @@ def test_population_layers_select_batch_statistic_layers_only():
     assert [name for name, _ in population_layers(net)] == ["0", "4", "5", "6"]
 
 
+@pytest.mark.parametrize("kind", ["nn.BatchNorm2d", "BN subclass"])
+def test_no_cancellation_when_the_mean_dwarfs_the_spread(kind):
+    """Inputs around 1000 with spread 1: E[x²] − E[x]² in float32 would lose the variance."""
+    net = nn.Sequential(NORMS[kind](3))
+    data = [x + 1000.0 for x in batches(11)]
+    n, mean, var = union_moments(data)
+    precise_bn(net, data, len(data))
+    torch.testing.assert_close(net[0].running_mean.double(), mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(net[0].running_var.double(), var * n / (n - 1), rtol=1e-4, atol=0)
+    net.eval()
+    with torch.no_grad(), batch_statistics(net):
+        y = net(data[0])
+    n0, mean0, var0 = union_moments([data[0]])
+    expected = (data[0].double() - mean0[None, :, None, None]) / torch.sqrt(var0 + net[0].eps)[None, :, None, None]
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=2e-3)
+
+
 def test_precise_bn_on_batchnorm1d_inputs():
     torch.manual_seed(5)
     net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
