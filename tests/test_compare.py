@@ -50,3 +50,16 @@ def test_batch_statistics_groups_for_the_discrepancy_report():
     assert [g.shape[0] for g in BatchStatsStrategy(1).discrepancy_groups(rois, images=4)] == [128] * 4
     assert BatchStatsStrategy(4).discrepancy_groups(rois, images=4) == [rois]
     assert BatchStatsStrategy(8).discrepancy_groups(rois, images=4) is None  # k > training batch: n/a
+
+
+def test_the_command_line_accepts_flags_after_config_overrides():
+    from d2_bnstats.d2.compare import parse_args
+
+    args = parse_args(["--config-file", "C", "MODEL.WEIGHTS", "w.pth", "--output", "out", "--max-images", "100",
+                       "BNSTATS.FROZEN_BN.START_ITER", "-1"])
+    assert args.output == "out" and args.max_images == 100
+    assert args.opts == ["MODEL.WEIGHTS", "w.pth", "BNSTATS.FROZEN_BN.START_ITER", "-1"]
+    args = parse_args(["--config-file", "C", "--strategies", "ema", "batch_stats:2", "MODEL.WEIGHTS", "w.pth",
+                       "--batch-sizes", "1", "4", "OUTPUT_DIR", "o"])
+    assert args.strategies == ["ema", "batch_stats:2"] and args.batch_sizes == [1, 4]
+    assert args.opts == ["OUTPUT_DIR", "o", "MODEL.WEIGHTS", "w.pth"]

@@ -211,9 +211,10 @@ def test_compare_tool_end_to_end(trained, datasets_root, tmp_path):
     cfg, _, _, out = trained
     output = tmp_path / "compare"
     env = dict(os.environ, DETECTRON2_DATASETS=datasets_root, PYTHONWARNINGS="ignore", PYTHONPATH=REPO)
-    args = [sys.executable, os.path.join(REPO, "tools", "compare_bn_stats.py"), "--config-file", FRCNN_BN,
-            "--output", str(output), "--precise-bn-samples", "4", "--batch-sizes", "1", "2", "--discrepancy-images", "4"]
+    # flags after the KEY VALUE overrides, as in `compare_bn_stats.py --config-file C MODEL.WEIGHTS W --output O`
+    args = [sys.executable, os.path.join(REPO, "tools", "compare_bn_stats.py"), "--config-file", FRCNN_BN]
     args += tiny_opts(tmp_path / "unused", **{"MODEL.WEIGHTS": out / "model_final.pth"})
+    args += ["--output", str(output), "--precise-bn-samples", "4", "--batch-sizes", "1", "2", "--discrepancy-images", "4"]
     proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((output / "compare.json").read_text())

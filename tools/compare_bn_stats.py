@@ -15,7 +15,7 @@ histograms (discrepancy_*.png). The logic is in d2_bnstats.d2.compare.
 import sys
 
 import d2_bnstats  # noqa: F401  (registers the norms and data sets)
-from d2_bnstats.d2.compare import argument_parser, run
+from d2_bnstats.d2.compare import parse_args, run
 
 if __name__ == "__main__":
-    sys.exit(run(argument_parser().parse_args()))
+    sys.exit(run(parse_args()))

@@ -783,7 +783,7 @@ def argument_parser():
     parser.add_argument("--max-images", type=int, default=0, help="evaluate only the first N test images (0: all)")
     parser.add_argument("--precise-bn-samples", type=int, default=1000,
                         help="training images for the PreciseBN strategy (default 1000)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+    parser.add_argument("--batch-sizes", nargs="+", default=None, metavar="K",
                         help="k for batch statistics at test (default: BNSTATS.TEST_BATCH_STATS.IMS_PER_BATCH)")
     parser.add_argument("--discrepancy-images", type=int, default=8,
                         help="test images for the train–test discrepancy report (0: skip; default 8)")
@@ -791,7 +791,37 @@ def argument_parser():
                         help="layers (module names) to draw histograms for (default: first, middle, last)")
     parser.add_argument("--no-plots", action="store_true", help="write no PNG")
     parser.add_argument("--list-strategies", action="store_true", help="print the registered strategies and exit")
+    # KEY VALUE overrides may come before or after the tool's own flags (parse_args below)
+    for action in parser._actions:
+        if action.dest == "opts":
+            action.nargs = "*"
     return parser
+
+
+_CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*$")  # OUTPUT_DIR, MODEL.WEIGHTS, ...
+
+
+def parse_args(argv=None):
+    """The tool's arguments; config overrides and flags may be intermixed, e.g.
+    ``--config-file C MODEL.WEIGHTS W --output DIR``. A list flag swallows what follows it, so
+    config keys (``MODEL.WEIGHTS W``) found in a list flag's values go back to the overrides."""
+    parser = argument_parser()
+    args = parser.parse_intermixed_args(argv)
+    for dest in ("strategies", "hist_layers", "batch_sizes"):
+        values = getattr(args, dest)
+        if not values:
+            continue
+        for i, value in enumerate(values):
+            if _CONFIG_KEY.match(str(value)):
+                args.opts = list(values[i:]) + list(args.opts)
+                setattr(args, dest, list(values[:i]))
+                break
+    if args.batch_sizes is not None:
+        try:
+            args.batch_sizes = [int(v) for v in args.batch_sizes]
+        except ValueError:
+            parser.error(f"--batch-sizes takes integers (images per test batch), got {args.batch_sizes}")
+    return args
 
 
 def main(args) -> dict:
