@@ -51,6 +51,8 @@ def main(argv=None):
     print(f"plain training-mode forwards (no grad): {result.forward_s:.3f} s")
     print(f"PreciseBN:                              {result.precise_bn_s:.3f} s  -> {result.ratio:.3f}x "
           f"(spread {result.spread:.0%}; target <= 1.2x)")
+    if result.backbone_only_s is not None:
+        print(f"PreciseBN, backbone only (the hooks):   {result.backbone_only_s:.3f} s  -> {result.backbone_only_ratio:.3f}x")
     if result.fvcore_s is not None:
         print(f"fvcore update_bn_stats (stock hook):    {result.fvcore_s:.3f} s  -> {result.fvcore_ratio:.3f}x")
     if args.json:

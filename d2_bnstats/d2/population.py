@@ -17,6 +17,7 @@ import math
 import time
 from typing import Callable, List, Optional
 
+import torch
 from detectron2.data.samplers import InferenceSampler
 from detectron2.engine import HookBase
 from detectron2.utils import comm
@@ -103,6 +104,26 @@ def _progress_logger(total: int, period: int, label: str) -> Callable[[int, int]
     return progress
 
 
+def backbone_only_forward(model, layers) -> Optional[Callable]:
+    """When every layer to update lives in the backbone of a detectron2 meta-architecture
+    (``preprocess_image`` + ``backbone``: GeneralizedRCNN, RetinaNet, ...), a forward of the
+    backbone alone gives those layers exactly the inputs of the full training-mode forward, without
+    the heads, proposal matching and losses. Returns that forward, or None."""
+    inner = unwrap(model)
+    backbone = getattr(inner, "backbone", None)
+    preprocess = getattr(inner, "preprocess_image", None)
+    if not isinstance(backbone, torch.nn.Module) or not callable(preprocess) or not layers:
+        return None
+    inside = {id(m) for m in backbone.modules()}
+    if not all(id(m) in inside for _, m in layers):
+        return None
+
+    def forward(_model, batch):
+        return backbone(preprocess(batch).tensor)
+
+    return forward
+
+
 class PreciseBNRunner:
     """Runs PreciseBN on a model with batches from a (lazily built) training data loader, reusing
     the loader's iterator across runs as detectron2's hook does; logs progress and a summary."""
@@ -134,9 +155,13 @@ class PreciseBNRunner:
             "%s: recomputing the population statistics of %d layers from %d batches (%d images per process, "
             "%d processes)", label, len(layers), self.num_batches, self.images_per_batch, comm.get_world_size(),
         )
+        forward = backbone_only_forward(self.model, layers)
+        if forward is not None:
+            logger.info("%s: every layer to update is in the backbone; running the backbone alone", label)
         with EventStorage():  # the model logs training-mode scalars; discard them
             report = precise_bn(
                 self.model, self._iter, self.num_batches, layers=layers,
+                forward=forward or _full_forward,
                 progress=_progress_logger(self.num_batches, self.log_period, label),
             )
         skipped = report.skipped
@@ -146,6 +171,10 @@ class PreciseBNRunner:
         )
         self.reports.append(report)
         return report
+
+
+def _full_forward(model, batch):
+    return model(batch)
 
 
 def default_precise_bn_loader_factory(cfg, trainer_cls=None) -> Callable[[], object]:
