@@ -429,3 +429,34 @@ def test_batch_statistics_at_test_per_call_and_through_the_protocol():
     torch.testing.assert_close(y, train_normalise(net.norm2, b), rtol=1e-4, atol=1e-4)
     assert torch.equal(net.norm1.running_sq, torch.ones(4)) and net.norm1.steps.item() == 0
 
+
+
+class PerLevelHead(nn.Module):
+    """A head shared across 3 FPN levels with per-level statistics (detectron2's CycleBatchNormList,
+    what RetinaNet builds for "BN"): each level's BN is called once per forward."""
+
+    def __init__(self):
+        super().__init__()
+        from detectron2.layers import CycleBatchNormList
+
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = CycleBatchNormList(3, num_features=4)
+
+    def forward(self, x):
+        return [self.norm(self.conv(level)) for level in (x, F.avg_pool2d(x, 2), F.avg_pool2d(x, 4))]
+
+
+def test_per_level_statistics_get_their_own_level_only():
+    torch.manual_seed(12)
+    head = PerLevelHead()
+    data = batches(12, shapes=((2, 16, 16), (1, 8, 16), (3, 16, 8)))
+    report = precise_bn(head, data, len(data))
+    assert sorted(report.updated) == ["norm.0", "norm.1", "norm.2"]
+    assert head.norm._pos == 0  # the cycling position (a plain attribute) is left as it was
+    for level, pool in enumerate((1, 2, 4)):
+        with torch.no_grad():
+            inputs = [head.conv(F.avg_pool2d(x, pool) if pool > 1 else x) for x in data]
+        n, mean, var = union_moments(inputs)
+        bn = head.norm[level]
+        torch.testing.assert_close(bn.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bn.running_var.double(), var * n / (n - 1), rtol=1e-5, atol=1e-6)
