@@ -16,6 +16,13 @@ from .data import register_fashion_scenes
 from .layers.evalnorm import EvalNorm2d, set_evalnorm_mode
 from .layers.ghost_bn import GhostBatchNorm2d
 from .layers.per_level import PerLevelNorm, wrap_per_level
+from .layers.population import (
+    batch_statistics,
+    freeze_batch_statistics,
+    population_layers,
+    precise_bn,
+    unfreeze_batch_statistics,
+)
 from .layers.roi_shuffle import RoIShuffleBatchNorm2d
 from .layers.sync_bn import SyncBatchNorm2d
 from .registry import (
@@ -33,23 +40,28 @@ _patch.install()
 register_fashion_scenes()
 
 __all__ = [
+    "add_bnstats_config",
+    "available_norms",
+    "batch_statistics",
+    "check_norm_keys",
+    "current_config",
     "EvalNorm2d",
+    "freeze_batch_statistics",
+    "get_norm",
     "GhostBatchNorm2d",
     "NORM_KEYS",
     "PerLevelNorm",
-    "RoIShuffleBatchNorm2d",
-    "SyncBatchNorm2d",
-    "UnknownNormError",
-    "add_bnstats_config",
-    "available_norms",
-    "check_norm_keys",
-    "current_config",
-    "get_norm",
+    "population_layers",
+    "precise_bn",
     "register_fashion_scenes",
     "register_model_transform",
     "register_norm",
-    "set_evalnorm_mode",
     "registered_norms",
+    "RoIShuffleBatchNorm2d",
+    "set_evalnorm_mode",
+    "SyncBatchNorm2d",
+    "unfreeze_batch_statistics",
+    "UnknownNormError",
     "unregister_norm",
     "wrap_per_level",
 ]

@@ -81,6 +81,28 @@ def add_bnstats_config(cfg) -> None:
     # Write alpha_hat, beta_hat of every layer to the EventStorage (metrics.json, TensorBoard) as
     # "evalnorm/<layer>/alpha" and ".../beta", plus their means over layers.
     cfg.BNSTATS.EVALNORM.LOG = True
+    # --- Population statistics (docs/population_statistics.md). detectron2's TEST.PRECISE_BN.ENABLED
+    # switches PreciseBN on (before every evaluation, also --eval-only) and TEST.PRECISE_BN.NUM_ITER
+    # sizes it in batches; these keys add to them.
+    cfg.BNSTATS.PRECISE_BN = CN()
+    # Training images per PreciseBN pass, in total over all processes (10^3-10^4 suffice); 0 (default)
+    # = TEST.PRECISE_BN.NUM_ITER batches of SOLVER.IMS_PER_BATCH images.
+    cfg.BNSTATS.PRECISE_BN.NUM_SAMPLES = 0
+    # Log PreciseBN progress every this many batches (default 20).
+    cfg.BNSTATS.PRECISE_BN.LOG_PERIOD = 20
+    cfg.BNSTATS.FROZEN_BN = CN()
+    # FrozenBN late in training: from this iteration on, every BN-type layer normalises with its
+    # population statistics for the rest of training (affine parameters keep training). -1 (default) = off.
+    cfg.BNSTATS.FROZEN_BN.START_ITER = -1
+    # Recompute the statistics with a PreciseBN pass right before freezing (default True); False
+    # freezes the EMA statistics as they are.
+    cfg.BNSTATS.FROZEN_BN.PRECISE_BN = True
+    cfg.BNSTATS.TEST_BATCH_STATS = CN()
+    # Batch statistics at test: evaluate with the statistics of each test batch instead of population
+    # statistics (default False).
+    cfg.BNSTATS.TEST_BATCH_STATS.ENABLED = False
+    # Images per test batch and process when ENABLED (default 2; detectron2's test loader uses 1).
+    cfg.BNSTATS.TEST_BATCH_STATS.IMS_PER_BATCH = 2
 
 
 def get_config_value(cfg, dotted: str):

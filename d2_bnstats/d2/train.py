@@ -14,9 +14,11 @@ from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from .config import add_bnstats_config, check_batch_config, check_norm_keys, resolve_device
 from .launch import launch
+from .population import check_population_config, prepare_for_evaluation
 from .trainer import Trainer
 
 logger = logging.getLogger("d2_bnstats")
@@ -45,6 +47,7 @@ def load_config(config_file: str, opts=(), world_size: int = 1):
     resolve_device(cfg)
     check_norm_keys(cfg)
     check_batch_config(cfg, world_size)
+    check_population_config(cfg)
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and not os.path.isfile(weights):
         raise FileNotFoundError(f"MODEL.WEIGHTS = {weights!r}: no such file")
@@ -55,18 +58,26 @@ def setup(args):
     cfg = load_config(args.config_file, args.opts, world_size=comm.get_world_size())
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2_bnstats", abbrev_name="bnstats")
     return cfg
+
+
+def evaluate_checkpoint(cfg, resume: bool = False, trainer_cls=Trainer):
+    """The ``--eval-only`` path: build the model, load ``MODEL.WEIGHTS`` (or the last checkpoint of
+    ``OUTPUT_DIR`` with ``resume``), apply FrozenBN/PreciseBN as the config asks, COCO-evaluate."""
+    model = trainer_cls.build_model(cfg)
+    checkpoint = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    prepare_for_evaluation(cfg, model, checkpoint, trainer_cls=trainer_cls)
+    results = trainer_cls.test(cfg, model)
+    if comm.is_main_process():
+        verify_results(cfg, results)
+    return results
 
 
 def main(args):
     cfg = setup(args)
     if args.eval_only:
-        model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        results = Trainer.test(cfg, model)
-        if comm.is_main_process():
-            verify_results(cfg, results)
-        return results
+        return evaluate_checkpoint(cfg, resume=args.resume)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()

@@ -1,0 +1,65 @@
+"""The comparison tool's strategy registry and helpers (the end-to-end run is in
+test_population_trainer.py::test_compare_tool_end_to_end)."""
+import pytest
+import torch
+
+from d2_bnstats.d2 import compare
+from d2_bnstats.d2.compare import BatchStatsStrategy, build_strategy, default_strategy_specs, register_strategy
+
+OPTIONS = {"precise_bn_samples": 100, "test_batch_size": 2, "batch_sizes": [1, 4], "max_images": 0}
+
+
+def test_specs_build_the_strategies_with_their_arguments():
+    assert build_strategy("precise_bn:2000", OPTIONS).name == "PreciseBN(2000)"
+    assert build_strategy("precise_bn", OPTIONS).name == "PreciseBN(100)"
+    assert build_strategy("batch_stats", OPTIONS).test_batch_size == 2
+    assert build_strategy("batch_stats:4", OPTIONS).test_batch_size == 4
+    specs = default_strategy_specs(OPTIONS)
+    assert specs[:4] == ["ema", "precise_bn", "batch_stats:1", "batch_stats:4"]
+    assert {"evalnorm_learned", "evalnorm_rule", "evalnorm_exact", "evalnorm_offline"} <= set(specs)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nope", "unknown strategy 'nope'; available: ema, precise_bn"),
+    ("batch_stats:two", "takes an integer after the colon, got 'two'"),
+    ("batch_stats:0", "k >= 1"),
+    ("precise_bn:0", "N >= 1"),
+])
+def test_bad_specs_say_what_is_accepted(spec, message):
+    with pytest.raises(ValueError, match=message):
+        build_strategy(spec, OPTIONS)
+
+
+def test_registering_a_strategy(monkeypatch):
+    monkeypatch.setattr(compare, "_STRATEGIES", dict(compare._STRATEGIES))
+
+    class Mine(compare.Strategy):
+        name = "mine"
+
+    register_strategy("mine", lambda arg, opts: Mine())
+    assert build_strategy("mine", OPTIONS).name == "mine" and "mine" in default_strategy_specs(OPTIONS)
+    with pytest.raises(ValueError, match="already registered"):
+        register_strategy("mine", lambda arg, opts: Mine())
+
+
+def test_batch_statistics_groups_for_the_discrepancy_report():
+    backbone = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).reshape(4, 3, 2, 2)  # 4 images
+    groups = BatchStatsStrategy(2).discrepancy_groups(backbone, images=4)
+    assert [g.shape[0] for g in groups] == [2, 2] and torch.equal(torch.cat(groups), backbone)
+    rois = torch.zeros(4 * 128, 8, 7, 7)  # 128 RoIs per image, in image order
+    assert [g.shape[0] for g in BatchStatsStrategy(1).discrepancy_groups(rois, images=4)] == [128] * 4
+    assert BatchStatsStrategy(4).discrepancy_groups(rois, images=4) == [rois]
+    assert BatchStatsStrategy(8).discrepancy_groups(rois, images=4) is None  # k > training batch: n/a
+
+
+def test_the_command_line_accepts_flags_after_config_overrides():
+    from d2_bnstats.d2.compare import parse_args
+
+    args = parse_args(["--config-file", "C", "MODEL.WEIGHTS", "w.pth", "--output", "out", "--max-images", "100",
+                       "BNSTATS.FROZEN_BN.START_ITER", "-1"])
+    assert args.output == "out" and args.max_images == 100
+    assert args.opts == ["MODEL.WEIGHTS", "w.pth", "BNSTATS.FROZEN_BN.START_ITER", "-1"]
+    args = parse_args(["--config-file", "C", "--strategies", "ema", "batch_stats:2", "MODEL.WEIGHTS", "w.pth",
+                       "--batch-sizes", "1", "4", "OUTPUT_DIR", "o"])
+    assert args.strategies == ["ema", "batch_stats:2"] and args.batch_sizes == [1, 4]
+    assert args.opts == ["OUTPUT_DIR", "o", "MODEL.WEIGHTS", "w.pth"]

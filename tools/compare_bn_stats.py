@@ -1,0 +1,21 @@
+#!/usr/bin/env python
+"""COCO-evaluate one checkpoint under every inference-statistics strategy, side by side.
+
+    python tools/compare_bn_stats.py --config-file C MODEL.WEIGHTS output/demo/model_final.pth \\
+        --output output/demo/compare
+    python tools/compare_bn_stats.py --config-file C MODEL.WEIGHTS W --strategies ema precise_bn:2000 \\
+        batch_stats:1 batch_stats:4 --max-images 100
+    python tools/compare_bn_stats.py --list-strategies
+
+Strategies: EMA, PreciseBN over N training images, batch statistics at test with k images per test
+batch, and EvalNorm learned / 1/B² / 1/B / offline when the model has EvalNorm layers. Writes a table
+(stdout and compare.md), compare.json, ap.png, and a per-layer train–test discrepancy report with
+histograms (discrepancy_*.png). The logic is in d2_bnstats.d2.compare.
+"""
+import sys
+
+import d2_bnstats  # noqa: F401  (registers the norms and data sets)
+from d2_bnstats.d2.compare import parse_args, run
+
+if __name__ == "__main__":
+    sys.exit(run(parse_args()))
