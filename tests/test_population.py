@@ -12,6 +12,7 @@ from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from fvcore.nn.precise_bn import update_bn_stats
 from torch import nn
 
+from d2_bnstats.layers.evalnorm import EvalNorm2d
 from d2_bnstats.layers.population import (
     batch_statistics,
     freeze_batch_statistics,
@@ -65,6 +66,7 @@ NORMS = {
     "BN subclass": BatchNorm2dSubclass,
     "NaiveSyncBatchNorm": lambda c: NaiveSyncBatchNorm(c, stats_mode="N"),
     "protocol layer": SecondMomentNorm2d,
+    "EvalNorm2d": EvalNorm2d,  # trains as BN; its own state (alpha_hat, beta_hat, B) must not move
 }
 
 
@@ -252,6 +254,24 @@ def test_precise_bn_changes_nothing_but_the_population_statistics():
     assert {name: m.training for name, m in net.named_modules()} == modes
     assert net[2].tag == "kept" and net[2].last_batch is None and len(net[2].received) == 1
     assert net[0].norm1.num_batches_tracked.item() == 0 and net[2].steps.item() == 0
+
+
+def test_precise_bn_leaves_evalnorm_state_alone():
+    """PreciseBN forwards in training mode: an EvalNorm layer must not record the PreciseBN batch as
+    its B, nor learn alpha_hat/beta_hat, nor keep an auxiliary loss from those passes."""
+    torch.manual_seed(5)
+    net = TwoNormNet(EvalNorm2d)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+    for x in batches(6, shapes=((4, 8, 8), (4, 8, 8))):  # training at B = 4 records B and moves alpha_hat
+        net.norm1.aux_loss = net.norm2.aux_loss = None
+        net(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert before["norm1.norm_batch_size"].item() > 0
+    precise_bn(net, batches(7, shapes=((1, 8, 8), (1, 8, 8), (1, 8, 8))), 3)
+    changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"norm1.running_mean", "norm1.running_var", "norm2.running_mean", "norm2.running_var"}
 
 
 def test_population_layers_select_batch_statistic_layers_only():
