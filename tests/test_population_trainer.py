@@ -224,8 +224,9 @@ def test_compare_tool_end_to_end(trained, datasets_root, tmp_path):
     assert len(names) == len(registered_strategies()) + 1  # batch statistics twice
     for s in summary["strategies"]:
         assert s["name"] in proc.stdout
-        if s["name"].startswith("EvalNorm"):
-            assert not s["available"] and "set_evalnorm_mode" in s["reason"] and s["reason"] in proc.stdout
+        if s["name"].startswith("EvalNorm") and s["name"] != "EvalNorm offline":
+            # a BN-trained model has no learned α̂, β̂ nor recorded B: these say so instead of a row
+            assert not s["available"] and "no EvalNorm layers" in s["reason"] and s["reason"] in proc.stdout
             continue
         assert s["available"], s
         bbox = s["results"]["fashion_scenes_tiny_val"]["bbox"]
@@ -235,6 +236,8 @@ def test_compare_tool_end_to_end(trained, datasets_root, tmp_path):
     ema = summary["strategies"][0]["results"]["fashion_scenes_tiny_val"]["bbox"]
     assert ema["AP"] == pytest.approx(plain["bbox"]["AP"], abs=1e-9)
     assert summary["strategies"][1]["prepare"]["images"] == 4
+    # the offline strategy converted the BN model (backbone and FPN norms) before estimating α̂, β̂
+    assert summary["strategies"][-1]["prepare"]["converted_layers"] == 28
     # discrepancy: batch statistics with the training batch (k = 2) reproduce training normalisation
     rows = summary["discrepancy"]["layers"]
     assert len(rows) == 28 and summary["discrepancy"]["train_batch_images"] == 2

@@ -40,7 +40,9 @@ from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 from torch import nn
 
+from ..layers.evalnorm import evalnorm_layers, set_evalnorm_mode
 from ..layers.population import batch_statistics, population_layers, preserved_state, unwrap
+from .evalnorm_offline import convert_to_evalnorm, estimate_evalnorm
 from .evaluation import build_coco_evaluator, coco_tasks
 from .population import PreciseBNRunner, batched_loader, default_precise_bn_loader_factory
 
@@ -75,7 +77,7 @@ class Strategy:
     test_batch_size = 1
 
     def unavailable(self, ctx: CompareContext) -> Optional[str]:
-        return evalnorm_ema_unavailable(ctx.model)
+        return None
 
     def prepare(self, ctx: CompareContext, model: nn.Module) -> dict:
         """Returns extra facts for the JSON (e.g. PreciseBN's image count)."""
@@ -143,59 +145,33 @@ class BatchStatsStrategy(Strategy):
         return list(x.split(per_image * k))
 
 
-# EvalNorm (issue 3) is wired lazily: nothing here imports it at module import time.
 EVALNORM_MODES = {
     "evalnorm_learned": ("EvalNorm learned", "learned", "α̂, β̂ learned during training (L_aux)"),
     "evalnorm_rule": ("EvalNorm 1/B²", "rule", "α = β = 1/B², the paper's rule of thumb"),
     "evalnorm_exact": ("EvalNorm 1/B", "exact", "α = β = 1/B, exact algebra of the batch"),
 }
-_OFFLINE_ESTIMATOR: List[Callable] = []
-
-
-def register_evalnorm_offline_estimator(fn: Callable) -> None:
-    """``fn(cfg, model, num_images)`` estimates EvalNorm's α̂, β̂ offline on training images, in place
-    (EvalNorm's library function); makes the "EvalNorm offline" strategy available."""
-    _OFFLINE_ESTIMATOR[:] = [fn]
-
-
-def _evalnorm_api():
-    """(EvalNorm layer class or None, set_evalnorm_mode or None, why missing or None)."""
-    import d2_bnstats
-
-    set_mode = getattr(d2_bnstats, "set_evalnorm_mode", None)
-    layer_cls = getattr(d2_bnstats, "EvalNorm2d", None)
-    if layer_cls is None:
-        try:
-            from ..layers import evalnorm as module  # noqa: F401  (issue 3's module, if merged)
-
-            layer_cls = getattr(module, "EvalNorm2d", None)
-        except ImportError:
-            layer_cls = None
-    if set_mode is None:
-        return layer_cls, None, "EvalNorm is not part of this build (d2_bnstats.set_evalnorm_mode is missing)"
-    return layer_cls, set_mode, None
 
 
 def model_has_evalnorm(model: nn.Module) -> bool:
-    layer_cls, _, _ = _evalnorm_api()
-    if layer_cls is None:
-        return any(type(m).__name__.startswith("EvalNorm") for m in model.modules())
-    return any(isinstance(m, layer_cls) for m in model.modules())
-
-
-def evalnorm_ema_unavailable(model: nn.Module) -> Optional[str]:
-    """Non-EvalNorm strategies evaluate EvalNorm layers as plain BN (mode "ema"); that needs the API."""
-    if not model_has_evalnorm(model):
-        return None
-    _, set_mode, why = _evalnorm_api()
-    if set_mode is None:
-        return f"the model has EvalNorm layers but {why}, so they cannot be switched to plain BN inference"
-    return None
+    return bool(evalnorm_layers(unwrap(model)))
 
 
 def set_evalnorm_ema_if_present(model: nn.Module) -> None:
-    if model_has_evalnorm(model):
-        _evalnorm_api()[1](unwrap(model), "ema")
+    """Non-EvalNorm strategies evaluate EvalNorm layers as plain BN (mode "ema")."""
+    set_evalnorm_mode(unwrap(model), "ema")
+
+
+def estimate_evalnorm_offline(cfg, model: nn.Module, num_images: int) -> List[str]:
+    """Convert ``model``'s BN layers to EvalNorm (if it has none yet) and estimate α̂, β̂ on
+    ``num_images`` training images with everything else frozen (:mod:`.evalnorm_offline`); in place.
+    Returns the names of the converted layers."""
+    from detectron2.data import build_detection_train_loader
+
+    converted = [] if model_has_evalnorm(model) else convert_to_evalnorm(model)
+    iterations = max(1, math.ceil(num_images / cfg.SOLVER.IMS_PER_BATCH))
+    with EventStorage(0):  # detectron2's heads log to the storage in training mode
+        estimate_evalnorm(model, build_detection_train_loader(cfg), iterations)
+    return converted
 
 
 class EvalNormStrategy(Strategy):
@@ -204,15 +180,12 @@ class EvalNormStrategy(Strategy):
         self.name, self.mode, self.description = EVALNORM_MODES[key]
 
     def unavailable(self, ctx):
-        _, set_mode, why = _evalnorm_api()
-        if set_mode is None:
-            return why
         if not model_has_evalnorm(ctx.model):
             return "the model has no EvalNorm layers (no MODEL.*.NORM is EvalNorm)"
         return None
 
     def prepare(self, ctx, model):
-        _evalnorm_api()[1](unwrap(model), self.mode)
+        set_evalnorm_mode(unwrap(model), self.mode)
         return {"mode": self.mode}
 
     def discrepancy_groups(self, x, images):
@@ -220,6 +193,8 @@ class EvalNormStrategy(Strategy):
 
 
 class EvalNormOfflineStrategy(EvalNormStrategy):
+    """α̂, β̂ estimated after training; a model trained with BN is converted to EvalNorm first."""
+
     def __init__(self, num_images: int):
         self.key = "evalnorm_offline"
         self.num_images = num_images
@@ -228,15 +203,17 @@ class EvalNormOfflineStrategy(EvalNormStrategy):
         self.description = f"α̂, β̂ estimated offline on {num_images} training images, everything else frozen"
 
     def unavailable(self, ctx):
-        why = super().unavailable(ctx)
-        if why is None and not _OFFLINE_ESTIMATOR:
-            why = "no offline EvalNorm estimator registered (d2_bnstats.d2.compare.register_evalnorm_offline_estimator)"
-        return why
+        if model_has_evalnorm(ctx.model):
+            return None
+        if not any(isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) and m.track_running_stats
+                   for m in unwrap(ctx.model).modules()):
+            return "the model has neither EvalNorm layers nor trainable BN layers to convert"
+        return None
 
     def prepare(self, ctx, model):
-        _OFFLINE_ESTIMATOR[0](ctx.cfg, unwrap(model), self.num_images)
-        _evalnorm_api()[1](unwrap(model), "learned")
-        return {"mode": "learned", "images": self.num_images}
+        converted = estimate_evalnorm_offline(ctx.cfg, unwrap(model), self.num_images)
+        set_evalnorm_mode(unwrap(model), "learned")
+        return {"mode": "learned", "images": self.num_images, "converted_layers": len(converted)}
 
 
 StrategyFactory = Callable[[Optional[str], Dict[str, object]], Strategy]
