@@ -6,7 +6,7 @@ DEMO_CONFIG ?= configs/cpu/frcnn_r18_bn_2img.yaml
 DEMO_OUTPUT ?= output/demo
 PYTEST_ARGS ?=
 
-.PHONY: env data demo test test-quick bench clean-env
+.PHONY: env data demo test test-quick bench bench-smoke clean-env
 
 env:
 	@VENV=$(VENV) bash scripts/setup_env.sh
@@ -25,6 +25,17 @@ test: env
 # Everything but the tests marked slow.
 test-quick: env
 	@$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# End-to-end benchmark of every norm (docs/benchmarks.md): tables printed, JSON + plot in $(BENCH_OUTPUT).
+# About an hour on an idle 2-core machine; BENCH_ARGS="--precise-bn-images 100 1000 10000" for the issue's sizes.
+BENCH_OUTPUT ?= output/bench
+BENCH_ARGS ?=
+bench: data
+	@$(PY) -W ignore tools/benchmark.py --output $(BENCH_OUTPUT) $(BENCH_ARGS)
+
+# The same at tiny sizes (under a minute): checks that the benchmark runs.
+bench-smoke: data
+	@$(PY) -W ignore tools/benchmark.py --tiny --output $(BENCH_OUTPUT)/smoke $(BENCH_ARGS)
 
 clean-env:
 	rm -rf $(VENV)

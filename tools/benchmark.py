@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""End-to-end benchmark of every norm: training s/iter and peak memory (ratio to BN), inference
+s/image (ratio to FrozenBN, every EvalNorm mode), PreciseBN cost over n images (ratio to plain
+forwards, linear fit). Prints markdown tables, writes JSON and a PNG plot.
+
+    python tools/benchmark.py                          # full run (see docs/benchmarks.md), output/bench/
+    python tools/benchmark.py --tiny                   # smoke run: tiny sizes, < 60 s
+    python tools/benchmark.py --archs frcnn --ims-per-batch 2 --norms BN GN --no-memory --no-precise-bn
+    python tools/benchmark.py --precise-bn-images 100 1000 10000   # the issue's PreciseBN sizes
+
+Norms that are not registered in this installation are reported as "not available". The logic is
+in d2_bnstats.benchmark.e2e (method: its module docstring).
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import d2_bnstats  # noqa: F401  (registers the norms and data sets)
+from d2_bnstats.benchmark.e2e import ARCH_CONFIGS, TINY, BenchmarkSettings, format_report, plot_report, run_benchmark
+
+
+def build_settings(args) -> BenchmarkSettings:
+    s = BenchmarkSettings(**TINY) if args.tiny else BenchmarkSettings()
+    for field in ("archs", "ims_per_batch", "norms", "memory_norms", "precise_bn_images"):
+        v = getattr(args, field)
+        if v:
+            s = dataclasses.replace(s, **{field: tuple(v)})
+    for field in ("repeats", "iters", "warmup", "num_batches", "memory_iters", "inference_images",
+                  "precise_bn_repeats", "threads"):
+        v = getattr(args, field)
+        if v is not None:
+            s = dataclasses.replace(s, **{field: v})
+    if args.opts:
+        if len(args.opts) % 2:
+            raise SystemExit(f"config overrides must come as KEY VALUE pairs, got {args.opts}")
+        s = dataclasses.replace(s, opts=tuple(s.opts) + tuple(args.opts))
+    return dataclasses.replace(s, clock=args.clock, memory=not args.no_memory, inference=not args.no_inference,
+                               precise_bn=not args.no_precise_bn)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", "--smoke", dest="tiny", action="store_true", help="tiny sizes (smoke run, < 60 s)")
+    p.add_argument("--archs", nargs="+", choices=sorted(ARCH_CONFIGS), help="default: frcnn mrcnn")
+    p.add_argument("--ims-per-batch", nargs="+", type=int, help="default: 2 8")
+    p.add_argument("--norms", nargs="+", help="default: BN EvalNorm MABN SyncBN GhostBN GN FrozenBN")
+    p.add_argument("--repeats", type=int, help="interleaved rounds (default 5)")
+    p.add_argument("--iters", type=int, help="training iterations per norm per round (default 3)")
+    p.add_argument("--warmup", type=int, help="untimed training iterations per norm first (default 2)")
+    p.add_argument("--num-batches", type=int, help="training batches read into memory and cycled (default 4)")
+    p.add_argument("--memory-norms", nargs="+", help="norms whose memory is measured (default: --norms)")
+    p.add_argument("--memory-iters", type=int, help="training iterations of each memory process (default 3)")
+    p.add_argument("--inference-images", type=int, help="images per inference round (default 8)")
+    p.add_argument("--precise-bn-images", nargs="+", type=int, help="n values (default 100 300 1000; the issue's: 100 1000 10000)")
+    p.add_argument("--precise-bn-repeats", type=int, help="repetitions at the smallest n (default 3; fewer at larger n)")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-inference", action="store_true")
+    p.add_argument("--no-precise-bn", action="store_true")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="cpu",
+                   help="this process's CPU time (default; steady on a shared machine) or wall time")
+    p.add_argument("--threads", type=int, help="torch threads (default 1)")
+    p.add_argument("--output", default="output/bench", help="folder for results.json and ratios.png")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides for every model")
+    args = p.parse_args(argv)
+    for name in args.norms or ():
+        if not isinstance(name, str) or not name:
+            p.error(f"--norms: bad norm name {name!r}")
+    settings = build_settings(args)
+    result = run_benchmark(settings, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    os.makedirs(args.output, exist_ok=True)
+    json_path = os.path.join(args.output, "results.json")
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=1)
+    png = plot_report(result, os.path.join(args.output, "ratios.png"))
+    print(format_report(result))
+    print(f"\nwrote {json_path}" + (f" and {png}" if png else " (no plot: matplotlib missing)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
