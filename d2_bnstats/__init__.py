@@ -4,10 +4,13 @@
 a norm (MODEL.RESNETS.NORM, MODEL.FPN.NORM, MODEL.ROI_BOX_HEAD.NORM, MODEL.ROI_MASK_HEAD.NORM,
 MODEL.RETINANET.NORM, MODEL.SEM_SEG_HEAD.NORM) and registers the fashion-scenes data sets.
 """
+from .d2 import norms_mabn as _norms_mabn  # noqa: F401  (registers MABN, SyncMABN)
 from .d2 import patch as _patch
 from .d2.build import current_config, register_model_transform
 from .d2.config import NORM_KEYS, add_bnstats_config, check_norm_keys
+from .d2.mabn_convert import convert_to_mabn
 from .data import register_fashion_scenes
+from .layers.mabn import MABN2d
 from .registry import (
     UnknownNormError,
     available_norms,
@@ -23,11 +26,13 @@ _patch.install()
 register_fashion_scenes()
 
 __all__ = [
+    "MABN2d",
     "NORM_KEYS",
     "UnknownNormError",
     "add_bnstats_config",
     "available_norms",
     "check_norm_keys",
+    "convert_to_mabn",
     "current_config",
     "get_norm",
     "register_fashion_scenes",
