@@ -142,6 +142,23 @@ def centralize_convs(model: nn.Module, frozen_resnet: bool = False) -> List[str]
     return done
 
 
+_PLAIN_CLASS = {CentralizedConv2d: D2Conv2d, WeightCentralizedConv2d: nn.Conv2d}
+
+
+def fold_weight_centralization(model: nn.Module) -> List[str]:
+    """For deployment: store every weight-centralised conv's weight centred and give the conv its
+    plain class back, so inference computes the same without centralising on every forward (the
+    model should then not be trained further). Returns the names of the convs folded."""
+    names = []
+    for name, module in model.named_modules():
+        plain = _PLAIN_CLASS.get(type(module))
+        if plain is not None:
+            centralize_weight_(module)
+            module.__class__ = plain
+            names.append(name)
+    return names
+
+
 def mabn_weight_centralization(model: nn.Module, cfg) -> None:
     """Model transform: weight-centralise the convs feeding MABN (``BNSTATS.MABN.WEIGHT_CENTRALIZATION``)."""
     layers = [name for name, m in model.named_modules() if isinstance(m, MABN2d)]
