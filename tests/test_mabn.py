@@ -579,6 +579,37 @@ def test_folding_weight_centralisation_for_deployment_keeps_inference():
         torch.testing.assert_close(after[k], before[k], rtol=1e-5, atol=1e-5)
 
 
+def test_retinanet_head_convs_feeding_mabn_are_centralised():
+    cfg = _cfg(CPU_BASE, "MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.RETINANET.NORM", "MABN",
+               "MODEL.RETINANET.NUM_CLASSES", "10", "MODEL.FPN.OUT_CHANNELS", "32",
+               "MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_backbone",
+               "MODEL.RESNETS.OUT_FEATURES", "['res3', 'res4', 'res5']", "MODEL.FPN.IN_FEATURES", "['res3', 'res4', 'res5']")
+    head = build_model(cfg).head
+    for subnet in (head.cls_subnet, head.bbox_subnet):
+        kinds = [type(m) for m in subnet]
+        assert kinds == [WeightCentralizedConv2d, MABN2d, nn.ReLU] * 4
+    assert type(head.cls_score) is nn.Conv2d
+
+
+def test_low_precision_inputs_keep_their_dtype_with_float32_statistics():
+    layer = MABN2d(4, buffer_size=2, warmup_iters=0, renorm_start=0)
+    reference = copy.deepcopy(layer)
+    for t in range(3):
+        x = torch.randn(2, 4, 5, 5) * (1 + t)
+        dy = torch.randn_like(x)
+        xb = x.bfloat16().requires_grad_(True)
+        y = layer(xb)
+        y.backward(dy.bfloat16())
+        xf = xb.detach().float().requires_grad_(True)
+        yf = reference(xf)
+        yf.backward(dy.bfloat16().float())
+        assert y.dtype == xb.grad.dtype == torch.bfloat16 and layer.running_var.dtype == torch.float32
+        torch.testing.assert_close(y.float(), yf, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(xb.grad.float(), xf.grad, rtol=2e-2, atol=2e-2)
+        end_step()
+    torch.testing.assert_close(layer.running_var, reference.running_var, rtol=1e-3, atol=1e-4)
+
+
 def test_freeze_at_keeps_mabn_inference_and_centralisation():
     opts = ["MODEL.FPN.OUT_CHANNELS", "32"]
     free = build_model(_cfg(MABN_CPU, *opts))
@@ -831,3 +862,25 @@ def test_convert_tool_turns_a_bn_checkpoint_into_a_close_mabn_start(datasets_roo
     target = build_model(_cfg(MABN_CPU))
     loaded = DetectionCheckpointer(target)._load_model(torch.load(out, weights_only=False))
     assert not loaded.missing_keys and not loaded.unexpected_keys
+
+
+@pytest.mark.slow
+def test_sync_mabn_trains_in_two_processes_with_ddp(datasets_root, tmp_path):
+    import subprocess
+    import sys
+
+    opts = tiny_opts(tmp_path, max_iter=3, **{
+        "SOLVER.IMS_PER_BATCH": 4, "MODEL.RESNETS.NORM": "SyncMABN", "MODEL.FPN.NORM": "SyncMABN",
+        "MODEL.ROI_BOX_HEAD.NORM": "SyncMABN", "BNSTATS.MABN.BUFFER_SIZE": 2, "BNSTATS.MABN.WARMUP_ITERS": 1,
+        "BNSTATS.MABN.RENORM_START": 2,
+    })
+    env = dict(__import__("os").environ, DETECTRON2_DATASETS=datasets_root, PYTHONWARNINGS="ignore", PYTHONPATH=REPO)
+    proc = subprocess.run(
+        [sys.executable, f"{REPO}/tools/train_net.py", "--config", MABN_CPU, "--num-gpus", "2"] + opts,
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    losses = [m for m in _read_metrics(tmp_path) if "total_loss" in m]
+    assert losses[-1]["iteration"] == 2 and all(math.isfinite(m["total_loss"]) for m in losses)
+    state = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    assert int(state["backbone.bottom_up.stem.conv1.norm.num_batches_tracked"]) == 3
