@@ -884,3 +884,33 @@ def test_sync_mabn_trains_in_two_processes_with_ddp(datasets_root, tmp_path):
     assert losses[-1]["iteration"] == 2 and all(math.isfinite(m["total_loss"]) for m in losses)
     state = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)["model"]
     assert int(state["backbone.bottom_up.stem.conv1.norm.num_batches_tracked"]) == 3
+
+
+R50_CONFIGS = [f"{REPO}/configs/{a}_r50_mabn_2img_{s}.yaml" for a in ("frcnn", "mrcnn") for s in ("scratch", "finetune")]
+
+
+@pytest.mark.parametrize("path", R50_CONFIGS, ids=lambda p: p.rsplit("/", 1)[-1])
+def test_r50_mabn_configs_build_with_the_authors_placement(path):
+    cfg = load_config(path, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+    assert cfg.SOLVER.IMS_PER_BATCH == 16 and cfg.MODEL.BACKBONE.FREEZE_AT == 0
+    model = build_model(cfg)
+    norms = [n for n, m in model.named_modules() if isinstance(m, MABN2d)]
+    # stem 1 + 16 bottlenecks x 3 + 4 shortcuts; FPN 4 lateral + 4 output; 4 box-head convs; 4 mask-head convs
+    assert len(norms) == 53 + 8 + 4 + (4 if cfg.MODEL.MASK_ON else 0)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    assert not any("rpn" in n for n in norms)
+    assert sum(isinstance(m, CentralizedConv2d) for m in model.modules()) == len(norms)
+
+
+@pytest.mark.slow
+def test_r50_mask_rcnn_mabn_config_trains_a_step_at_small_size(datasets_root, tmp_path):
+    from d2_bnstats.d2.train import argument_parser, main
+
+    opts = tiny_opts(tmp_path, max_iter=2, **{
+        "MODEL.WEIGHTS": "", "MODEL.DEVICE": "cpu", "SOLVER.IMS_PER_BATCH": 2, "MODEL.ROI_HEADS.NUM_CLASSES": 10,
+        "INPUT.MIN_SIZE_TRAIN": "(128,)", "INPUT.MAX_SIZE_TRAIN": 128, "INPUT.MIN_SIZE_TEST": 128,
+        "INPUT.MAX_SIZE_TEST": 128, "INPUT.MASK_FORMAT": "bitmask", "DATASETS.TEST": "()",
+    })
+    main(argument_parser().parse_args(["--config", R50_CONFIGS[2]] + opts))
+    losses = [m for m in _read_metrics(tmp_path) if "total_loss" in m]
+    assert losses and all(math.isfinite(m["total_loss"]) for m in losses)
