@@ -398,12 +398,15 @@ def test_pending_statistics_survive_a_checkpoint_taken_before_the_optimiser_step
     layer(x).backward(dy)
     copy_ = _layer()
     copy_.load_state_dict(layer.state_dict())
+    deep = copy.deepcopy(layer)
     assert copy_.steps == 2 and copy_._has_pending
-    opt.step()  # ends the step of both (the hook ends every layer with pending statistics)
-    a, b = _state(layer), _state(copy_)
-    for k in a:
-        if k not in ("weight", "bias"):  # the optimiser updated only the original's parameters
-            assert torch.equal(a[k], b[k]), k
+    opt.step()  # ends the step of all three (the hook ends every layer with pending statistics)
+    a = _state(layer)
+    for other in (copy_, deep):
+        b = _state(other)
+        for k in a:
+            if k not in ("weight", "bias"):  # the optimiser updated only the original's parameters
+                assert torch.equal(a[k], b[k]), k
     assert copy_.steps == 3
 
 

@@ -427,6 +427,11 @@ class MABN2d(nn.BatchNorm2d):
         valid = torch.as_tensor(count, device=self.running_var.device) > 0
         self.running_var.copy_(torch.where(valid, second, self.running_var))
 
+    def __setstate__(self, state):  # unpickling and deepcopy: a copy with pending statistics ends its step too
+        super().__setstate__(state)
+        if self.__dict__.get("_has_pending"):
+            _PENDING.add(self)
+
     # -----------------------------------------------------------------------------------------
     _MABN_KEYS = ("chi2_buffer", "psi_buffer", "pending_chi2", "pending_psi", "pending_count")
 
