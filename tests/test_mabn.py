@@ -756,6 +756,20 @@ def test_converting_centred_weights_reproduces_bn_inference_exactly():
     assert all(m.steps == 0 for m in target.modules() if isinstance(m, MABN2d))
 
 
+def test_conversion_without_weight_centralisation_is_exact():
+    source, target = _conv_bn_pair(centred=False)
+    target = copy.deepcopy(target)
+    for m in target.modules():
+        if type(m) is WeightCentralizedConv2d:
+            m.__class__ = nn.Conv2d  # what BNSTATS.MABN.WEIGHT_CENTRALIZATION False builds
+    report = d2_bnstats.convert_to_mabn(target, source, calibration=[_images(4, seed=5)])
+    assert report["converted"] == ["1", "4"] and report["centralized"] == []
+    target.eval()
+    x = _images(3, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=1e-5, atol=1e-5)
+
+
 def test_calibrated_conversion_matches_the_source_on_its_calibration_data():
     source, free = _conv_bn_pair(centred=False)
     calibrated = copy.deepcopy(free)

@@ -5,7 +5,8 @@ MABN drops mean centring and expects weight-centralised convs. The conversion, p
 a conv (see :func:`d2_bnstats.layers.mabn.bn_to_mabn_parameters` for the algebra):
 
 1. copy every parameter and buffer that is not MABN state from the source model (same names);
-2. centralise the conv's weight W' = W − mean(W) per output filter;
+2. centralise the conv's weight W' = W − mean(W) per output filter (if the MABN model centralises
+   that conv: ``BNSTATS.MABN.WEIGHT_CENTRALIZATION``; otherwise the mapping below is exact);
 3. map the BN layer's (γ, β, μ, σ²) to MABN's (γ', b', R) so that inference is unchanged up to the
    input-dependent part of what centralisation removes; with ``calibration`` inputs the mean removed
    by centralisation and the second moment of the centralised conv's output are measured on data in
@@ -22,7 +23,7 @@ from typing import Dict, Iterable, Optional, Set
 import torch
 from torch import nn
 
-from ..layers.mabn import MABN2d, bn_to_mabn_parameters, centralize_weight, centralize_weight_
+from ..layers.mabn import MABN2d, WeightCentralizedConv2d, bn_to_mabn_parameters, centralize_weight, centralize_weight_
 from .norms_mabn import convs_feeding_mabn
 
 logger = logging.getLogger(__name__)
@@ -160,13 +161,23 @@ def convert_to_mabn(
             continue
         convertible[name] = conv_name
 
+    # only convs that the MABN model centralises (WEIGHT_CENTRALIZATION may be off) are centralised
+    # here; for the others the mapping is exact (removed mean 0) and only R is measured
+    centralised = {
+        name: conv_name
+        for name, conv_name in convertible.items()
+        if conv_name is not None and isinstance(mabn_model.get_submodule(conv_name), WeightCentralizedConv2d)
+    }
     stats = {}
     if calibration is not None:
-        stats = measure_conversion_statistics(source_model, convertible, calibration)
+        stats = measure_conversion_statistics(
+            source_model, {name: centralised.get(name) for name in convertible}, calibration
+        )
 
     state_keys = set(copied)
     centralized = []
-    for name, conv_name in convertible.items():
+    for name in convertible:
+        conv_name = centralised.get(name)
         src, dst = source_model.get_submodule(name), mabn_model.get_submodule(name)
         s = stats.get(name, {})
         weight, bias, r = bn_to_mabn_parameters(
