@@ -543,6 +543,9 @@ def test_mabn_model_centralises_exactly_the_convs_feeding_mabn_with_unchanged_ke
     assert set(mabn.state_dict()) == bn_keys | extra
     off = build_model(_cfg(MRCNN_MABN_CPU, "BNSTATS.MABN.WEIGHT_CENTRALIZATION", "False"))
     assert not any(isinstance(m, WeightCentralizedConv2d) for m in off.modules())
+    ramped = build_model(_cfg(MABN_CPU, "BNSTATS.MABN.WC_RAMP_ITERS", "100"))
+    convs = [m for m in ramped.modules() if isinstance(m, WeightCentralizedConv2d)]
+    assert len(convs) == 32 and all(c.wc_ramp_iters == 100 and c.centralization_factor() == 0.0 for c in convs)
 
 
 def test_centralised_conv_forward_and_gradient():
@@ -764,6 +767,41 @@ def test_conversion_without_weight_centralisation_is_exact():
             m.__class__ = nn.Conv2d  # what BNSTATS.MABN.WEIGHT_CENTRALIZATION False builds
     report = d2_bnstats.convert_to_mabn(target, source, calibration=[_images(4, seed=5)])
     assert report["converted"] == ["1", "4"] and report["centralized"] == []
+    target.eval()
+    x = _images(3, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=1e-5, atol=1e-5)
+
+
+def test_centralisation_ramp_starts_at_the_original_conv_and_ends_fully_centralised():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1, bias=False), _layer(5, m=2, warmup=0).float(), nn.ReLU())
+    with torch.no_grad():
+        seq[0].weight.add_(0.1)
+    original = seq[0].weight.detach().clone()
+    centralize_convs(seq, ramp_iters=4)
+    conv = seq[0]
+    assert torch.equal(conv.weight, original)  # stored weights untouched with a ramp
+    opt = torch.optim.SGD(seq.parameters(), lr=0.0)
+    x = torch.randn(2, 3, 6, 6)
+    mean = original.mean(dim=(1, 2, 3), keepdim=True)
+    for t in range(7):
+        expected = F.conv2d(x, original - min(1.0, t / 4) * mean, padding=1)
+        torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-6, msg=f"step {t}")
+        seq(x).sum().backward()
+        opt.step()
+    copied = copy.deepcopy(seq)  # the link to the MABN layer follows the copy
+    assert copied[0].__dict__["_wc_mabn"][0] is copied[1]
+
+
+def test_converted_model_with_a_ramp_starts_exactly_at_the_source():
+    source, target = _conv_bn_pair(centred=False)
+    target = copy.deepcopy(target)
+    for conv, norm in ((target[0], target[1]), (target[3], target[4])):
+        conv.wc_ramp_iters = 10
+        conv.link_mabn(norm)
+    report = d2_bnstats.convert_to_mabn(target, source, calibration=[_images(4, seed=5)])
+    assert report["centralized"] == []
     target.eval()
     x = _images(3, seed=1)
     with torch.no_grad():

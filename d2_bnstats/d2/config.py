@@ -56,6 +56,10 @@ def add_bnstats_config(cfg) -> None:
     # Centralise the weights of every conv that feeds an MABN layer (each output filter minus its
     # mean; checkpoint keys unchanged). MABN drops mean centring and relies on it. Default True.
     cfg.BNSTATS.MABN.WEIGHT_CENTRALIZATION = True
+    # If > 0: centralisation ramps in over this many steps of each MABN layer (the conv subtracts
+    # min(1, t / WC_RAMP_ITERS) x its filter mean), so weights trained WITHOUT centralisation (converted
+    # BN/FrozenBN weights) start as the original model. Default 0: fully centralised from step 0.
+    cfg.BNSTATS.MABN.WC_RAMP_ITERS = 0
 
 
 def get_config_value(cfg, dotted: str):

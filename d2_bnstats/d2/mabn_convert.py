@@ -6,7 +6,8 @@ a conv (see :func:`d2_bnstats.layers.mabn.bn_to_mabn_parameters` for the algebra
 
 1. copy every parameter and buffer that is not MABN state from the source model (same names);
 2. centralise the conv's weight W' = W − mean(W) per output filter (if the MABN model centralises
-   that conv: ``BNSTATS.MABN.WEIGHT_CENTRALIZATION``; otherwise the mapping below is exact);
+   that conv from step 0; not with ``BNSTATS.MABN.WEIGHT_CENTRALIZATION`` off or with a
+   ``WC_RAMP_ITERS`` ramp, and then the mapping below is exact);
 3. map the BN layer's (γ, β, μ, σ²) to MABN's (γ', b', R) so that inference is unchanged up to the
    input-dependent part of what centralisation removes; with ``calibration`` inputs the mean removed
    by centralisation and the second moment of the centralised conv's output are measured on data in
@@ -163,10 +164,14 @@ def convert_to_mabn(
 
     # only convs that the MABN model centralises (WEIGHT_CENTRALIZATION may be off) are centralised
     # here; for the others the mapping is exact (removed mean 0) and only R is measured
+    # (nor convs with a centralisation ramp: at t = 0 they are the original convs)
+    def centralises(conv):
+        return isinstance(conv, WeightCentralizedConv2d) and conv.wc_ramp_iters <= 0
+
     centralised = {
         name: conv_name
         for name, conv_name in convertible.items()
-        if conv_name is not None and isinstance(mabn_model.get_submodule(conv_name), WeightCentralizedConv2d)
+        if conv_name is not None and centralises(mabn_model.get_submodule(conv_name))
     }
     stats = {}
     if calibration is not None:

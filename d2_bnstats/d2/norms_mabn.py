@@ -124,10 +124,15 @@ def convs_feeding_mabn(model: nn.Module, frozen_resnet: bool = False) -> List[Tu
     return pairs
 
 
-def centralize_convs(model: nn.Module, frozen_resnet: bool = False) -> List[str]:
-    """Make every conv feeding an MABN layer weight-centralised (in place); returns their names."""
+def centralize_convs(model: nn.Module, frozen_resnet: bool = False, ramp_iters: int = 0) -> List[str]:
+    """Make every conv feeding an MABN layer weight-centralised (in place); returns their names.
+
+    Without a ramp the stored weights are centralised too (no change to any output). With
+    ``ramp_iters`` > 0 (see :class:`WeightCentralizedConv2d`) the stored weights are left as they
+    are and the centralisation ramps in over the feeding MABN layer's first ``ramp_iters`` steps.
+    """
     done = []
-    for name, conv, _ in convs_feeding_mabn(model, frozen_resnet):
+    for name, conv, norm_name in convs_feeding_mabn(model, frozen_resnet):
         if not isinstance(conv, WeightCentralizedConv2d):
             cls = _CENTRALIZED_CLASS.get(type(conv))
             if cls is None:
@@ -137,7 +142,13 @@ def centralize_convs(model: nn.Module, frozen_resnet: bool = False) -> List[str]
                 )
                 continue
             conv.__class__ = cls
-        centralize_weight_(conv)
+        layer = model.get_submodule(norm_name)
+        if ramp_iters > 0 and isinstance(layer, MABN2d):
+            conv.wc_ramp_iters = int(ramp_iters)
+            if getattr(conv, "norm", None) is not layer:
+                conv.link_mabn(layer)
+        else:
+            centralize_weight_(conv)
         done.append(name)
     return done
 
@@ -153,6 +164,11 @@ def fold_weight_centralization(model: nn.Module) -> List[str]:
     for name, module in model.named_modules():
         plain = _PLAIN_CLASS.get(type(module))
         if plain is not None:
+            if module.centralization_factor() < 1.0:
+                raise ValueError(
+                    f"{name}: its centralisation ramp (wc_ramp_iters={module.wc_ramp_iters}) has not finished; "
+                    "fold only a model whose MABN layers have trained that many steps"
+                )
             centralize_weight_(module)
             module.__class__ = plain
             names.append(name)
@@ -173,7 +189,10 @@ def mabn_weight_centralization(model: nn.Module, cfg) -> None:
     if node is not None and not node.WEIGHT_CENTRALIZATION:
         logger.info("MABN: weight centralisation off (BNSTATS.MABN.WEIGHT_CENTRALIZATION False)")
         return None
-    names = centralize_convs(model, frozen_resnet=frozen)
+    ramp = int(getattr(node, "WC_RAMP_ITERS", 0) or 0) if node is not None else 0
+    if ramp < 0:
+        raise ValueError(f"BNSTATS.MABN.WC_RAMP_ITERS must be >= 0 (0: no ramp); got {ramp}")
+    names = centralize_convs(model, frozen_resnet=frozen, ramp_iters=ramp)
     fed = {norm for _, _, norm in convs_feeding_mabn(model)}
     orphans = [name for name in layers if name not in fed]
     logger.info("MABN: %d MABN layers; weight-centralised %d convs feeding them", len(layers), len(names))

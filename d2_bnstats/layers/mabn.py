@@ -571,10 +571,11 @@ def _map_bn_state(layer: MABN2d, state_dict, prefix: str) -> None:
 # weight centralisation (§4.2)
 
 
-def centralize_weight(weight: torch.Tensor) -> torch.Tensor:
-    """Each output filter minus its mean over (input channels, kernel positions)."""
+def centralize_weight(weight: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """Each output filter minus ``alpha`` × its mean over (input channels, kernel positions)."""
     dims = tuple(range(1, weight.dim()))
-    return weight - weight.mean(dim=dims, keepdim=True)
+    mean = weight.mean(dim=dims, keepdim=True)
+    return weight - mean if alpha == 1.0 else weight - alpha * mean
 
 
 class WeightCentralizedConv2d(nn.Conv2d):
@@ -584,10 +585,35 @@ class WeightCentralizedConv2d(nn.Conv2d):
     also derives from the conv's own class) assigned, which keeps every parameter and checkpoint key
     unchanged. After the conv it applies ``self.norm`` and ``self.activation`` when the instance has
     them (detectron2's ``Conv2d``); for a plain ``nn.Conv2d`` it is just the conv.
+
+    Optional ramp (for fine-tuning weights that were trained without centralisation): with
+    ``wc_ramp_iters = K > 0`` on the instance, the forward subtracts α × the filter mean with
+    α = min(1, t / K), t being the step count of the MABN layer the conv feeds (``self.norm``, or the
+    layer given to :meth:`link_mabn`). At t = 0 the conv is the original one.
     """
 
+    wc_ramp_iters = 0  # default: fully centralised from the start (the authors' method)
+
+    def link_mabn(self, layer: "MABN2d") -> None:
+        """The MABN layer whose step count drives the ramp when it is not ``self.norm`` (a plain
+        attribute holding a tuple: not a submodule, so no checkpoint key; deep copies follow it)."""
+        self.__dict__["_wc_mabn"] = (layer,)
+
+    def centralization_factor(self) -> float:
+        """α: 1 without a ramp, else min(1, t / wc_ramp_iters) (a host-side number, no sync)."""
+        ramp = self.wc_ramp_iters
+        if ramp <= 0:
+            return 1.0
+        layer = getattr(self, "norm", None)
+        if not isinstance(layer, MABN2d):
+            linked = self.__dict__.get("_wc_mabn")
+            layer = linked[0] if linked else None
+        if layer is None:
+            return 1.0
+        return min(1.0, layer.steps / ramp)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._conv_forward(x, centralize_weight(self.weight), self.bias)
+        x = self._conv_forward(x, centralize_weight(self.weight, self.centralization_factor()), self.bias)
         norm = getattr(self, "norm", None)
         if norm is not None:
             x = norm(x)
