@@ -794,6 +794,39 @@ def test_centralisation_ramp_starts_at_the_original_conv_and_ends_fully_centrali
     assert copied[0].__dict__["_wc_mabn"][0] is copied[1]
 
 
+def test_centralisation_ramp_effective_weight_schedule_and_folding_only_after_the_ramp():
+    from d2_bnstats.d2.norms_mabn import fold_weight_centralization
+
+    torch.manual_seed(1)
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _layer(4, m=2, warmup=0).float(), nn.ReLU())
+    with torch.no_grad():
+        seq[0].weight.add_(0.2)  # filters with a clearly non-zero mean
+    original = seq[0].weight.detach().clone()
+    mean = original.mean(dim=(1, 2, 3), keepdim=True)
+    centred = original - mean  # the fully centralised weight, computed plainly here
+    centralize_convs(seq, ramp_iters=3)
+    conv = seq[0]
+    opt = torch.optim.SGD(seq.parameters(), lr=0.0)  # lr 0: the stored weight stays the original
+    x = torch.randn(2, 3, 5, 5)
+    for t in range(3):
+        assert seq[1].steps == t
+        effective = centralize_weight(conv.weight, conv.centralization_factor())
+        torch.testing.assert_close(effective, original - (t / 3) * mean, rtol=0, atol=1e-7, msg=f"step {t}")
+        with pytest.raises(ValueError, match="ramp"):
+            fold_weight_centralization(copy.deepcopy(seq))  # mid-ramp: folding would change the function
+        seq(x).sum().backward()
+        opt.step()
+    assert seq[1].steps == 3 and conv.centralization_factor() == 1.0
+    assert torch.equal(centralize_weight(conv.weight, conv.centralization_factor()), centred)  # exactly, after the ramp
+    seq.eval()
+    with torch.no_grad():
+        expected = seq[2](seq[1](F.conv2d(x, centred, conv.bias, padding=1)))
+        torch.testing.assert_close(seq(x), expected, rtol=0, atol=0)
+        assert fold_weight_centralization(seq) == ["0"]
+        assert type(seq[0]) is nn.Conv2d and torch.equal(seq[0].weight, centred)
+        torch.testing.assert_close(seq(x), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_converted_model_with_a_ramp_starts_exactly_at_the_source():
     source, target = _conv_bn_pair(centred=False)
     target = copy.deepcopy(target)
