@@ -7,14 +7,17 @@ MODEL.RETINANET.NORM, MODEL.SEM_SEG_HEAD.NORM) and registers the fashion-scenes 
 from .d2 import patch as _patch
 from .d2 import norms_evalnorm as _norms_evalnorm  # noqa: F401  ("EvalNorm", "SyncEvalNorm"; model transform "evalnorm")
 from .d2 import norms_ghost as _norms_ghost  # noqa: F401  ("GhostBN")
+from .d2 import norms_mabn as _norms_mabn  # noqa: F401  ("MABN", "SyncMABN"; weight-centralisation transform)
 from .d2 import norms_roi_shuffle as _norms_roi_shuffle  # noqa: F401  ("RoIShuffleBN")
 from .d2 import norms_sync as _norms_sync  # noqa: F401  ("SyncBN": the exact global-batch layer)
 from .d2 import per_level as _per_level  # noqa: F401  (model transform "per_level_norms")
 from .d2.build import current_config, register_model_transform
 from .d2.config import NORM_KEYS, add_bnstats_config, check_norm_keys
+from .d2.mabn_convert import convert_to_mabn
 from .data import register_fashion_scenes
 from .layers.evalnorm import EvalNorm2d, set_evalnorm_mode
 from .layers.ghost_bn import GhostBatchNorm2d
+from .layers.mabn import MABN2d
 from .layers.per_level import PerLevelNorm, wrap_per_level
 from .layers.population import (
     batch_statistics,
@@ -44,11 +47,13 @@ __all__ = [
     "available_norms",
     "batch_statistics",
     "check_norm_keys",
+    "convert_to_mabn",
     "current_config",
     "EvalNorm2d",
     "freeze_batch_statistics",
     "get_norm",
     "GhostBatchNorm2d",
+    "MABN2d",
     "NORM_KEYS",
     "PerLevelNorm",
     "population_layers",

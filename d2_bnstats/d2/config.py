@@ -103,6 +103,33 @@ def add_bnstats_config(cfg) -> None:
     cfg.BNSTATS.TEST_BATCH_STATS.ENABLED = False
     # Images per test batch and process when ENABLED (default 2; detectron2's test loader uses 1).
     cfg.BNSTATS.TEST_BATCH_STATS.IMS_PER_BATCH = 2
+    # MABN: the norms "MABN" and "SyncMABN" (d2_bnstats.layers.mabn, docs/mabn.md). Defaults are
+    # the authors' detection settings (2 images per GPU, a simulated batch of 32).
+    cfg.BNSTATS.MABN = CN()
+    # m: number of optimiser steps whose batch statistics (chi^2 forward, Psi backward) are averaged
+    # (simple moving average). Default 16 = 32 / 2 images per step. Ignored if SIMULATED_BATCH > 0.
+    cfg.BNSTATS.MABN.BUFFER_SIZE = 16
+    # If > 0: m = SIMULATED_BATCH / images normalised together per step (SOLVER.IMS_PER_BATCH per
+    # process for "MABN", the whole SOLVER.IMS_PER_BATCH for "SyncMABN"); must divide. Default 0 (off).
+    cfg.BNSTATS.MABN.SIMULATED_BATCH = 0
+    # Current-step statistics instead of their average for the first max(m, WARMUP_ITERS) steps. Default 100.
+    cfg.BNSTATS.MABN.WARMUP_ITERS = 100
+    # Renormalisation factor r = 1 for the first max(RENORM_START, WARMUP_ITERS) steps. Default 1000.
+    cfg.BNSTATS.MABN.RENORM_START = 1000
+    # Afterwards r is clipped to [1 / RENORM_CLIP, RENORM_CLIP]. Default 5.0.
+    cfg.BNSTATS.MABN.RENORM_CLIP = 5.0
+    # Running second moment R <- DECAY * R + (1 - DECAY) * average; DECAY weights the OLD value
+    # (PyTorch's momentum = 1 - DECAY). Default 0.98.
+    cfg.BNSTATS.MABN.DECAY = 0.98
+    # epsilon added to the second moment. Default 1e-5.
+    cfg.BNSTATS.MABN.EPS = 1e-5
+    # Centralise the weights of every conv that feeds an MABN layer (each output filter minus its
+    # mean; checkpoint keys unchanged). MABN drops mean centring and relies on it. Default True.
+    cfg.BNSTATS.MABN.WEIGHT_CENTRALIZATION = True
+    # If > 0: centralisation ramps in over this many steps of each MABN layer (the conv subtracts
+    # min(1, t / WC_RAMP_ITERS) x its filter mean), so weights trained WITHOUT centralisation (converted
+    # BN/FrozenBN weights) start as the original model. Default 0: fully centralised from step 0.
+    cfg.BNSTATS.MABN.WC_RAMP_ITERS = 0
 
 
 def get_config_value(cfg, dotted: str):
