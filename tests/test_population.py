@@ -274,6 +274,24 @@ def test_precise_bn_leaves_evalnorm_state_alone():
     assert changed == {"norm1.running_mean", "norm1.running_var", "norm2.running_mean", "norm2.running_var"}
 
 
+def test_precise_bn_gives_mabn_the_second_moment_of_all_the_data_and_nothing_else():
+    """MABN normalises by R = E[x²] at inference; PreciseBN must set R to the union's second moment
+    (through the protocol) and leave its ring buffers, pending sums and step counter alone."""
+    from d2_bnstats.layers.mabn import MABN2d
+
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), MABN2d(4))
+    data = batches(8)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    report = precise_bn(net, data, len(data))
+    assert report.updated == ["1"]
+    with torch.no_grad():
+        n, mean, var = union_moments([net[0](x) for x in data])
+    torch.testing.assert_close(net[1].running_var.double(), var + mean**2, rtol=1e-5, atol=1e-5)
+    changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"1.running_var"}
+
+
 def test_population_layers_select_batch_statistic_layers_only():
     net = nn.Sequential(
         nn.BatchNorm2d(3), nn.BatchNorm2d(3, track_running_stats=False), FrozenBatchNorm2d(3),
