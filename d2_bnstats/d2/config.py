@@ -33,6 +33,14 @@ def add_bnstats_config(cfg) -> None:
     # failing, so one config serves GPU users and CPU checks.
     cfg.BNSTATS.CPU_FALLBACK = True
 
+    # Initialisation from pre-trained weights (config matrix issue; d2_bnstats/d2/weights.py).
+    cfg.BNSTATS.INIT = CN()
+    # Default False. True: after MODEL.WEIGHTS is loaded for a new training run (not on --resume),
+    # reset the running statistics of every norm layer that has them (BN: mean 0, variance 1) -- the
+    # "pre-trained weights, re-initialised BN statistics" setting. Applied by d2_bnstats' Trainer;
+    # other training loops call d2_bnstats.d2.weights.after_loading_weights(cfg, model, resumed).
+    cfg.BNSTATS.INIT.RESET_NORM_STATS = False
+
 
 def get_config_value(cfg, dotted: str):
     node = cfg

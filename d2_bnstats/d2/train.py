@@ -18,6 +18,7 @@ from detectron2.utils import comm
 from .config import add_bnstats_config, check_batch_config, check_norm_keys, resolve_device
 from .launch import launch
 from .trainer import Trainer
+from .weights import missing_weights_message
 
 logger = logging.getLogger("d2_bnstats")
 
@@ -47,7 +48,7 @@ def load_config(config_file: str, opts=(), world_size: int = 1):
     check_batch_config(cfg, world_size)
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and not os.path.isfile(weights):
-        raise FileNotFoundError(f"MODEL.WEIGHTS = {weights!r}: no such file")
+        raise FileNotFoundError(missing_weights_message(weights))
     return cfg
 
 
