@@ -364,6 +364,8 @@ def pretrain(options: PretrainOptions, output: str) -> dict:
 
     train_images, train_labels = _subset(*load_fashion_mnist("train", options.fashion_mnist_dir), options.train_subset)
     test_images, test_labels = _subset(*load_fashion_mnist("test", options.fashion_mnist_dir), options.test_subset)
+    # own, writable copies (the reader returns read-only views of the file's bytes)
+    train_images, test_images = np.array(train_images), np.array(test_images)
     batch = min(options.batch_size, len(train_images))
     iters_per_epoch = max(1, len(train_images) // batch)
     max_iter = options.max_iter if options.max_iter is not None else max(1, round(options.epochs * iters_per_epoch))
@@ -410,7 +412,7 @@ def pretrain(options: PretrainOptions, output: str) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += float(loss) * len(y)
+        loss_sum += float(loss.detach()) * len(y)
         seen_correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
         if (it + 1) % options.log_period == 0 or it + 1 == max_iter:

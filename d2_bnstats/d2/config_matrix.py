@@ -590,7 +590,11 @@ def render_table(root: str) -> str:
         for rel in listed + others:
             link = os.path.relpath(rel, "configs")
             if rel in present:
-                d = describe_file(os.path.join(root, rel), root, _origin(rel))
+                try:
+                    d = describe_file(os.path.join(root, rel), root, _origin(rel))
+                except Exception as e:  # a broken file is reported by generate(); keep the table readable
+                    lines.append(f"| {os.path.basename(rel)} | cannot be loaded: {type(e).__name__} | | | | | | | |")
+                    continue
                 lines.append(
                     f"| [{os.path.basename(rel)}]({link}) | {d.model} | {d.setting} | {d.norms} | {d.images_per_gpu} "
                     f"| {d.base_lr:g} | {d.schedule} | {d.weights} | {d.origin} |"
@@ -662,6 +666,11 @@ def generate(root: str, write: bool = True) -> Report:
     for e in EXTERNAL:
         if not os.path.exists(os.path.join(root, e.path)) and e.issue not in pending_issues:
             report.problems.append(f"{e.path} (issue {e.issue}) is missing and its issue is not pending merge")
+    for rel in leaf_files(root):
+        try:
+            load_config_unchecked(os.path.join(root, rel))
+        except Exception as e:
+            report.problems.append(f"{rel} cannot be loaded: {type(e).__name__}: {e}")
     readme = os.path.join(root, "configs", "README.md")
     text = open(readme).read() if os.path.exists(readme) else ""
     try:

@@ -43,13 +43,19 @@ def load_config(config_file: str, opts=(), world_size: int = 1):
         if len(opts) % 2:
             raise ValueError(f"overrides must come as KEY VALUE pairs, got an odd list: {list(opts)}")
         cfg.merge_from_list(list(opts))
+    check_config(cfg, world_size)
+    return cfg
+
+
+def check_config(cfg, world_size: int = 1) -> None:
+    """The checks of :func:`load_config` on a built config (cfg must be mutable): device fallback,
+    norm names, total batch over ``world_size`` processes, MODEL.WEIGHTS file exists."""
     resolve_device(cfg)
     check_norm_keys(cfg)
     check_batch_config(cfg, world_size)
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and not os.path.isfile(weights):
         raise FileNotFoundError(missing_weights_message(weights))
-    return cfg
 
 
 def setup(args):
