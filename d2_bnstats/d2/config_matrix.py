@@ -10,8 +10,9 @@ tests/test_configs.py) verifies that files and table match this module.
 
 Files that other issues write by hand (:data:`EXTERNAL`) are never written here: where such a file is
 a cell of the matrix (the EvalNorm and MABN issues' R-50 configs) the cell is left to it; the table
-lists them all, described from their contents once they exist. Norm names whose layers land on other
-branches are listed in :data:`PENDING_MERGE`; the lead empties it when merging them.
+lists them all, described from their contents once they exist. Norm names whose layers other issues
+provide are in :data:`NORM_PROVIDERS`; :func:`pending_merge` says, from the norm registry at run time,
+which of them are not registered in this checkout (their branch is not merged yet).
 
 Linear scaling rule (Goyal et al. 2017; detectron2's baselines): from a reference total batch B0
 with learning rate LR0 and a schedule of I0 iterations (steps S0), a total batch B trains with
@@ -22,7 +23,7 @@ import copy
 import dataclasses
 import os
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 # ---------------------------------------------------------------------------------------------
 # The table
@@ -101,7 +102,8 @@ class Reference:
 @dataclasses.dataclass(frozen=True)
 class Family:
     key: str  # "r50" / "r18" in file names
-    label: str
+    label: str  # section title in the README table
+    backbone: str  # in leaf comments
     directory: str  # relative to the repository root
     depth: int
     gpus: int  # processes the leaves are written for: SOLVER.IMS_PER_BATCH = gpus x images per GPU
@@ -122,6 +124,7 @@ FAMILIES: Tuple[Family, ...] = (
     Family(
         key="r50",
         label="R-50-FPN on COCO (GPU)",
+        backbone="R-50-FPN, COCO",
         directory="configs",
         depth=50,
         gpus=8,
@@ -143,6 +146,7 @@ FAMILIES: Tuple[Family, ...] = (
     Family(
         key="r18",
         label="CPU-sized: R-18-FPN on fashion-scenes, 128 px",
+        backbone="R-18-FPN, fashion-scenes 128 px",
         directory="configs/cpu",
         depth=18,
         gpus=1,
@@ -171,6 +175,7 @@ class External:
     issue: int
     cell: Optional[Tuple[str, str, str, int, str]] = None  # (family, arch, norm, N, setting) it stands for
     declared: str = ""  # what the issue says it is (shown while the file is not merged yet)
+    gpus: Optional[int] = None  # processes it is written for, when not its directory's convention
 
 
 EXTERNAL: Tuple[External, ...] = (
@@ -188,26 +193,48 @@ EXTERNAL: Tuple[External, ...] = (
     External("configs/mrcnn_r50_mabn_2img_finetune.yaml", 4, ("r50", "mrcnn", "mabn", 2, FINETUNE),
              "Mask R-CNN, MABN, fine-tuned from converted weights"),
     External("configs/cpu/frcnn_r18_mabn_2img.yaml", 4, declared="Faster R-CNN, MABN everywhere, CPU variant"),
+    External("configs/cpu/mrcnn_r18_mabn_2img.yaml", 4, declared="Mask R-CNN, MABN everywhere, CPU variant"),
     External("configs/cpu/frcnn_r18_syncbn_roishuffle_2img.yaml", 5,
-             declared="Faster R-CNN, SyncBN in backbone, RoI-shuffled BN in heads, CPU (2 processes)"),
+             declared="Faster R-CNN, SyncBN in backbone, RoI-shuffled BN in heads, CPU (2 processes)", gpus=2),
+    External("configs/cpu/mrcnn_r18_syncbn_roishuffle_2img.yaml", 5,
+             declared="Mask R-CNN, SyncBN in backbone, RoI-shuffled BN in heads, CPU (2 processes)", gpus=2),
 )
 
 ISSUES = {
     2: "foundation",
-    3: "EvalNorm issue (branch evalnorm)",
-    4: "MABN issue (branch mabn)",
-    5: "SyncBN / shuffle issue (branch syncshuffle)",
+    3: "EvalNorm issue 3 (branch evalnorm)",
+    4: "MABN issue 4 (branch mabn)",
+    5: "SyncBN / shuffle issue 5 (branch syncshuffle)",
 }
 
-# Norm names used by the matrix whose layers are merged from other branches. While a name is listed
-# here, the config test skips (instead of failing) the configs that use it, and files of EXTERNAL
-# owned by its issue may be missing. The lead empties this at merge time; a test fails as soon as a
-# listed name is registered, so the list cannot go stale.
-PENDING_MERGE: Dict[str, int] = {
+# Norm names (used by the matrix or by other issues' configs) whose layers other issues provide: name ->
+# issue. Which of them are missing is computed from the norm registry at run time (pending_merge()), so
+# nothing here changes when a branch is merged: configs naming an unregistered provided norm are skipped
+# (not failed) by the config test, and that issue's EXTERNAL files may be missing, only while the name is
+# not registered. A name that is neither registered nor listed here fails the tests.
+NORM_PROVIDERS: Dict[str, int] = {
     "EvalNorm": 3,
+    "SyncEvalNorm": 3,
     "MABN": 4,
+    "SyncMABN": 4,
     "RoIShuffleBN": 5,
+    "GhostBN": 5,
 }
+
+
+def unregistered_norms(names) -> List[str]:
+    """The names among ``names`` (None/"" ignored) that the norm registry does not know, sorted."""
+    from ..registry import available_norms
+
+    available = set(available_norms())
+    return sorted({n for n in names if n and isinstance(n, str) and n not in available})
+
+
+def pending_merge() -> Dict[str, int]:
+    """{norm name: issue} for the provided norms (:data:`NORM_PROVIDERS`) not registered here, now."""
+    missing = set(unregistered_norms(NORM_PROVIDERS))
+    return {n: i for n, i in NORM_PROVIDERS.items() if n in missing}
+
 
 GENERATED_MARK = "# GENERATED by tools/make_configs.py"
 TABLE_BEGIN = "<!-- BEGIN GENERATED by tools/make_configs.py: do not edit by hand -->"
@@ -356,7 +383,7 @@ def describe_cell(cell: Cell) -> str:
     parts = [f"{k.split('.')[-2]} {v or 'none'}" for k, v in norms.items()]
     lr, max_iter, _ = cell.schedule()
     return (
-        f"{ARCHS[cell.arch]} {cell.family.label.split(' on ')[0].replace('CPU-sized: ', '')}, "
+        f"{ARCHS[cell.arch]} {cell.family.backbone}, "
         f"{cell.setting.label}, {cell.norm.label}: {', '.join(parts)}.\n"
         f"# {cell.images_per_gpu} images/GPU x {cell.family.gpus} GPU{'s' if cell.family.gpus > 1 else ''} = "
         f"{cell.total_batch}; {cell.setting.schedule} schedule by the linear scaling rule "
@@ -456,7 +483,12 @@ def derive_setting(cfg) -> str:
 
 
 def gpus_for(path: str, root: str) -> int:
+    """Processes a config is written for: its EXTERNAL declaration, else its directory's convention
+    (8 GPUs in configs/, 1 process in configs/cpu/)."""
     rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root)).replace(os.sep, "/")
+    for e in EXTERNAL:
+        if e.path == rel and e.gpus:
+            return e.gpus
     directory = os.path.dirname(rel)
     for family in FAMILIES:
         if directory == family.directory:
@@ -563,16 +595,21 @@ def _origin(rel: str) -> str:
 
 
 def render_table(root: str) -> str:
-    """The generated block of configs/README.md: pending merges and one row per config file."""
+    """The generated block of configs/README.md: norms from other issues and one row per config file.
+
+    Independent of the norm registry (the file must not change when a branch is merged); the rows of
+    EXTERNAL files that are not present say so."""
     present = set(leaf_files(root))
     lines = [TABLE_BEGIN, ""]
-    if PENDING_MERGE:
-        lines.append("**Pending merge** (norms whose layers are on other branches; their configs are skipped, "
-                     "not failed, by the config test until the lead empties `PENDING_MERGE`):")
-        lines.append("")
-        for name, issue in PENDING_MERGE.items():
-            lines.append(f"- `{name}`: {ISSUES.get(issue, f'issue {issue}')}")
-        lines.append("")
+    lines.append("**Norms from other issues** (a config naming one is skipped, not failed, by the config test "
+                 "while the name is not registered, i.e. until that issue's branch is merged):")
+    lines.append("")
+    by_issue: Dict[int, List[str]] = {}
+    for name, issue in NORM_PROVIDERS.items():
+        by_issue.setdefault(issue, []).append(f"`{name}`")
+    for issue, names in by_issue.items():
+        lines.append(f"- {', '.join(names)}: {ISSUES.get(issue, f'issue {issue}')}")
+    lines.append("")
     header = ("| config | model | setting | norms | img/GPU x GPUs | LR | schedule | weights | from |\n"
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     external_paths = {e.path: e for e in EXTERNAL}
@@ -662,10 +699,10 @@ def generate(root: str, write: bool = True) -> Report:
                 report.removed.append(rel)
             else:
                 report.problems.append(f"{rel} was generated but the table no longer lists it")
-    pending_issues = set(PENDING_MERGE.values())
+    pending_issues = set(pending_merge().values())
     for e in EXTERNAL:
         if not os.path.exists(os.path.join(root, e.path)) and e.issue not in pending_issues:
-            report.problems.append(f"{e.path} (issue {e.issue}) is missing and its issue is not pending merge")
+            report.problems.append(f"{e.path} (issue {e.issue}) is missing although that issue's norms are registered")
     for rel in leaf_files(root):
         try:
             load_config_unchecked(os.path.join(root, rel))
@@ -712,7 +749,3 @@ def rescale_overrides(cfg, gpus: int, images_per_gpu: Optional[int] = None, refe
         "SOLVER.MAX_ITER", str(int(round(cfg.SOLVER.MAX_ITER * factor))),
         "SOLVER.STEPS", "(" + ", ".join(str(s) for s in steps) + ("," if len(steps) == 1 else "") + ")",
     ]
-
-
-def pending_norms_in(norm_names: Sequence[str]) -> List[str]:
-    return [n for n in norm_names if n in PENDING_MERGE]
