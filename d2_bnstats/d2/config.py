@@ -130,6 +130,13 @@ def add_bnstats_config(cfg) -> None:
     # min(1, t / WC_RAMP_ITERS) x its filter mean), so weights trained WITHOUT centralisation (converted
     # BN/FrozenBN weights) start as the original model. Default 0: fully centralised from step 0.
     cfg.BNSTATS.MABN.WC_RAMP_ITERS = 0
+    # Initialisation from pre-trained weights (config matrix issue; d2_bnstats/d2/weights.py).
+    cfg.BNSTATS.INIT = CN()
+    # Default False. True: after MODEL.WEIGHTS is loaded for a new training run (not on --resume),
+    # reset the running statistics of every norm layer that has them (BN: mean 0, variance 1) -- the
+    # "pre-trained weights, re-initialised BN statistics" setting. Applied by d2_bnstats' Trainer;
+    # other training loops call d2_bnstats.d2.weights.after_loading_weights(cfg, model, resumed).
+    cfg.BNSTATS.INIT.RESET_NORM_STATS = False
 
 
 def get_config_value(cfg, dotted: str):

@@ -20,6 +20,7 @@ from .config import add_bnstats_config, check_batch_config, check_norm_keys, res
 from .launch import launch
 from .population import check_population_config, prepare_for_evaluation
 from .trainer import Trainer
+from .weights import missing_weights_message
 
 logger = logging.getLogger("d2_bnstats")
 
@@ -44,14 +45,20 @@ def load_config(config_file: str, opts=(), world_size: int = 1):
         if len(opts) % 2:
             raise ValueError(f"overrides must come as KEY VALUE pairs, got an odd list: {list(opts)}")
         cfg.merge_from_list(list(opts))
+    check_config(cfg, world_size)
+    return cfg
+
+
+def check_config(cfg, world_size: int = 1) -> None:
+    """The checks of :func:`load_config` on a built config (cfg must be mutable): device fallback,
+    norm names, total batch over ``world_size`` processes, MODEL.WEIGHTS file exists."""
     resolve_device(cfg)
     check_norm_keys(cfg)
     check_batch_config(cfg, world_size)
     check_population_config(cfg)
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and not os.path.isfile(weights):
-        raise FileNotFoundError(f"MODEL.WEIGHTS = {weights!r}: no such file")
-    return cfg
+        raise FileNotFoundError(missing_weights_message(weights))
 
 
 def setup(args):

@@ -11,7 +11,9 @@ Differences from ``DefaultTrainer``, each for a reason:
   replaced, at the same place in the hook list (after ``LRScheduler``, before ``PeriodicCheckpointer``
   and ``EvalHook``), by one that is correct across processes and covers every BN-type layer;
   ``BNSTATS.FROZEN_BN`` adds FrozenBN late in training; ``BNSTATS.TEST_BATCH_STATS`` evaluates with
-  the statistics of k-image test batches.
+  the statistics of k-image test batches;
+- ``BNSTATS.INIT`` is applied after ``MODEL.WEIGHTS`` is loaded for a new run (re-initialised
+  statistics, d2_bnstats/d2/weights.py).
 """
 import contextlib
 
@@ -21,6 +23,7 @@ from detectron2.utils import comm
 
 from .evaluation import build_coco_evaluator
 from .population import build_batched_test_loader, build_population_hooks, evaluation_statistics, test_batch_stats_enabled
+from .weights import after_loading_weights
 
 
 def _model_device_type(model) -> str:
@@ -52,6 +55,11 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         with cpu_aware_ddp():
             super().__init__(cfg)
+
+    def resume_or_load(self, resume=True):
+        """detectron2's, then ``BNSTATS.INIT`` (e.g. reset statistics) unless the run resumed."""
+        super().resume_or_load(resume=resume)
+        after_loading_weights(self.cfg, self.model, resumed=resume and self.checkpointer.has_checkpoint())
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

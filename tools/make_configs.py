@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Generate the config matrix (leaf YAMLs and the table in configs/README.md) from one table.
+
+    python tools/make_configs.py            # write/refresh the generated leaves and the README table
+    python tools/make_configs.py --check    # exit 1 and list what differs (what the tests check)
+    python tools/make_configs.py --list     # print the cells: file, norm, setting, images per GPU
+    python tools/make_configs.py --rescale configs/frcnn_r50_bn_2img_finetune.yaml --gpus 4
+                                            # KEY VALUE overrides for 4 GPUs at the same images/GPU
+
+The table is d2_bnstats/d2/config_matrix.py (norms x settings x images per GPU x architecture).
+Hand-written configs of other issues (config_matrix.EXTERNAL) are never overwritten.
+"""
+import argparse
+import os
+import sys
+
+import d2_bnstats  # noqa: F401
+from d2_bnstats.d2 import config_matrix as cm
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default=REPO, help="repository root (default: this checkout)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--check", action="store_true", help="compare only; exit 1 when anything is out of date")
+    g.add_argument("--list", action="store_true", help="print the matrix cells")
+    g.add_argument("--rescale", metavar="CONFIG", help="print overrides that run CONFIG on --gpus processes")
+    p.add_argument("--gpus", type=int, default=None, help="with --rescale: number of processes")
+    p.add_argument("--images-per-gpu", type=int, default=None, help="with --rescale: images per process")
+    args = p.parse_args(argv)
+
+    if args.rescale:
+        if not args.gpus:
+            p.error("--rescale needs --gpus")
+        cfg = cm.load_config_unchecked(args.rescale)
+        opts = cm.rescale_overrides(cfg, args.gpus, args.images_per_gpu,
+                                    config_gpus=cm.gpus_for(args.rescale, args.root))
+        print(" ".join(opts))
+        return 0
+    if args.list:
+        for cell in cm.cells():
+            owner = "" if cell.generated else f"  (owned by issue {cm.external_for_cell(cell.key).issue})"
+            print(f"{cell.path}  {cell.norm.key}  {cell.setting.key}  {cell.images_per_gpu} img/GPU{owner}")
+        return 0
+    report = cm.generate(args.root, write=not args.check)
+    for rel in report.written:
+        print("wrote", rel)
+    for rel in report.removed:
+        print("removed", rel)
+    for problem in report.problems:
+        print("PROBLEM:", problem, file=sys.stderr)
+    if not args.check:
+        print(f"{len([c for c in cm.cells() if c.generated])} generated leaves; "
+              f"{len(report.written)} written, {len(report.removed)} removed")
+    return 1 if report.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Pre-train the detectron2 ResNet backbone on Fashion-MNIST (the stand-in for ImageNet) and write a
+checkpoint that MODEL.WEIGHTS loads like an ImageNet one.
+
+    python tools/pretrain_backbone.py                                   # R-18, BN -> output/pretrain/r18_fashion_mnist.pkl
+    python tools/pretrain_backbone.py --norm GN                         # -> output/pretrain/r18_gn_fashion_mnist.pkl
+    python tools/pretrain_backbone.py --weight-centralization           # MABN variant -> r18_fashion_mnist_wc.pkl
+    python tools/pretrain_backbone.py --depth 50 --config-file configs/Base-RCNN-FPN.yaml
+    python tools/pretrain_backbone.py --max-iter 3 --train-subset 256 --test-subset 64 --output /tmp/x.pkl  # smoke run
+    make pretrain                                                       # the three checkpoints the CPU configs use
+
+The logic is in d2_bnstats.pretrain; docs/configs.md describes the recipe and the checkpoint format.
+"""
+import argparse
+import json
+import logging
+import sys
+
+import torch
+
+import d2_bnstats  # noqa: F401  (registers the norms)
+from d2_bnstats.pretrain import DEFAULT_CONFIG, PretrainOptions, default_checkpoint_path, pretrain
+
+
+def parse_sides(text):
+    parts = text.split("-")
+    if len(parts) == 1:
+        return int(parts[0]), int(parts[0])
+    if len(parts) == 2:
+        return int(parts[0]), int(parts[1])
+    raise argparse.ArgumentTypeError(f"expected SIDE or MIN-MAX, got {text!r}")
+
+
+def argument_parser():
+    defaults = PretrainOptions()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", "--config", dest="config_file", default=DEFAULT_CONFIG,
+                   help="detection config whose backbone is pre-trained (default: %(default)s)")
+    p.add_argument("--depth", type=int, default=None, help="ResNet depth (18, 34, 50, ...); default: the config's")
+    p.add_argument("--norm", default=defaults.norm, help="backbone norm during pre-training (default: %(default)s)")
+    p.add_argument("--weight-centralization", action="store_true",
+                   help="convs compute with centralised filters; the checkpoint holds centralised weights (MABN)")
+    p.add_argument("--output", default=None,
+                   help="checkpoint path (default: output/pretrain/r{depth}[_{norm}]_fashion_mnist[_wc].pkl)")
+    p.add_argument("--epochs", type=float, default=defaults.epochs)
+    p.add_argument("--max-iter", type=int, default=None, help="iterations (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.base_lr)
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--warmup-iters", type=int, default=defaults.warmup_iters)
+    p.add_argument("--image-size", type=int, default=defaults.image_size, help="canvas side in pixels")
+    p.add_argument("--train-sides", type=parse_sides, default=defaults.train_sides, help="item side MIN-MAX in training")
+    p.add_argument("--test-side", type=int, default=defaults.test_side)
+    p.add_argument("--train-subset", type=int, default=None, help="use the first N training images")
+    p.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--log-period", type=int, default=defaults.log_period)
+    p.add_argument("--json", default=None, help="also write the summary as JSON here")
+    p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides of the config")
+    return p
+
+
+def main(argv=None):
+    args = argument_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    options = PretrainOptions(
+        config_file=args.config_file,
+        opts=tuple(args.opts),
+        depth=args.depth,
+        norm=args.norm,
+        weight_centralization=args.weight_centralization,
+        image_size=args.image_size,
+        train_sides=tuple(args.train_sides),
+        test_side=args.test_side,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        max_iter=args.max_iter,
+        base_lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_iters=args.warmup_iters,
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+        seed=args.seed,
+        log_period=args.log_period,
+    )
+    output = args.output
+    if output is None:
+        from d2_bnstats.pretrain import backbone_config
+
+        depth = int(backbone_config(options).MODEL.RESNETS.DEPTH)
+        output = default_checkpoint_path(depth, args.norm, args.weight_centralization)
+    summary = pretrain(options, output)
+    print(f"Fashion-MNIST test accuracy: {summary['test_accuracy']:.4f}  ->  {output}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
