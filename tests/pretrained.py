@@ -49,6 +49,10 @@ class TinyPretrained:
             return self.get(50, "GN")
         if "ImageNetPretrained" in weights:
             return self.get(50, "BN")
+        if os.path.basename(weights) == "R-50-MSRA-MABN.pth":
+            # tools/convert_to_mabn.py's output from the MSRA R-50 (conversion tested in test_mabn.py);
+            # the BN stand-in goes through the same mapping when loaded into MABN layers
+            return self.get(50, "BN")
         name = os.path.basename(weights)
         for depth in (18, 34, 50):
             for norm in ("BN", "GN"):

@@ -420,9 +420,15 @@ def _norm_type(name):
 
 def _check_norm_placement(model, cfg):
     bottom_up = model.backbone.bottom_up
-    bottom_norms = [m.norm for m in bottom_up.modules() if isinstance(getattr(m, "norm", None), nn.Module)]
-    expected = FrozenBatchNorm2d if cfg.MODEL.RESNETS.NORM == "FrozenBN" else _norm_type(cfg.MODEL.RESNETS.NORM)
-    assert bottom_norms and all(type(n) is expected for n in bottom_norms), {type(n) for n in bottom_norms}
+    configured = FrozenBatchNorm2d if cfg.MODEL.RESNETS.NORM == "FrozenBN" else _norm_type(cfg.MODEL.RESNETS.NORM)
+    stages = ["stem", "res2", "res3", "res4", "res5"]  # FREEZE_AT k freezes the first k of them
+    bottom_norms = [(name, m.norm) for name, m in bottom_up.named_modules() if isinstance(getattr(m, "norm", None), nn.Module)]
+    assert bottom_norms
+    for name, norm in bottom_norms:
+        frozen_stage = stages.index(name.split(".")[0]) < cfg.MODEL.BACKBONE.FREEZE_AT
+        # detectron2 turns BatchNorm2d/SyncBatchNorm (and subclasses) of frozen stages into FrozenBN
+        expected = FrozenBatchNorm2d if frozen_stage and issubclass(configured, (nn.BatchNorm2d, nn.SyncBatchNorm)) else configured
+        assert type(norm) is expected, (name, type(norm), expected)
     fpn_convs = [getattr(model.backbone, n) for n in dir(model.backbone) if re.match(r"fpn_(lateral|output)\d$", n)]
     assert fpn_convs and all(type(c.norm) is _norm_type(cfg.MODEL.FPN.NORM) for c in fpn_convs if c.norm is not None)
     assert all((c.norm is None) == (not cfg.MODEL.FPN.NORM) for c in fpn_convs)
@@ -447,6 +453,25 @@ def _check_frozen(model, cfg):
         assert all(not p.requires_grad for p in bottom_up.stem.parameters())
 
 
+def _expected_after_loading(checkpoint, cfg):
+    """The backbone state a checkpoint should load as: the values themselves, except that a MABN
+    backbone maps each BN layer's (gamma, beta, mean, var) to MABN's (gamma', beta', R) on loading
+    (d2_bnstats.layers.mabn.bn_to_mabn_parameters; the mapping itself is tested in test_mabn.py)."""
+    expected = {k: torch.from_numpy(v) for k, v in checkpoint.items()}
+    if cfg.MODEL.RESNETS.NORM not in ("MABN", "SyncMABN"):
+        return expected
+    from d2_bnstats.layers.mabn import bn_to_mabn_parameters
+
+    eps = float(cfg.BNSTATS.MABN.EPS)
+    for key in [k for k in expected if k.endswith(".norm.running_var")]:
+        p = key[: -len("running_var")]
+        w, b, r = bn_to_mabn_parameters(expected[p + "weight"], expected[p + "bias"], expected[p + "running_mean"],
+                                        expected[p + "running_var"], eps)
+        expected[p + "weight"], expected[p + "bias"] = w, b
+        expected[p + "running_mean"], expected[p + "running_var"] = torch.zeros_like(r), r
+    return expected
+
+
 def _check_weights_loaded(model, cfg, weights):
     ckpt = pickle.load(open(weights, "rb"))
     assert ckpt["matching_heuristics"] and "__author__" in ckpt
@@ -454,10 +479,20 @@ def _check_weights_loaded(model, cfg, weights):
     prefix = "backbone.bottom_up."
     state = {k[len(prefix):]: v for k, v in model.state_dict().items()
              if k.startswith(prefix) and not k.endswith("num_batches_tracked")}
-    # nothing of the backbone missing, nothing in the checkpoint unused, every value loaded exactly
+    # nothing of the backbone missing, nothing in the checkpoint unused, every value loaded exactly;
+    # the only keys a BN checkpoint cannot have are the norm's own state beyond BatchNorm2d's
+    # (EvalNorm's alpha_hat/beta_hat/B, MABN's ring buffers), which start at the layer's initial values
+    extras = set()
+    for name, module in model.backbone.bottom_up.named_modules():
+        if isinstance(module, nn.BatchNorm2d) and type(module) is not nn.BatchNorm2d:
+            own = set(type(module)(module.num_features).state_dict()) - set(nn.BatchNorm2d(module.num_features).state_dict())
+            extras |= {f"{name}.{k}" for k in own}
+    assert not extras & set(ckpt["model"])
+    state = {k: v for k, v in state.items() if k not in extras}
     assert sorted(state) == sorted(ckpt["model"])
-    for k, v in ckpt["model"].items():
-        assert torch.equal(state[k], torch.from_numpy(v)), k
+    expected = _expected_after_loading(ckpt["model"], cfg)
+    for k, v in expected.items():
+        assert torch.equal(state[k], v), k
     after_loading_weights(cfg, model, resumed=False)  # what the Trainer does next
     stats = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
     if cfg.BNSTATS.INIT.RESET_NORM_STATS:
@@ -465,8 +500,8 @@ def _check_weights_loaded(model, cfg, weights):
         assert all(torch.equal(m.running_mean, torch.zeros_like(m.running_mean)) for m in stats)
     else:  # frozen / fine-tuned: the pre-trained statistics stay
         state = model.state_dict()
-        for k, v in ckpt["model"].items():
-            assert torch.equal(state[prefix + k], torch.from_numpy(v)), k
+        for k, v in expected.items():
+            assert torch.equal(state[prefix + k], v), k
 
 
 def run_one_config(rel, root_out, tiny_pretrained):

@@ -83,7 +83,7 @@ def test_r50_config_evalnorm_in_backbone_fpn_and_4conv1fc_head_and_frozen_stages
     cfg = load_config(EN_R50, tiny_opts(tmp_path, **{
         "MODEL.WEIGHTS": "", "MODEL.DEVICE": "cpu", "SOLVER.IMS_PER_BATCH": 2,
         "INPUT.MIN_SIZE_TRAIN": "(64,)", "INPUT.MAX_SIZE_TRAIN": 64, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 32,
-        "MODEL.RPN.POST_NMS_TOPK_TRAIN": 64,
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN": 64, "MODEL.BACKBONE.FREEZE_AT": 2,
     }))
     assert cfg.SOLVER.IMS_PER_BATCH == 2 and cfg.MODEL.BACKBONE.FREEZE_AT == 2
     trainer = DefaultTrainer(cfg)
