@@ -1,5 +1,4 @@
 """The norm registry and the get_norm patch, through real detectron2 model builders."""
-import os
 import subprocess
 import sys
 
