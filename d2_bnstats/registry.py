@@ -11,7 +11,14 @@ string the way ``get_norm`` does, with our names first and detectron2's own name
 
 A factory takes the channel count and returns an ``nn.Module``; it is called once per norm layer
 (and, by detectron2's RetinaNet head, once more as a throw-away probe with 1 or 32 channels).
-The glue that makes detectron2 call :func:`get_norm` lives in ``d2_bnstats.d2.patch``.
+This module imports nothing of detectron2: names it does not know go to detectron2's own
+``get_norm``, which the detectron2 glue hands over with :func:`set_detectron2_get_norm` when the plug-in
+is installed (``d2_bnstats.d2.plugin.install``).
+
+A name in a config reaches a factory in one of two forms: a plain string (the factory is called with
+the channel count only and builds the layer with its defaults) or a :class:`ConfiguredNorm`, a string
+equal to the name that also carries the factory's keyword options; ``d2_bnstats.d2.build`` turns
+config values into the second form while it builds a model.
 """
 import difflib
 import threading
@@ -19,10 +26,32 @@ from typing import Callable, Dict, List, Optional, Union
 
 from torch import nn
 
-NormFactory = Callable[[int], nn.Module]
+NormFactory = Callable[..., nn.Module]
 
 _FACTORIES: Dict[str, NormFactory] = {}
+_CONFIG_OPTIONS: Dict[str, Callable[[object, str], Dict[str, object]]] = {}
 _LOCK = threading.Lock()
+_DETECTRON2_GET_NORM: List[Callable] = []  # detectron2's own get_norm, once handed over
+
+
+class ConfiguredNorm(str):
+    """A norm name together with the keyword options its factory is called with.
+
+    It *is* the name (``ConfiguredNorm("SyncBN", {}) == "SyncBN"``), so code that compares norm strings
+    (detectron2's RetinaNet head does) behaves as for the plain name; :func:`get_norm` calls
+    ``factory(out_channels, **options)``.
+    """
+
+    def __new__(cls, name: str, options: Optional[Dict[str, object]] = None):
+        norm = super().__new__(cls, name)
+        norm.options = dict(options or {})
+        return norm
+
+    def __reduce__(self):  # deep copies and pickles keep the options
+        return (type(self), (str(self), self.options))
+
+    def __repr__(self) -> str:
+        return f"ConfiguredNorm({str(self)!r}, {self.options!r})"
 
 # Names detectron2's get_norm may know, across versions; which ones the installed version really
 # knows is probed once (see detectron2_norm_names).
@@ -43,17 +72,25 @@ class UnknownNormError(ValueError):
     """A norm string that neither d2_bnstats nor detectron2 knows."""
 
 
-def _original_get_norm():
-    from .d2.patch import original_get_norm
+def set_detectron2_get_norm(fn: Callable) -> None:
+    """Hand over detectron2's own ``get_norm``: names not registered here are resolved by it."""
+    _DETECTRON2_GET_NORM[:] = [fn]
 
-    return original_get_norm()
+
+def detectron2_get_norm() -> Callable:
+    """detectron2's own ``get_norm`` (as handed over by :func:`set_detectron2_get_norm`)."""
+    if not _DETECTRON2_GET_NORM:
+        raise RuntimeError(
+            "detectron2's get_norm has not been handed to d2_bnstats.registry; `import d2_bnstats` does it"
+        )
+    return _DETECTRON2_GET_NORM[0]
 
 
 def detectron2_norm_names() -> List[str]:
     """The norm strings the installed detectron2's own ``get_norm`` accepts (probed once)."""
     global _detectron2_names_cache
     if _detectron2_names_cache is None:
-        original = _original_get_norm()
+        original = detectron2_get_norm()
         names = []
         for name in _DETECTRON2_CANDIDATE_NAMES:
             try:
@@ -77,12 +114,22 @@ def available_norms() -> List[str]:
     return sorted(set(_FACTORIES) | set(detectron2_norm_names()))
 
 
-def register_norm(name: str, factory: Optional[NormFactory] = None, *, force: bool = False):
+def register_norm(
+    name: str,
+    factory: Optional[NormFactory] = None,
+    *,
+    config_options: Optional[Callable[[object, str], Dict[str, object]]] = None,
+    force: bool = False,
+):
     """Register ``factory`` under ``name``; usable as ``register_norm("X", f)`` or as a decorator.
 
     A name that is already taken (by d2_bnstats, a third party, or detectron2's own ``get_norm``)
     is an error unless ``force=True``; forcing a detectron2 name makes every config that uses it
     build ``factory`` instead.
+
+    ``config_options(cfg, name) -> dict``, if given, reads the factory's keyword options from the
+    config of the model being built (see ``d2_bnstats.d2.build``); without it the factory is always
+    called with the channel count only.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"a norm name must be a non-empty string, got {name!r}")
@@ -103,6 +150,10 @@ def register_norm(name: str, factory: Optional[NormFactory] = None, *, force: bo
                         "pass force=True to override it for every config that uses it"
                     )
             _FACTORIES[name] = fn
+            if config_options is None:
+                _CONFIG_OPTIONS.pop(name, None)
+            else:
+                _CONFIG_OPTIONS[name] = config_options
         return fn
 
     if factory is None:
@@ -116,6 +167,12 @@ def unregister_norm(name: str) -> None:
         if name not in _FACTORIES:
             raise UnknownNormError(f"norm {name!r} is not registered; registered: {registered_norms()}")
         del _FACTORIES[name]
+        _CONFIG_OPTIONS.pop(name, None)
+
+
+def config_options_reader(name: str) -> Optional[Callable[[object, str], Dict[str, object]]]:
+    """The ``config_options`` function registered with norm ``name``, or None."""
+    return _CONFIG_OPTIONS.get(name)
 
 
 def _describe(fn) -> str:
@@ -134,16 +191,16 @@ _SYNONYMS = {
 }
 
 
-def _normalise(name: str) -> str:
+def _normalize(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
 def suggest_norm(name: str) -> Optional[str]:
     """The closest available name to a misspelt one, or None."""
     names = available_norms()
-    candidates = {_normalise(n): n for n in names}
+    candidates = {_normalize(n): n for n in names}
     candidates.update({k: v for k, v in _SYNONYMS.items() if v in names and k not in candidates})
-    key = _normalise(name)
+    key = _normalize(name)
     if key in candidates:
         return candidates[key]
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
@@ -180,9 +237,10 @@ def check_norm_name(name: Union[str, None, Callable], where: Optional[str] = Non
 def get_norm(norm: Union[str, None, Callable[[int], nn.Module]], out_channels: int) -> Optional[nn.Module]:
     """Drop-in replacement for ``detectron2.layers.get_norm`` that knows registered names.
 
-    ``None``/``""`` -> no norm; a registered name -> its factory; one of detectron2's names -> the
-    original ``get_norm``; a callable -> ``norm(out_channels)``; anything else ->
-    :class:`UnknownNormError` (a ValueError) listing the available names.
+    ``None``/``""`` -> no norm; a registered name -> its factory (with the options of a
+    :class:`ConfiguredNorm`); one of detectron2's names -> the original ``get_norm``; a callable ->
+    ``norm(out_channels)``; anything else -> :class:`UnknownNormError` (a ValueError) listing the
+    available names.
     """
     if norm is None:
         return None
@@ -191,6 +249,7 @@ def get_norm(norm: Union[str, None, Callable[[int], nn.Module]], out_channels: i
             return None
         factory = _FACTORIES.get(norm)
         if factory is not None:
-            return factory(out_channels)
+            return factory(out_channels, **getattr(norm, "options", {}))
         check_norm_name(norm)
-    return _original_get_norm()(norm, out_channels)
+        norm = str(norm)
+    return detectron2_get_norm()(norm, out_channels)

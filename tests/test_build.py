@@ -6,7 +6,7 @@ from torch import nn
 
 import d2_bnstats
 from d2_bnstats.d2 import build, patch
-from d2_bnstats.d2.config import add_bnstats_config
+from d2_bnstats import add_bnstats_config
 
 from .conftest import CPU_BASE
 
@@ -22,24 +22,42 @@ def cfg():
 
 @pytest.fixture
 def recording_norm():
+    """A third-party norm whose factory reads an option from the config being built."""
     seen = []
 
-    def factory(channels):
-        seen.append(d2_bnstats.current_config())
-        return nn.BatchNorm2d(channels)
+    def factory(channels, groups=1):
+        seen.append(groups)
+        return nn.GroupNorm(groups, channels)
 
-    d2_bnstats.register_norm("RecordingNorm", factory)
+    def options(cfg, name):
+        return {"groups": cfg.MODEL.FPN.OUT_CHANNELS // 16}
+
+    d2_bnstats.register_norm("RecordingNorm", factory, config_options=options)
     yield seen
     d2_bnstats.unregister_norm("RecordingNorm")
 
 
-def test_factories_see_the_config_being_built(cfg, recording_norm):
+def test_factories_receive_the_options_of_the_config_being_built(cfg, recording_norm):
     cfg.MODEL.FPN.NORM = "RecordingNorm"
-    DefaultTrainer.build_model(cfg)  # detectron2's own trainer path
-    assert len(recording_norm) == 8 and all(c is cfg for c in recording_norm)
-    assert d2_bnstats.current_config() is None
-    d2_bnstats.get_norm("RecordingNorm", 4)
-    assert recording_norm[-1] is None
+    cfg.freeze()
+    model = DefaultTrainer.build_model(cfg)  # detectron2's own trainer path
+    assert recording_norm == [2] * 8  # OUT_CHANNELS 32 // 16, for each of the FPN's 8 norms
+    assert sorted({m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)}) == [2]
+    assert cfg.MODEL.FPN.NORM == "RecordingNorm" and type(cfg.MODEL.FPN.NORM) is str  # cfg itself unchanged
+    d2_bnstats.get_norm("RecordingNorm", 4)  # outside a build: the factory's defaults
+    assert recording_norm[-1] == 1
+
+
+def test_configured_norm_is_the_name_and_survives_copies(cfg, recording_norm):
+    import copy
+    import pickle
+
+    norm = d2_bnstats.configure_norm(cfg, "RecordingNorm")
+    assert norm == "RecordingNorm" and norm.options == {"groups": 2} and hash(norm) == hash("RecordingNorm")
+    for clone in (copy.deepcopy(norm), pickle.loads(pickle.dumps(norm))):
+        assert clone == norm and clone.options == norm.options
+    assert d2_bnstats.configure_norm(cfg, "BN") == "BN" and type(d2_bnstats.configure_norm(cfg, "BN")) is str
+    assert d2_bnstats.configure_norm(None, "RecordingNorm") == "RecordingNorm"
 
 
 def test_transforms_run_in_order_and_may_replace_the_model(cfg):
@@ -56,18 +74,29 @@ def test_transforms_run_in_order_and_may_replace_the_model(cfg):
     d2_bnstats.register_model_transform("test-first", first)
     d2_bnstats.register_model_transform("test-second", second)
     try:
+        assert d2_bnstats.model_transforms()[-2:] == ["test-first", "test-second"]
         model = DefaultTrainer.build_model(cfg)
         assert isinstance(model, nn.Sequential) and model[0].tagged
         assert calls == [("first", cfg), ("second", True)]
+        with pytest.raises(ValueError, match="already registered"):
+            d2_bnstats.register_model_transform("test-first", second)
     finally:
-        build._TRANSFORMS[:] = [t for t in build._TRANSFORMS if not t[0].startswith("test-")]
+        d2_bnstats.unregister_model_transform("test-first")
+        d2_bnstats.unregister_model_transform("test-second")
+    assert not [n for n in d2_bnstats.model_transforms() if n.startswith("test-")]
 
 
-def test_a_failing_build_leaves_no_config_behind(cfg):
+def test_the_methods_transforms_run_in_the_declared_order():
+    from d2_bnstats.d2.norms import METHODS
+
+    declared = [m.__name__.rsplit(".", 1)[-1] for m in METHODS if hasattr(m, "transform")]
+    assert d2_bnstats.model_transforms()[: len(declared)] == declared == ["evalnorm", "mabn", "per_level"]
+
+
+def test_a_failing_build_names_the_value(cfg):
     cfg.MODEL.FPN.NORM = "NoSuchNorm"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="NoSuchNorm"):
         build.build_model(cfg)
-    assert d2_bnstats.current_config() is None
 
 
 def test_uninstall_restores_detectron2_builders():
@@ -80,5 +109,5 @@ def test_uninstall_restores_detectron2_builders():
         assert defaults.build_model is patch.original_build_model()
         assert modeling.build_model is patch.original_build_model()
     finally:
-        patch.install()
+        patch.reinstall()
     assert defaults.build_model is build.build_model

@@ -3,8 +3,15 @@ test_population_trainer.py::test_compare_tool_end_to_end)."""
 import pytest
 import torch
 
-from d2_bnstats.d2 import compare
-from d2_bnstats.d2.compare import BatchStatsStrategy, build_strategy, default_strategy_specs, register_strategy
+from d2_bnstats.compare import (
+    BatchStatsStrategy,
+    Strategy,
+    build_strategy,
+    default_strategy_specs,
+    register_strategy,
+    registered_strategies,
+    unregister_strategy,
+)
 
 OPTIONS = {"precise_bn_samples": 100, "test_batch_size": 2, "batch_sizes": [1, 4], "max_images": 0}
 
@@ -30,16 +37,28 @@ def test_bad_specs_say_what_is_accepted(spec, message):
         build_strategy(spec, OPTIONS)
 
 
-def test_registering_a_strategy(monkeypatch):
-    monkeypatch.setattr(compare, "_STRATEGIES", dict(compare._STRATEGIES))
+@pytest.fixture
+def registry_restored():
+    before = registered_strategies()
+    yield
+    for kind in registered_strategies():
+        if kind not in before:
+            unregister_strategy(kind)
+    assert registered_strategies() == before
 
-    class Mine(compare.Strategy):
+
+def test_registering_a_strategy(registry_restored):
+    class Mine(Strategy):
         name = "mine"
 
     register_strategy("mine", lambda arg, opts: Mine())
     assert build_strategy("mine", OPTIONS).name == "mine" and "mine" in default_strategy_specs(OPTIONS)
     with pytest.raises(ValueError, match="already registered"):
         register_strategy("mine", lambda arg, opts: Mine())
+    unregister_strategy("mine")
+    assert "mine" not in registered_strategies()
+    with pytest.raises(KeyError, match="not registered"):
+        unregister_strategy("mine")
 
 
 def test_batch_statistics_groups_for_the_discrepancy_report():
@@ -53,7 +72,7 @@ def test_batch_statistics_groups_for_the_discrepancy_report():
 
 
 def test_the_command_line_accepts_flags_after_config_overrides():
-    from d2_bnstats.d2.compare import parse_args
+    from d2_bnstats.compare import parse_args
 
     args = parse_args(["--config-file", "C", "MODEL.WEIGHTS", "w.pth", "--output", "out", "--max-images", "100",
                        "BNSTATS.FROZEN_BN.START_ITER", "-1"])
@@ -63,3 +82,17 @@ def test_the_command_line_accepts_flags_after_config_overrides():
                        "--batch-sizes", "1", "4", "OUTPUT_DIR", "o"])
     assert args.strategies == ["ema", "batch_stats:2"] and args.batch_sizes == [1, 4]
     assert args.opts == ["OUTPUT_DIR", "o", "MODEL.WEIGHTS", "w.pth"]
+
+
+def test_the_command_line_keeps_the_training_tools_launch_flags():
+    from d2_bnstats.compare import argument_parser, parse_args
+    from d2_bnstats.d2.train import argument_parser as train_argument_parser
+
+    train = vars(train_argument_parser().parse_args([]))
+    args = vars(parse_args([]))
+    assert {k: args[k] for k in train if k != "opts"} == {k: v for k, v in train.items() if k != "opts"}
+    assert args["opts"] == []
+    args = parse_args(["--config", "C", "--num-gpus", "2", "--dist-url", "tcp://127.0.0.1:1234", "--eval-only"])
+    assert (args.config_file, args.num_gpus, args.dist_url, args.eval_only) == ("C", 2, "tcp://127.0.0.1:1234", True)
+    text = argument_parser().format_help()
+    assert "--precise-bn-samples" in text and "--config-file" in text and "evalnorm_offline" in text

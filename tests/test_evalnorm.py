@@ -2,6 +2,8 @@
 the paper's formulas (eqs. 3-9) re-implemented plainly in float64 here, exact batch statistics,
 and a single-process BN on the union of the processes' batches for the synchronised variant."""
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -9,15 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import d2_bnstats
-from d2_bnstats.layers.evalnorm import (
-    MODES,
-    EvalNorm2d,
-    attach_aux_loss_hook,
-    evalnorm_state,
-    l1_of_affine,
-    per_sample_moments,
-    set_evalnorm_mode,
-)
+from d2_bnstats.layers.evalnorm import MODES, EvalNorm2d, evalnorm_state, set_evalnorm_mode
+from d2_bnstats.layers.evalnorm_aux import attach_aux_loss_hook
+from d2_bnstats.layers.evalnorm_math import l1_of_affine
+from d2_bnstats.layers.evalnorm_projection import attach_projection_hook
+from d2_bnstats.layers.moments import per_sample_moments
 
 from .distributed import run_distributed
 
@@ -97,6 +95,7 @@ def test_training_is_exactly_batchnorm_and_only_alpha_beta_get_the_aux_gradient(
     assert unexpected == []
     hook = attach_aux_loss_hook(en_net)
     assert hook is not None
+    attach_projection_hook(en_net)
     opt_bn = torch.optim.SGD(bn_net.parameters(), lr=0.1, momentum=0.9)
     opt_en = torch.optim.SGD(en_net.parameters(), lr=0.1, momentum=0.9)
     for step in range(4):
@@ -248,6 +247,7 @@ def test_alpha_beta_are_read_only_and_kept_in_the_unit_interval():
     with pytest.raises(AttributeError):
         layer.beta = 0.5
     # a huge step pushes the raw parameters outside [0, 1]; the step hook projects them back
+    attach_projection_hook(layer)
     opt = torch.optim.SGD([layer.alpha_hat, layer.beta_hat], lr=1e3)
     layer.alpha_hat.grad = torch.tensor(-1.0)
     layer.beta_hat.grad = torch.tensor(1.0)
@@ -263,6 +263,43 @@ def test_alpha_beta_are_read_only_and_kept_in_the_unit_interval():
     layer.aux_loss.backward()
     assert layer.alpha_hat.grad.abs() > 0 and layer.beta_hat.grad.abs() > 0  # not stuck at the bounds
     assert d2_bnstats.EvalNorm2d is EvalNorm2d
+
+
+def _step_up(params, lr=1e3):
+    """One SGD step that moves every parameter up by ``lr``."""
+    for p in params:
+        p.grad = torch.full_like(p, -1.0)
+    torch.optim.SGD(params, lr=lr).step()
+
+
+def test_projection_hook_is_per_model_idempotent_removable_and_holds_the_model_weakly():
+    a, b = nn.Sequential(EvalNorm2d(3)), nn.Sequential(EvalNorm2d(3))
+    _step_up([a[0].alpha_hat])
+    assert a[0].alpha_hat.item() == 1e3  # building a layer installs no projection
+    hook = attach_projection_hook(a)
+    assert attach_projection_hook(a) is hook
+    _step_up([a[0].alpha_hat, b[0].alpha_hat])
+    assert a[0].alpha_hat.item() == 1.0 and b[0].alpha_hat.item() == 1e3  # only the model's layers
+    with torch.no_grad():
+        a[0].beta_hat.fill_(5.0)
+    _step_up([a[0].alpha_hat])
+    assert a[0].alpha_hat.item() == 1.0 and a[0].beta_hat.item() == 5.0  # only what the optimizer holds
+    a.append(EvalNorm2d(3))  # layers added after attaching are covered
+    _step_up([a[1].beta_hat])
+    assert a[1].beta_hat.item() == 1.0
+    hook.remove()
+    _step_up([a[0].alpha_hat])
+    assert a[0].alpha_hat.item() == 1e3 + 1
+    again = attach_projection_hook(a)
+    assert again is not hook
+    _step_up([a[0].alpha_hat])
+    assert a[0].alpha_hat.item() == 1.0
+    model = weakref.ref(a)
+    del a
+    gc.collect()
+    assert model() is None and again.model is None  # the hook does not keep the model alive
+    _step_up([b[0].alpha_hat])
+    assert b[0].alpha_hat.item() == 2e3
 
 
 # ------------------------------------------------------------------------------------ the aux loss
@@ -367,6 +404,7 @@ def test_alpha_beta_learn_toward_the_minimum_of_the_aux_loss():
     best_alpha, best_beta, best_loss = grid[best[0]], grid[best[1]], values.min().item()
     assert 0.1 < best_alpha < 0.9 and 0.1 < best_beta < 0.9  # the gap is real: neither BN nor IN
 
+    attach_projection_hook(layer)
     opt = torch.optim.SGD([layer.alpha_hat, layer.beta_hat], lr=0.05, momentum=0.9)
     for it in range(400):
         for group in opt.param_groups:
@@ -553,6 +591,19 @@ def test_aux_hook_sums_layers_and_the_calls_of_a_shared_layer():
         assert "loss_evalnorm" not in net(xs)
 
 
+def test_checkpoint_version_tells_the_own_format_from_other_files():
+    layer = trained_layer(4)
+    layer(sample((2, 4, 5, 5)))
+    sd = layer.state_dict()
+    del sd["norm_batch_size"]
+    result = EvalNorm2d(4).load_state_dict(sd, strict=False)  # own format: a missing key is reported
+    assert result.missing_keys == ["norm_batch_size"] and not result.unexpected_keys
+    fresh = EvalNorm2d(4)
+    result = fresh.load_state_dict(dict(sd), strict=False)  # no version (metadata dropped): completed
+    assert not result.missing_keys and not result.unexpected_keys
+    assert fresh.recorded_batch_size is None and torch.equal(fresh.running_var, layer.running_var)
+
+
 # ------------------------------------------------------------------------------------ synchronised
 def _sync_worker(rank, world_size, parts, grad_out):
     torch.manual_seed(0)
@@ -601,3 +652,43 @@ def test_sync_evalnorm_in_two_processes_equals_batchnorm_on_the_union(sizes):
         assert r["num_batches_tracked"].item() == 1
         assert r["B"].item() == pytest.approx(sum(sizes))  # the global batch
     assert results[0]["alpha_grad"] is not None and results[1]["alpha_grad"] is not None
+
+
+def test_sync_evalnorm_in_one_process_an_empty_batch_counts_for_nothing():
+    layer = trained_layer(3, sync=True, momentum=None)
+    state = copy.deepcopy(layer.state_dict())
+    layer(torch.zeros(0, 3, 4, 4))
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    x = sample((2, 3, 5, 4))
+    layer(x)  # weighted as the first batch: the cumulative average of one batch is that batch
+    assert layer.num_batches_tracked.item() == 1
+    torch.testing.assert_close(layer.running_mean, x.mean((0, 2, 3)))
+    torch.testing.assert_close(layer.running_var, x.var((0, 2, 3), unbiased=True))
+
+
+def _empty_then_batch_worker(rank, world_size, parts):
+    layer = trained_layer(3, sync=True, momentum=None, aux_samples=0)
+    before = copy.deepcopy(layer.state_dict())
+    layer(torch.zeros(0, 3, 5, 4))  # the global batch is empty
+    unchanged = all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+    layer(parts[rank])
+    return {
+        "unchanged": unchanged,
+        "num_batches_tracked": layer.num_batches_tracked.item(),
+        "running_mean": layer.running_mean.clone(),
+        "running_var": layer.running_var.clone(),
+        "B": layer.norm_batch_size.item(),
+    }
+
+
+@pytest.mark.slow
+def test_sync_evalnorm_an_empty_global_batch_counts_for_nothing_in_two_processes():
+    parts = [sample((2, 3, 5, 4), seed=20), sample((1, 3, 5, 4), seed=21)]
+    union = torch.cat(parts)
+    for r in run_distributed(_empty_then_batch_worker, 2, args=(parts,)):
+        assert r["unchanged"] and r["num_batches_tracked"] == 1
+        # momentum=None: the batch after the empty one is weighted as the first
+        torch.testing.assert_close(r["running_mean"], union.mean((0, 2, 3)))
+        torch.testing.assert_close(r["running_var"], union.var((0, 2, 3), unbiased=True))
+        assert r["B"] == pytest.approx(3.0)

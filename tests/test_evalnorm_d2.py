@@ -19,6 +19,7 @@ import d2_bnstats  # noqa: F401
 from d2_bnstats.d2.evalnorm_offline import convert_to_evalnorm
 from d2_bnstats.d2.train import argument_parser, load_config, main
 from d2_bnstats.layers.evalnorm import evalnorm_layers
+from d2_bnstats.layers.evalnorm_projection import attach_projection_hook
 
 from .conftest import REPO, tiny_opts
 from .distributed import run_distributed
@@ -62,6 +63,28 @@ def test_config_keys_reach_every_layer(tmp_path):
     layer = evalnorm_layers(model)[0][1]
     assert (float(layer.alpha), float(layer.beta)) == pytest.approx((0.2, 0.2)) and not layer.alpha_hat.requires_grad
     assert getattr(model, "_evalnorm_aux_hook", None) is None  # nothing to learn: no hook
+
+
+def test_built_models_keep_alpha_beta_in_the_unit_interval(tmp_path):
+    model = build(EN_CPU, small_opts(tmp_path))
+    layer = evalnorm_layers(model)[0][1]
+    layer.alpha_hat.grad = torch.tensor(-1.0)
+    torch.optim.SGD([layer.alpha_hat], lr=10.0).step()  # the projection hook of the build clamps it
+    assert layer.alpha_hat.item() == 1.0
+    assert attach_projection_hook(model) is attach_projection_hook(model)
+
+
+@pytest.mark.parametrize(
+    "config, opts, message",
+    [
+        (BN_CPU, {"BNSTATS.EVALNORM.MODE": "EMA"}, "BNSTATS.EVALNORM.MODE = 'EMA' is not an EvalNorm mode"),
+        (BN_CPU, {"BNSTATS.EVALNORM.AUX_LOSS_WEIGHT": -0.5}, "BNSTATS.EVALNORM.AUX_LOSS_WEIGHT = -0.5 must be"),
+        (EN_CPU, {"BNSTATS.EVALNORM.ALPHA": 1.5}, r"BNSTATS.EVALNORM.ALPHA = 1.5 must be in \[0, 1\]"),
+    ],
+)
+def test_evalnorm_config_values_are_checked_when_the_config_is_loaded(config, opts, message, tmp_path):
+    with pytest.raises(ValueError, match=message):  # also for a config whose model has no EvalNorm layer
+        load_config(config, small_opts(tmp_path, **opts))
 
 
 @pytest.mark.parametrize(
@@ -109,8 +132,11 @@ def test_r50_config_evalnorm_in_backbone_fpn_and_4conv1fc_head_and_frozen_stages
 
 # ------------------------------------------------------------------------------------ checkpoints
 def _incompatible(model, path):
-    checkpointer = DetectionCheckpointer(model)
-    return checkpointer._load_model(checkpointer._load_file(path))
+    """Load ``path`` into ``model`` as detectron2 does (DetectionCheckpointer), and return the missing and
+    unexpected keys (torch's ``load_state_dict(strict=False)`` of the same file; a shape mismatch raises)."""
+    DetectionCheckpointer(model).load(path, checkpointables=[])
+    state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return model.load_state_dict(state, strict=False)
 
 
 def test_bn_and_frozenbn_checkpoints_load_into_evalnorm_and_back(tmp_path):
@@ -127,7 +153,7 @@ def test_bn_and_frozenbn_checkpoints_load_into_evalnorm_and_back(tmp_path):
         target = build(EN_CPU, small_opts(tmp_path))
         inc = _incompatible(target, path)
         assert set(inc.missing_keys) == en_keys, norm  # only alpha_hat, beta_hat
-        assert not inc.unexpected_keys and not inc.incorrect_shapes
+        assert not inc.unexpected_keys
         source_state = source.state_dict()
         for key, value in target.state_dict().items():
             if key in source_state:

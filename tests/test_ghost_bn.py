@@ -105,17 +105,16 @@ def test_cumulative_momentum_and_empty_input():
 def test_virtual_batch_size_from_config_and_bad_values():
     from detectron2.config import get_cfg
 
-    from d2_bnstats.d2.build import building
-    from d2_bnstats.d2.config import add_bnstats_config
+    from d2_bnstats import add_bnstats_config
+    from d2_bnstats.d2.build import configure_norm
 
     assert d2_bnstats.get_norm("GhostBN", 8).virtual_batch_size == 32
     cfg = get_cfg()
     add_bnstats_config(cfg)
     cfg.BNSTATS.GHOST_BN.VIRTUAL_BATCH_SIZE = 16
-    with building(cfg):
-        assert d2_bnstats.get_norm("GhostBN", 8).virtual_batch_size == 16
-        cfg.BNSTATS.GHOST_BN.VIRTUAL_BATCH_SIZE = -1
-        with pytest.raises(ValueError, match=r"BNSTATS.GHOST_BN.VIRTUAL_BATCH_SIZE = -1: expected a positive integer"):
-            d2_bnstats.get_norm("GhostBN", 8)
+    assert d2_bnstats.get_norm(configure_norm(cfg, "GhostBN"), 8).virtual_batch_size == 16
+    cfg.BNSTATS.GHOST_BN.VIRTUAL_BATCH_SIZE = -1
+    with pytest.raises(ValueError, match=r"BNSTATS.GHOST_BN.VIRTUAL_BATCH_SIZE = -1: expected a positive integer"):
+        d2_bnstats.get_norm(configure_norm(cfg, "GhostBN"), 8)
     with pytest.raises(ValueError, match="virtual_batch_size must be a positive integer"):
         GhostBatchNorm2d(8, virtual_batch_size=0)

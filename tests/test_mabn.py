@@ -1,8 +1,10 @@
 """MABN: the layer against methods.md §2 written out plainly, its step semantics, state, glue and tools."""
+import collections
 import copy
 import io
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -11,10 +13,11 @@ from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
 import d2_bnstats
-from d2_bnstats.d2.build import build_model
-from d2_bnstats.d2.norms_mabn import CentralizedConv2d, centralize_convs, mabn_kwargs, mabn_weight_centralization
+from d2_bnstats.d2.build import build_model, configure_norm
+from d2_bnstats.d2.norms.mabn import CentralizedConv2d, centralize_convs, layer_options, transform
 from d2_bnstats.d2.train import load_config
-from d2_bnstats.layers.mabn import MABN2d, WeightCentralizedConv2d, centralize_weight, end_step
+from d2_bnstats.layers.mabn import MABN_BUFFERS, MABN2d, attach_step_hook, end_step
+from d2_bnstats.layers.weight_centralization import WeightCentralizedConv2d, centralize, fold_weight_centralization
 
 from .conftest import CPU_BASE, REPO, tiny_opts
 from .distributed import run_distributed
@@ -104,11 +107,14 @@ SCHEDULE = dict(m=3, warmup=5, renorm_start=8, clip=1.25, rho=0.9)
 
 
 def _layer(channels=4, **kw):
+    """A layer whose steps end with every optimizer step (the hook a model built by the plug-in gets)."""
     s = dict(SCHEDULE, **kw)
-    return MABN2d(
+    layer = MABN2d(
         channels, eps=EPS, decay=s["rho"], buffer_size=s["m"], warmup_iters=s["warmup"],
         renorm_start=s["renorm_start"], renorm_clip=s["clip"],
     ).double()
+    attach_step_hook(layer)
+    return layer
 
 
 def _run_against_reference(calls_per_step, steps=14):
@@ -267,6 +273,7 @@ def test_activation_recomputation_records_each_call_once(use_reentrant):
     torch.manual_seed(0)
     plain = Block()
     recomputed = copy.deepcopy(plain)
+    attach_step_hook(recomputed)  # a copy is a model of its own: its steps end by its own hook
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (plain, recomputed)]
     for t in range(1, 8):
         x = torch.randn(2, 3, 6, 6, requires_grad=True)
@@ -399,8 +406,9 @@ def test_pending_statistics_survive_a_checkpoint_taken_before_the_optimiser_step
     copy_ = _layer()
     copy_.load_state_dict(layer.state_dict())
     deep = copy.deepcopy(layer)
+    attach_step_hook(deep)
     assert copy_.steps == 2 and copy_._has_pending
-    opt.step()  # ends the step of all three (the hook ends every layer with pending statistics)
+    opt.step()  # ends the step of all three (each has its hook, and pending statistics)
     a = _state(layer)
     for other in (copy_, deep):
         b = _state(other)
@@ -492,6 +500,90 @@ def test_decay_and_momentum_are_one_value_in_two_conventions():
         MABN2d(4, buffer_size=0, renorm_clip=0.5)
 
 
+def test_state_format_is_read_from_the_state_dict_version():
+    layer, _ = _trained_layer(steps=5)
+    state = layer.state_dict()
+    assert state._metadata[""]["version"] == MABN2d._version == 3
+    # version 3 without the MABN buffers is an incomplete MABN state, not a BN one: nothing is mapped
+    partial = collections.OrderedDict((k, v) for k, v in state.items() if k not in MABN_BUFFERS)
+    partial._metadata = state._metadata
+    fresh = _layer()
+    result = fresh.load_state_dict(partial, strict=False)
+    assert sorted(result.missing_keys) == sorted(MABN_BUFFERS)
+    assert torch.equal(fresh.weight, layer.weight) and torch.equal(fresh.running_var, layer.running_var)
+    # an MABN state written without metadata (a converted checkpoint file): read by its keys
+    other = _layer()
+    other.load_state_dict({k: v.clone() for k, v in state.items()})
+    _assert_same_state(_state(layer), _state(other))
+    assert other.steps == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# who ends a step: the model's optimizer-step hook, or end_step
+
+
+def _backward(layer, t=1):
+    x, dy = _batch(t, 2)
+    layer(x).backward(dy)
+
+
+def test_steps_end_by_the_hook_of_their_own_model_only():
+    free = MABN2d(4).double()  # constructing a layer installs nothing
+    hooked = MABN2d(4).double()
+    handle = attach_step_hook(hooked)
+    assert attach_step_hook(hooked) is handle and handle.model is hooked  # one hook per model
+    opt = torch.optim.SGD(list(free.parameters()) + list(hooked.parameters()), lr=0.1)
+    _backward(free)
+    _backward(hooked)
+    opt.step()
+    assert hooked.steps == 1 and free.steps == 0 and free.pending_count > 0
+    end_step(free)  # a loop without a torch optimizer ends the step itself
+    assert free.steps == 1 and not free.pending_count
+    handle.remove()
+    handle.remove()  # idempotent
+    assert not handle.attached
+    _backward(hooked, 2)
+    opt.step()
+    assert hooked.steps == 1
+    end_step()  # every layer with pending statistics
+    assert hooked.steps == 2
+    assert attach_step_hook(hooked) is not handle  # a new hook after removal
+
+
+def test_the_hook_holds_its_model_weakly():
+    import gc
+    import weakref
+
+    model = nn.Sequential(MABN2d(3))
+    handle = attach_step_hook(model)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None and handle.model is None
+    torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1).step()  # the orphaned hook does nothing
+    attach_step_hook(nn.Sequential(MABN2d(3)))  # and is taken out at the next attach
+    assert not handle.attached
+
+
+def test_the_deprecated_process_wide_hook_ends_every_layer():
+    from d2_bnstats.layers.mabn import set_optimizer_step_hook
+
+    layer = MABN2d(4).double()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    with pytest.warns(DeprecationWarning):
+        set_optimizer_step_hook(True)
+    try:
+        _backward(layer)
+        opt.step()
+        assert layer.steps == 1
+    finally:
+        with pytest.warns(DeprecationWarning):
+            set_optimizer_step_hook(False)
+    _backward(layer, 2)
+    opt.step()
+    assert layer.steps == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # detectron2 glue: names, config keys, weight centralisation
 
@@ -501,28 +593,54 @@ def _cfg(path=MABN_CPU, *opts):
 
 
 def test_config_keys_reach_the_layers():
-    from d2_bnstats.d2 import build as d2build
-
     cfg = _cfg(MABN_CPU, "BNSTATS.MABN.BUFFER_SIZE", "5", "BNSTATS.MABN.WARMUP_ITERS", "7",
                "BNSTATS.MABN.RENORM_START", "9", "BNSTATS.MABN.RENORM_CLIP", "3.0", "BNSTATS.MABN.DECAY", "0.9",
                "BNSTATS.MABN.EPS", "0.001")
-    with d2build.building(cfg):
-        layer = d2_bnstats.get_norm("MABN", 8)
-        synced = d2_bnstats.get_norm("SyncMABN", 8)
+    layer = d2_bnstats.get_norm(configure_norm(cfg, "MABN"), 8)
+    synced = d2_bnstats.get_norm(configure_norm(cfg, "SyncMABN"), 8)
     assert (layer.buffer_size, layer.warmup_iters, layer.renorm_start, layer.renorm_clip) == (5, 7, 9, 3.0)
     assert (layer.decay, layer.eps, layer.sync, synced.sync) == (0.9, 0.001, False, True)
     assert d2_bnstats.get_norm("MABN", 1).buffer_size == 16  # outside a build: the defaults
     cfg.BNSTATS.MABN.SIMULATED_BATCH = 32
-    assert mabn_kwargs(cfg)["buffer_size"] == 16  # 32 / 2 images per step
+    assert layer_options(cfg, "MABN")["buffer_size"] == 16  # 32 / 2 images per step
     cfg.SOLVER.IMS_PER_BATCH = 4
-    assert mabn_kwargs(cfg, sync=True)["buffer_size"] == 8
+    assert layer_options(cfg, "SyncMABN")["buffer_size"] == 8
     cfg.BNSTATS.MABN.SIMULATED_BATCH = 30
     with pytest.raises(ValueError, match="SIMULATED_BATCH = 30 must be a multiple"):
-        mabn_kwargs(cfg)
+        layer_options(cfg, "MABN")
     cfg.BNSTATS.MABN.SIMULATED_BATCH = 0
     cfg.BNSTATS.MABN.DECAY = 1.5
     with pytest.raises(ValueError, match="BNSTATS.MABN.*decay"):
-        mabn_kwargs(cfg)
+        layer_options(cfg, "MABN")
+
+
+@pytest.mark.parametrize("key, value, accepted", [
+    ("BUFFER_SIZE", 0, "an integer >= 1"), ("SIMULATED_BATCH", -2, "an integer >= 0"), ("EPS", 0.0, "a number > 0"),
+    ("RENORM_CLIP", 0.5, "a number >= 1"), ("WEIGHT_CENTRALIZATION", 1, "True or False"),
+    ("WC_RAMP_ITERS", -1, "an integer >= 0"), ("WARMUP_ITERS", 2.5, "an integer >= 0"),
+])
+def test_config_check_names_key_value_and_what_is_accepted(key, value, accepted):
+    from d2_bnstats.d2.norms.mabn import check_config
+
+    cfg = _cfg()
+    check_config(cfg)
+    cfg.BNSTATS.MABN[key] = value
+    with pytest.raises(ValueError, match=re.escape(f"BNSTATS.MABN.{key} = {value!r}: expected {accepted}")):
+        check_config(cfg)
+
+
+def test_weight_centralization_needs_a_class_for_conv_subclasses_and_a_filter_dimension():
+    from d2_bnstats.layers.weight_centralization import make_weight_centralized
+
+    class OwnConv(nn.Conv2d):
+        pass
+
+    with pytest.raises(TypeError, match="pass cls"):
+        make_weight_centralized(OwnConv(2, 3, 1))
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        centralize(torch.ones(3))
+    conv = make_weight_centralized(nn.Conv2d(2, 3, 3))
+    assert type(conv) is WeightCentralizedConv2d and conv.weight.mean(dim=(1, 2, 3)).abs().max() < 1e-7
 
 
 def test_mabn_model_centralises_exactly_the_convs_feeding_mabn_with_unchanged_keys():
@@ -539,7 +657,7 @@ def test_mabn_model_centralises_exactly_the_convs_feeding_mabn_with_unchanged_ke
         "MODEL.RESNETS.NORM", "BN", "MODEL.FPN.NORM", "BN", "MODEL.ROI_BOX_HEAD.NORM", "BN", "MODEL.ROI_MASK_HEAD.NORM", "BN",
     ]
     bn_keys = set(build_model(_cfg(MRCNN_MABN_CPU, *same)).state_dict())
-    extra = {k for k in mabn.state_dict() if k.rsplit(".", 1)[-1] in MABN2d._MABN_KEYS}
+    extra = {k for k in mabn.state_dict() if k.rsplit(".", 1)[-1] in MABN_BUFFERS}
     assert set(mabn.state_dict()) == bn_keys | extra
     off = build_model(_cfg(MRCNN_MABN_CPU, "BNSTATS.MABN.WEIGHT_CENTRALIZATION", "False"))
     assert not any(isinstance(m, WeightCentralizedConv2d) for m in off.modules())
@@ -551,7 +669,7 @@ def test_mabn_model_centralises_exactly_the_convs_feeding_mabn_with_unchanged_ke
 def test_centralised_conv_forward_and_gradient():
     torch.manual_seed(0)
     seq = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), MABN2d(5), nn.ReLU(), nn.Conv2d(5, 2, 1))
-    mabn_weight_centralization(seq, _cfg())  # RetinaNet-style: an nn.Conv2d followed by MABN in a Sequential
+    transform(seq, _cfg())  # RetinaNet-style: an nn.Conv2d followed by MABN in a Sequential
     conv = seq[0]
     assert type(conv) is WeightCentralizedConv2d and type(seq[3]) is nn.Conv2d
     with torch.no_grad():
@@ -565,8 +683,6 @@ def test_centralised_conv_forward_and_gradient():
 
 def test_folding_weight_centralisation_for_deployment_keeps_inference():
     from detectron2.layers import Conv2d as D2Conv2d
-
-    from d2_bnstats.d2.norms_mabn import fold_weight_centralization
 
     model = build_model(_cfg(MABN_CPU, "MODEL.FPN.OUT_CHANNELS", "32"))
     with torch.no_grad():
@@ -659,7 +775,9 @@ def _sync_data():
 
 
 def _sync_layer(sync):
-    return MABN2d(4, buffer_size=2, warmup_iters=1, renorm_start=2, renorm_clip=1.3, decay=0.8, sync=sync).double()
+    layer = MABN2d(4, buffer_size=2, warmup_iters=1, renorm_start=2, renorm_clip=1.3, decay=0.8, sync=sync).double()
+    attach_step_hook(layer)
+    return layer
 
 
 def _sync_worker(rank, world_size, steps):
@@ -795,8 +913,6 @@ def test_centralisation_ramp_starts_at_the_original_conv_and_ends_fully_centrali
 
 
 def test_centralisation_ramp_effective_weight_schedule_and_folding_only_after_the_ramp():
-    from d2_bnstats.d2.norms_mabn import fold_weight_centralization
-
     torch.manual_seed(1)
     seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _layer(4, m=2, warmup=0).float(), nn.ReLU())
     with torch.no_grad():
@@ -810,14 +926,14 @@ def test_centralisation_ramp_effective_weight_schedule_and_folding_only_after_th
     x = torch.randn(2, 3, 5, 5)
     for t in range(3):
         assert seq[1].steps == t
-        effective = centralize_weight(conv.weight, conv.centralization_factor())
+        effective = centralize(conv.weight, conv.centralization_factor())
         torch.testing.assert_close(effective, original - (t / 3) * mean, rtol=0, atol=1e-7, msg=f"step {t}")
         with pytest.raises(ValueError, match="ramp"):
             fold_weight_centralization(copy.deepcopy(seq))  # mid-ramp: folding would change the function
         seq(x).sum().backward()
         opt.step()
     assert seq[1].steps == 3 and conv.centralization_factor() == 1.0
-    assert torch.equal(centralize_weight(conv.weight, conv.centralization_factor()), centred)  # exactly, after the ramp
+    assert torch.equal(centralize(conv.weight, conv.centralization_factor()), centred)  # exactly, after the ramp
     seq.eval()
     with torch.no_grad():
         expected = seq[2](seq[1](F.conv2d(x, centred, conv.bias, padding=1)))
@@ -948,7 +1064,7 @@ def test_convert_tool_turns_a_bn_checkpoint_into_a_close_mabn_start(datasets_roo
     assert max(numbers["feature_distance_eval"].values()) < 1e-4
     assert numbers["converted_eval"]["bbox"]["AP50"] == pytest.approx(numbers["source_eval"]["bbox"]["AP50"], abs=1e-6)
     target = build_model(_cfg(MABN_CPU))
-    loaded = DetectionCheckpointer(target)._load_model(torch.load(out, weights_only=False))
+    loaded = target.load_state_dict(torch.load(out, weights_only=False)["model"], strict=False)
     assert not loaded.missing_keys and not loaded.unexpected_keys
 
 
@@ -1002,3 +1118,20 @@ def test_r50_mask_rcnn_mabn_config_trains_a_step_at_small_size(datasets_root, tm
     main(argument_parser().parse_args(["--config", R50_CONFIGS[2]] + opts))
     losses = [m for m in _read_metrics(tmp_path) if "total_loss" in m]
     assert losses and all(math.isfinite(m["total_loss"]) for m in losses)
+    # each detectron2 step ended each MABN layer's step exactly once: within the warmup (t <= 2 <
+    # min(m, WARMUP_ITERS)) R_t = rho R_{t-1} + (1 - rho) chi2_t from R_0 = 1, with chi2_t the ring
+    # buffer's row t - 1, exactly as methods.md section 2 writes it
+    cfg = load_config(R50_CONFIGS[2])
+    rho, m = cfg.BNSTATS.MABN.DECAY, cfg.BNSTATS.MABN.BUFFER_SIZE
+    assert min(m, cfg.BNSTATS.MABN.WARMUP_ITERS) > 2
+    state = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    layers = [k[: -len("chi2_buffer")] for k in state if k.endswith("chi2_buffer")]
+    assert len(layers) == 53 + 8 + 4 + 4
+    for p in layers:
+        t = int(state[p + "num_batches_tracked"])
+        assert t == 2 or ("mask_head" in p and t <= 2), p  # a step without foreground RoI skips the mask head
+        R = torch.ones_like(state[p + "running_var"], dtype=torch.float64)
+        for row in range(t):
+            R = rho * R + (1 - rho) * state[p + "chi2_buffer"][row].double()
+        torch.testing.assert_close(state[p + "running_var"].double(), R, rtol=1e-5, atol=1e-7, msg=p)
+        assert not state[p + "chi2_buffer"][t:].any() and not state[p + "pending_count"]

@@ -13,14 +13,10 @@ from fvcore.nn.precise_bn import update_bn_stats
 from torch import nn
 
 from d2_bnstats.layers.evalnorm import EvalNorm2d
-from d2_bnstats.layers.population import (
-    batch_statistics,
-    freeze_batch_statistics,
-    frozen_layers,
-    population_layers,
-    precise_bn,
-    unfreeze_batch_statistics,
-)
+from d2_bnstats.layers.frozen_bn import freeze_batch_statistics, frozen_layers, unfreeze_batch_statistics
+from d2_bnstats.layers.population import precise_bn
+from d2_bnstats.layers.population_protocol import population_layers
+from d2_bnstats.layers.test_batch_stats import batch_statistics
 
 from .distributed import run_distributed
 

@@ -16,7 +16,9 @@ from detectron2.utils.events import get_event_storage
 from d2_bnstats.d2.population import FrozenBNHook, PreciseBNHook
 from d2_bnstats.d2.train import evaluate_checkpoint, load_config
 from d2_bnstats.d2.trainer import Trainer
-from d2_bnstats.layers.population import frozen_layers, population_layers, precise_bn, unwrap
+from d2_bnstats.layers.frozen_bn import frozen_layers
+from d2_bnstats.layers.population import precise_bn
+from d2_bnstats.layers.population_protocol import population_layers, unwrap
 
 from .conftest import REPO, tiny_opts
 
@@ -206,7 +208,7 @@ def test_frozen_bn_late_in_training_survives_evaluation_and_resume(datasets_root
 
 @pytest.mark.slow
 def test_compare_tool_end_to_end(trained, datasets_root, tmp_path):
-    from d2_bnstats.d2.compare import registered_strategies
+    from d2_bnstats.compare import registered_strategies
 
     cfg, _, _, out = trained
     output = tmp_path / "compare"

@@ -11,7 +11,8 @@ from torch import nn
 
 import d2_bnstats
 from d2_bnstats import registry
-from d2_bnstats.d2.config import NORM_KEYS, add_bnstats_config
+from d2_bnstats import add_bnstats_config
+from d2_bnstats.d2.config import NORM_KEYS
 from d2_bnstats.d2.train import load_config
 
 from .conftest import CPU_BASE, REPO
@@ -158,7 +159,7 @@ def test_detectron2_names_build_detectron2_layers():
     assert type(d2_bnstats.get_norm(lambda c: nn.LayerNorm(c), 8)) is nn.LayerNorm
     for name in registry.detectron2_norm_names():
         if name not in d2_bnstats.registered_norms():
-            original = type(registry._original_get_norm()(name, 32))
+            original = type(registry.detectron2_get_norm()(name, 32))
             assert type(d2_bnstats.get_norm(name, 32)) is original, name
 
 
@@ -174,7 +175,7 @@ def test_bn_config_builds_the_same_model_as_unpatched_detectron2():
         torch.manual_seed(0)
         plain = build_model(cfg)
     finally:
-        patch.install()
+        patch.reinstall()
     assert patch.is_installed()
     assert [type(m) for m in patched.modules()] == [type(m) for m in plain.modules()]
     for (ka, va), (kb, vb) in zip(patched.state_dict().items(), plain.state_dict().items()):
@@ -280,7 +281,7 @@ import torch.nn as nn
 d2_bnstats.register_norm("LateNorm", lambda c: nn.GroupNorm(2, c))
 assert isinstance(fpn.get_norm("LateNorm", 8), nn.GroupNorm)
 import d2_bnstats.d2.patch as patch
-assert patch.install() == 0 and patch.original_get_norm() is original   # idempotent
+assert patch.reinstall() == 0 and patch.original_get_norm() is original   # idempotent
 import detectron2.engine.defaults as defaults, detectron2.modeling as modeling
 from d2_bnstats.d2.build import build_model
 assert defaults.build_model is build_model and modeling.build_model is build_model

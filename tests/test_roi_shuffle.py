@@ -116,7 +116,7 @@ def _shuffle_worker(rank, world_size, cases):
     out["eval"] = [layer(x) for _ in range(rank + 1)][-1].detach()
 
     # the multi-process benchmark (tools/benchmark_sync.py) runs and is self-consistent
-    from d2_bnstats.benchmark.distributed import benchmark_in_process
+    from bnstats_lab.benchmark.distributed import benchmark_in_process
 
     out["bench"] = benchmark_in_process(["SyncBN", "RoIShuffleBN"], [((4, C, 2, 2), (2, C, 2, 2))], repeats=1, iters=1, warmup=1)
     return out
@@ -180,7 +180,7 @@ def test_evaluation_uses_population_statistics(distributed_results):
 
 
 def test_distributed_benchmark_rows(distributed_results):
-    from d2_bnstats.benchmark.distributed import BN_REFERENCE, format_table
+    from bnstats_lab.benchmark.distributed import BN_REFERENCE, format_table
 
     rows = distributed_results[0]["bench"]
     assert [r.norm for r in rows] == [BN_REFERENCE, "SyncBN", "RoIShuffleBN"]
@@ -242,15 +242,14 @@ def test_single_process_empty_and_eval():
 def test_num_groups_from_config_and_bad_values():
     from detectron2.config import get_cfg
 
-    from d2_bnstats.d2.build import building
-    from d2_bnstats.d2.config import add_bnstats_config
+    from d2_bnstats import add_bnstats_config
+    from d2_bnstats.d2.build import configure_norm
 
     cfg = get_cfg()
     add_bnstats_config(cfg)
     cfg.BNSTATS.ROI_SHUFFLE.NUM_GROUPS = 4
-    with building(cfg):
-        assert d2_bnstats.get_norm("RoIShuffleBN", 8).num_groups == 4
-        cfg.BNSTATS.ROI_SHUFFLE.NUM_GROUPS = 0
-        with pytest.raises(ValueError, match="BNSTATS.ROI_SHUFFLE.NUM_GROUPS = 0: expected a positive integer"):
-            d2_bnstats.get_norm("RoIShuffleBN", 8)
+    assert d2_bnstats.get_norm(configure_norm(cfg, "RoIShuffleBN"), 8).num_groups == 4
+    cfg.BNSTATS.ROI_SHUFFLE.NUM_GROUPS = 0
+    with pytest.raises(ValueError, match="BNSTATS.ROI_SHUFFLE.NUM_GROUPS = 0: expected a positive integer"):
+        d2_bnstats.get_norm(configure_norm(cfg, "RoIShuffleBN"), 8)
     assert d2_bnstats.get_norm("RoIShuffleBN", 8).num_groups == 2

@@ -9,7 +9,7 @@ from torch import nn
 
 import d2_bnstats
 from d2_bnstats import SyncBatchNorm2d
-from d2_bnstats.d2.config import add_bnstats_config
+from d2_bnstats import add_bnstats_config
 
 from .distributed import run_distributed
 
@@ -232,15 +232,14 @@ def test_syncbn_name_builds_the_plugin_layer_unless_switched_off():
     from detectron2.config import get_cfg
     from detectron2.layers import FrozenBatchNorm2d
 
-    from d2_bnstats.d2.build import building
+    from d2_bnstats.d2.build import configure_norm
 
     assert type(d2_bnstats.get_norm("SyncBN", 8)) is SyncBatchNorm2d
     assert type(d2_bnstats.get_norm("nnSyncBN", 8)) is nn.SyncBatchNorm
     cfg = get_cfg()
     add_bnstats_config(cfg)
     cfg.BNSTATS.SYNC_BN.REPLACE_D2 = False
-    with building(cfg):
-        assert type(d2_bnstats.get_norm("SyncBN", 8)) is nn.SyncBatchNorm
+    assert type(d2_bnstats.get_norm(configure_norm(cfg, "SyncBN"), 8)) is nn.SyncBatchNorm
     # detectron2 treats it as BN: FrozenBN conversion and PreciseBN's module types
     from fvcore.nn.precise_bn import get_bn_modules
 

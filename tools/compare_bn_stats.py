@@ -10,12 +10,13 @@
 Strategies: EMA, PreciseBN over N training images, batch statistics at test with k images per test
 batch, and EvalNorm learned / 1/B² / 1/B / offline when the model has EvalNorm layers. Writes a table
 (stdout and compare.md), compare.json, ap.png, and a per-layer train–test discrepancy report with
-histograms (discrepancy_*.png). The logic is in d2_bnstats.d2.compare.
+histograms (discrepancy_*.png). The logic is in the package d2_bnstats.compare.
 """
 import sys
 
-import d2_bnstats  # noqa: F401  (registers the norms and data sets)
-from d2_bnstats.d2.compare import parse_args, run
+import bnstats_lab  # noqa: F401  (registers the fashion-scenes data sets)
+import d2_bnstats  # noqa: F401  (registers the norms)
+from d2_bnstats.compare import parse_args, run
 
 if __name__ == "__main__":
     sys.exit(run(parse_args()))

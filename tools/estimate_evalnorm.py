@@ -16,7 +16,7 @@ The logic is in d2_bnstats.d2.evalnorm_offline.
 import argparse
 import sys
 
-import d2_bnstats  # noqa: F401  (registers the norms and data sets)
+import bnstats_lab  # noqa: F401  (registers the norms and data sets)
 from detectron2.utils.logger import setup_logger
 
 from d2_bnstats.d2.evalnorm_offline import format_evalnorm_table, run_offline_estimation

@@ -1,65 +1,96 @@
-"""Model building with the plug-in: the config reaches norm factories, transforms run after.
+"""Model building with the plug-in: config options reach norm factories, transforms run after.
 
-A norm factory receives only a channel count (detectron2 calls ``get_norm(name, channels)``), yet
-layers have options that live in the config (``BNSTATS.*``). While :func:`build_model` builds a
-model, :func:`current_config` returns the config being built, so a factory registered by the
-detectron2 glue can read its options; outside a build it returns ``None`` and factories fall back
-to the documented defaults.
+The path of one config value, e.g. ``BNSTATS.GHOST_BN.VIRTUAL_BATCH_SIZE: 16`` in a yaml file:
 
-Some methods need the finished model: an auxiliary loss collected at the top of the model,
-convolutions adapted to the norm that follows them, norms wrapped per FPN level. They register a
-*model transform* ``fn(model, cfg) -> model or None`` that runs on every model built here, in
-registration order. ``import d2_bnstats`` routes detectron2's own ``build_model`` (used by
-``DefaultTrainer``) here, so plain detectron2 training scripts get all of this too.
+1. ``add_bnstats_config(cfg)`` declared the key (default 32) and ``cfg.merge_from_file`` set it;
+   ``check_bnstats_config(cfg)`` validated it when the config was loaded.
+2. :func:`build_model` (what detectron2's ``build_model`` is after ``import d2_bnstats``) calls
+   :func:`configure_norms`: in a copy of ``cfg`` every config value under a key named ``NORM`` that is
+   a registered norm name (``MODEL.ROI_BOX_HEAD.NORM: "GhostBN"``) becomes a
+   :class:`~d2_bnstats.registry.ConfiguredNorm` -- the same string, carrying the options that the
+   norm's registered ``config_options(cfg, name)`` reads from ``cfg`` (``{"virtual_batch_size": 16}``).
+3. detectron2's own builder runs on the copy and passes the value to ``get_norm(norm, channels)``;
+   :func:`d2_bnstats.registry.get_norm` calls ``factory(channels, **norm.options)``.
+4. The model transforms run on the built model in their declared order (the methods' transforms
+   first, in the order of :data:`d2_bnstats.d2.norms.METHODS`, then third parties' in registration
+   order), each with the original ``cfg``.
+
+Nothing is global or thread-local: a factory called outside a build (a plain name) builds the
+layer with its documented defaults.
 """
-import contextlib
 import threading
 from typing import Callable, List, Optional, Tuple
 
 from torch import nn
 
+from ..registry import ConfiguredNorm, config_options_reader, registered_norms
+from . import patch
+
 ModelTransform = Callable[[nn.Module, object], Optional[nn.Module]]
 
-_local = threading.local()
+_LOCK = threading.Lock()
 _TRANSFORMS: List[Tuple[str, ModelTransform]] = []
 
 
-def current_config():
-    """The config whose model is being built by :func:`build_model`, else None."""
-    stack = getattr(_local, "stack", None)
-    return stack[-1] if stack else None
+def configure_norm(cfg, name: str) -> str:
+    """``name`` as a :class:`ConfiguredNorm` with the options ``cfg`` gives it (the plain name when the
+    norm reads no options, or is not registered)."""
+    reader = config_options_reader(name)
+    if cfg is None or reader is None:
+        return name
+    return ConfiguredNorm(name, reader(cfg, name))
 
 
-@contextlib.contextmanager
-def building(cfg):
-    """Make ``cfg`` the :func:`current_config` inside the block (re-entrant, per thread)."""
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    stack.append(cfg)
-    try:
-        yield cfg
-    finally:
-        stack.pop()
+def _configure_node(node, cfg, registered) -> None:
+    for key in list(node.keys()):
+        value = node[key]
+        if hasattr(value, "keys"):
+            _configure_node(value, cfg, registered)
+        elif key == "NORM" and isinstance(value, str) and value in registered:
+            node[key] = configure_norm(cfg, value)
 
 
-def register_model_transform(name: str, fn: ModelTransform) -> ModelTransform:
-    """Run ``fn(model, cfg)`` on every model :func:`build_model` builds; its return value, if not
-    None, replaces the model. Registering a name again replaces the earlier transform."""
-    for i, (existing, _) in enumerate(_TRANSFORMS):
-        if existing == name:
-            _TRANSFORMS[i] = (name, fn)
-            return fn
-    _TRANSFORMS.append((name, fn))
+def configure_norms(cfg):
+    """A copy of ``cfg`` whose norm values carry their options (see the module docstring)."""
+    configured = cfg.clone()
+    frozen = configured.is_frozen()
+    configured.defrost()
+    _configure_node(configured, cfg, set(registered_norms()))
+    if frozen:
+        configured.freeze()
+    return configured
+
+
+def register_model_transform(name: str, fn: ModelTransform, *, force: bool = False) -> ModelTransform:
+    """Run ``fn(model, cfg)`` on every model :func:`build_model` builds, after the transforms registered
+    before it; a returned module replaces the model. A taken name is an error unless ``force`` (which
+    replaces that transform in place)."""
+    with _LOCK:
+        for i, (existing, _) in enumerate(_TRANSFORMS):
+            if existing == name:
+                if not force:
+                    raise ValueError(f"model transform {name!r} is already registered; pass force=True to replace it")
+                _TRANSFORMS[i] = (name, fn)
+                return fn
+        _TRANSFORMS.append((name, fn))
     return fn
 
 
+def unregister_model_transform(name: str) -> None:
+    with _LOCK:
+        if name not in model_transforms():
+            raise KeyError(f"no model transform {name!r}; registered: {model_transforms()}")
+        _TRANSFORMS[:] = [(n, fn) for n, fn in _TRANSFORMS if n != name]
+
+
 def model_transforms() -> List[str]:
+    """Names of the registered model transforms, in the order they run."""
     return [name for name, _ in _TRANSFORMS]
 
 
 def apply_model_transforms(model: nn.Module, cfg) -> nn.Module:
-    for _, fn in _TRANSFORMS:
+    """Run every registered transform on ``model`` (``cfg`` may be None: defaults)."""
+    for _, fn in list(_TRANSFORMS):
         result = fn(model, cfg)
         if result is not None:
             model = result
@@ -67,10 +98,8 @@ def apply_model_transforms(model: nn.Module, cfg) -> nn.Module:
 
 
 def build_model(cfg):
-    """detectron2's ``build_model`` with the config visible to norm factories and the registered
-    model transforms applied. Replaces ``detectron2.modeling.build_model`` after ``import d2_bnstats``."""
-    from .patch import original_build_model
+    """detectron2's ``build_model`` with norm options from ``cfg`` and the model transforms applied.
+    Replaces ``detectron2.modeling.build_model`` after ``import d2_bnstats``."""
+    model = patch.original_build_model()(configure_norms(cfg))
+    return apply_model_transforms(model, cfg)
 
-    with building(cfg):
-        model = original_build_model()(cfg)
-        return apply_model_transforms(model, cfg)

@@ -1,8 +1,10 @@
-"""Config keys of the plug-in, and checks of the keys detectron2 already has.
+"""Reading the plug-in's config keys, the keys that belong to no single norm, and checks of the
+keys detectron2 already has.
 
-Call :func:`add_bnstats_config` on a detectron2 config before merging a file that uses the
-plug-in's keys (the usual ``add_*_config(cfg)`` convention). Every key lives under ``BNSTATS``;
-the defaults below are the documented ones.
+Every key of the plug-in lives under ``BNSTATS``; :func:`d2_bnstats.add_bnstats_config` declares
+them (the usual ``add_*_config(cfg)`` convention): :func:`add_general_config` here, each norm's own
+node in its module under :mod:`d2_bnstats.d2.norms`. Code that reads an option uses
+:func:`bnstats_node`, which also serves configs built without the plug-in's keys (defaults then).
 """
 import logging
 
@@ -24,119 +26,66 @@ NORM_KEYS = (
 )
 
 
-def add_bnstats_config(cfg) -> None:
-    """Add the ``BNSTATS`` node to ``cfg`` (in place). Calling it twice is harmless."""
-    if "BNSTATS" in cfg:
-        return
-    cfg.BNSTATS = CN()
+def add_general_config(bnstats) -> None:
+    """The keys of ``cfg.BNSTATS`` that belong to no single norm (the norms' own nodes are added by
+    their modules in :mod:`d2_bnstats.d2.norms`; :func:`d2_bnstats.add_bnstats_config` adds both)."""
     # MODEL.DEVICE "cuda" on a machine without a GPU: run on the CPU with a warning instead of
     # failing, so one config serves GPU users and CPU checks.
-    cfg.BNSTATS.CPU_FALLBACK = True
-
-    # --- synchronised and shuffled statistics (issue 5; docs/sync_and_shuffle.md) ---------------
-    cfg.BNSTATS.SYNC_BN = CN()
-    # True (default): the norm name "SyncBN" builds d2_bnstats' SyncBatchNorm2d: exact statistics of
-    # the global batch on CUDA/NCCL and CPU/gloo, plain BN in one process, empty inputs allowed.
-    # False: detectron2's own "SyncBN" (torch nn.SyncBatchNorm, CUDA only). "nnSyncBN" is always torch's.
-    cfg.BNSTATS.SYNC_BN.REPLACE_D2 = True
-    cfg.BNSTATS.GHOST_BN = CN()
-    # "GhostBN": samples (images or RoIs) per sub-batch; default 32. A batch of N is cut into
-    # ceil(N / VIRTUAL_BATCH_SIZE) sub-batches whose sizes differ by at most one.
-    cfg.BNSTATS.GHOST_BN.VIRTUAL_BATCH_SIZE = 32
-    cfg.BNSTATS.ROI_SHUFFLE = CN()
-    # "RoIShuffleBN", training in ONE process: the shuffled RoIs are normalised in this many groups
-    # (default 2; 1 = plain BN). With several processes each normalises one split; this is unused.
-    cfg.BNSTATS.ROI_SHUFFLE.NUM_GROUPS = 2
-    cfg.BNSTATS.PER_LEVEL = CN()
-    # False (default): heads keep what detectron2 builds (RetinaNet: per-level BN only for "BN"/"SyncBN").
-    # True: every statistics-keeping norm in the heads below gets one copy per FPN level sharing the
-    # parameters (any registered norm: BN, GhostBN, EvalNorm, MABN, third-party).
-    cfg.BNSTATS.PER_LEVEL.ENABLED = False
-    # Class names of the heads whose norms are applied once per FPN level; default ["RetinaNetHead"].
-    cfg.BNSTATS.PER_LEVEL.HEADS = ["RetinaNetHead"]
-    # Levels per head; default 0 = infer (RetinaNetHead: len(MODEL.RETINANET.IN_FEATURES)).
-    cfg.BNSTATS.PER_LEVEL.NUM_LEVELS = 0
+    bnstats.CPU_FALLBACK = True
     # True: at the end of training compare every parameter and buffer across processes and write
     # OUTPUT_DIR/replica_check.json (mismatches are logged as warnings); default False.
-    cfg.BNSTATS.CHECK_REPLICAS = False
-    # --- end of issue 5 keys ----------------------------------------------------------------------
-    # EvalNorm ("EvalNorm" / "SyncEvalNorm" norms; docs/evalnorm.md). Read when the model is built.
-    cfg.BNSTATS.EVALNORM = CN()
-    # Evaluation statistics: "learned" (default; alpha_hat, beta_hat learned online by the auxiliary
-    # loss), "rule" (alpha = beta = 1/B^2), "exact" (1/B), "fixed" (ALPHA, BETA), "ema" (BN inference).
-    cfg.BNSTATS.EVALNORM.MODE = "learned"
-    # alpha and beta for MODE "fixed", in [0, 1]; -1 = unset (BETA unset means BETA = ALPHA).
-    cfg.BNSTATS.EVALNORM.ALPHA = -1.0
-    cfg.BNSTATS.EVALNORM.BETA = -1.0
-    # B (an integer) for MODE "rule"/"exact"; 0 = the normalisation batch each layer recorded in training.
-    cfg.BNSTATS.EVALNORM.BATCH_SIZE = 0
-    # Learn alpha_hat, beta_hat during training (the auxiliary loss "loss_evalnorm"); False = they
-    # stay at their initial value 0 and training costs exactly what BN costs.
-    cfg.BNSTATS.EVALNORM.LEARN = True
-    # loss_evalnorm = AUX_LOSS_WEIGHT * sum over EvalNorm layers of that layer's mean |mismatch|;
-    # each layer's alpha_hat, beta_hat see only their own term: effective step BASE_LR * weight.
-    cfg.BNSTATS.EVALNORM.AUX_LOSS_WEIGHT = 1.0
-    # Values per channel used for the auxiliary loss per training forward (strided subset; 0 = all).
-    cfg.BNSTATS.EVALNORM.AUX_SAMPLES = 256
-    # Write alpha_hat, beta_hat of every layer to the EventStorage (metrics.json, TensorBoard) as
-    # "evalnorm/<layer>/alpha" and ".../beta", plus their means over layers.
-    cfg.BNSTATS.EVALNORM.LOG = True
+    bnstats.CHECK_REPLICAS = False
     # --- Population statistics (docs/population_statistics.md). detectron2's TEST.PRECISE_BN.ENABLED
     # switches PreciseBN on (before every evaluation, also --eval-only) and TEST.PRECISE_BN.NUM_ITER
     # sizes it in batches; these keys add to them.
-    cfg.BNSTATS.PRECISE_BN = CN()
+    bnstats.PRECISE_BN = CN()
     # Training images per PreciseBN pass, in total over all processes (10^3-10^4 suffice); 0 (default)
     # = TEST.PRECISE_BN.NUM_ITER batches of SOLVER.IMS_PER_BATCH images.
-    cfg.BNSTATS.PRECISE_BN.NUM_SAMPLES = 0
+    bnstats.PRECISE_BN.NUM_SAMPLES = 0
     # Log PreciseBN progress every this many batches (default 20).
-    cfg.BNSTATS.PRECISE_BN.LOG_PERIOD = 20
-    cfg.BNSTATS.FROZEN_BN = CN()
-    # FrozenBN late in training: from this iteration on, every BN-type layer normalises with its
+    bnstats.PRECISE_BN.LOG_PERIOD = 20
+    bnstats.FROZEN_BN = CN()
+    # FrozenBN late in training: from this iteration on, every BN-type layer normalizes with its
     # population statistics for the rest of training (affine parameters keep training). -1 (default) = off.
-    cfg.BNSTATS.FROZEN_BN.START_ITER = -1
+    bnstats.FROZEN_BN.START_ITER = -1
     # Recompute the statistics with a PreciseBN pass right before freezing (default True); False
     # freezes the EMA statistics as they are.
-    cfg.BNSTATS.FROZEN_BN.PRECISE_BN = True
-    cfg.BNSTATS.TEST_BATCH_STATS = CN()
+    bnstats.FROZEN_BN.PRECISE_BN = True
+    bnstats.TEST_BATCH_STATS = CN()
     # Batch statistics at test: evaluate with the statistics of each test batch instead of population
     # statistics (default False).
-    cfg.BNSTATS.TEST_BATCH_STATS.ENABLED = False
+    bnstats.TEST_BATCH_STATS.ENABLED = False
     # Images per test batch and process when ENABLED (default 2; detectron2's test loader uses 1).
-    cfg.BNSTATS.TEST_BATCH_STATS.IMS_PER_BATCH = 2
-    # MABN: the norms "MABN" and "SyncMABN" (d2_bnstats.layers.mabn, docs/mabn.md). Defaults are
-    # the authors' detection settings (2 images per GPU, a simulated batch of 32).
-    cfg.BNSTATS.MABN = CN()
-    # m: number of optimiser steps whose batch statistics (chi^2 forward, Psi backward) are averaged
-    # (simple moving average). Default 16 = 32 / 2 images per step. Ignored if SIMULATED_BATCH > 0.
-    cfg.BNSTATS.MABN.BUFFER_SIZE = 16
-    # If > 0: m = SIMULATED_BATCH / images normalised together per step (SOLVER.IMS_PER_BATCH per
-    # process for "MABN", the whole SOLVER.IMS_PER_BATCH for "SyncMABN"); must divide. Default 0 (off).
-    cfg.BNSTATS.MABN.SIMULATED_BATCH = 0
-    # Current-step statistics instead of their average for the first max(m, WARMUP_ITERS) steps. Default 100.
-    cfg.BNSTATS.MABN.WARMUP_ITERS = 100
-    # Renormalisation factor r = 1 for the first max(RENORM_START, WARMUP_ITERS) steps. Default 1000.
-    cfg.BNSTATS.MABN.RENORM_START = 1000
-    # Afterwards r is clipped to [1 / RENORM_CLIP, RENORM_CLIP]. Default 5.0.
-    cfg.BNSTATS.MABN.RENORM_CLIP = 5.0
-    # Running second moment R <- DECAY * R + (1 - DECAY) * average; DECAY weights the OLD value
-    # (PyTorch's momentum = 1 - DECAY). Default 0.98.
-    cfg.BNSTATS.MABN.DECAY = 0.98
-    # epsilon added to the second moment. Default 1e-5.
-    cfg.BNSTATS.MABN.EPS = 1e-5
-    # Centralise the weights of every conv that feeds an MABN layer (each output filter minus its
-    # mean; checkpoint keys unchanged). MABN drops mean centring and relies on it. Default True.
-    cfg.BNSTATS.MABN.WEIGHT_CENTRALIZATION = True
-    # If > 0: centralisation ramps in over this many steps of each MABN layer (the conv subtracts
-    # min(1, t / WC_RAMP_ITERS) x its filter mean), so weights trained WITHOUT centralisation (converted
-    # BN/FrozenBN weights) start as the original model. Default 0: fully centralised from step 0.
-    cfg.BNSTATS.MABN.WC_RAMP_ITERS = 0
-    # Initialisation from pre-trained weights (config matrix issue; d2_bnstats/d2/weights.py).
-    cfg.BNSTATS.INIT = CN()
+    bnstats.TEST_BATCH_STATS.IMS_PER_BATCH = 2
+    # Initialization from pre-trained weights (d2_bnstats/d2/weights.py).
+    bnstats.INIT = CN()
     # Default False. True: after MODEL.WEIGHTS is loaded for a new training run (not on --resume),
     # reset the running statistics of every norm layer that has them (BN: mean 0, variance 1) -- the
-    # "pre-trained weights, re-initialised BN statistics" setting. Applied by d2_bnstats' Trainer;
+    # "pre-trained weights, re-initialized BN statistics" setting. Applied by d2_bnstats' Trainer;
     # other training loops call d2_bnstats.d2.weights.after_loading_weights(cfg, model, resumed).
-    cfg.BNSTATS.INIT.RESET_NORM_STATS = False
+    bnstats.INIT.RESET_NORM_STATS = False
+
+
+def bnstats_node(cfg, *path: str):
+    """``cfg.BNSTATS`` (or ``cfg.BNSTATS.<path...>``), or None when ``cfg`` is None or lacks it: the one
+    way plug-in code reads its options from a config that may not have them (then: defaults)."""
+    node = cfg
+    for part in ("BNSTATS",) + path:
+        if node is None or not hasattr(node, "get"):
+            return None
+        node = node.get(part, None)
+    return node
+
+
+def positive_int(node, key: str, where: str, default: int) -> int:
+    """``node[key]`` as a positive int (``default`` when ``node`` is None or lacks the key); else a
+    ValueError naming ``where`` (the full key) and the accepted values."""
+    value = node.get(key, None) if node is not None else None
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where} = {value!r}: expected a positive integer")
+    return value
 
 
 def get_config_value(cfg, dotted: str):

@@ -14,20 +14,33 @@ loss L_aux over training data with everything else frozen. Here:
    the input distribution it saw in training, batch statistics included) with every parameter but
    alpha_hat, beta_hat frozen and the running statistics untouched (``track_running_stats`` is off
    during the pass, the standard BN mechanism), and minimises ``loss_evalnorm`` with Adam and a
-   linearly decaying learning rate. Afterwards each layer's ``norm_batch_size`` is the mean batch
-   it saw (for modes "rule"/"exact"). Nothing else in the model changes (tested bit for bit).
+   linearly decaying learning rate; the model's projection hook
+   (:func:`~d2_bnstats.layers.evalnorm_projection.attach_projection_hook`, attached if it has none,
+   and kept) holds alpha_hat, beta_hat in [0, 1]. Afterwards each layer's ``norm_batch_size`` is the
+   mean batch it saw (for modes "rule"/"exact"). Nothing else in the model changes (tested bit for
+   bit).
 3. :func:`run_offline_estimation` does both from a detectron2 config and writes a checkpoint and
    a config for evaluating it (norm keys BN -> EvalNorm); ``tools/estimate_evalnorm.py`` is its CLI.
 """
+import contextlib
 import logging
 import math
 import os
 from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import build_detection_train_loader
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.utils.events import EventStorage
+from tabulate import tabulate
 from torch import nn
 
-from ..layers.evalnorm import AuxLossHook, EvalNorm2d, evalnorm_layers, evalnorm_state
+from ..layers.evalnorm import EvalNorm2d, evalnorm_layers, evalnorm_state
+from ..layers.evalnorm_aux import AuxLossHook
+from ..layers.evalnorm_projection import attach_projection_hook
+from .build import build_model
+from .config import NORM_KEYS, get_config_value
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +55,6 @@ BN_TO_EVALNORM = {
 
 
 def _is_frozen_bn(module: nn.Module) -> bool:
-    try:
-        from detectron2.layers import FrozenBatchNorm2d
-    except ImportError:  # pragma: no cover - detectron2 is a requirement of the d2 glue
-        return False
     return isinstance(module, FrozenBatchNorm2d)
 
 
@@ -113,37 +122,16 @@ def estimate_evalnorm(
     if num_iters < 1:
         raise ValueError(f"num_iters must be >= 1, got {num_iters}")
     forward = forward or (lambda m, batch: m(batch))
+    attach_projection_hook(model)
     trainable = [p for _, layer in layers for p in (layer.alpha_hat, layer.beta_hat)]
-    ids = {id(p) for p in trainable}
-    saved_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    saved_tracking = {name: (layer.track_running_stats, layer.learn) for name, layer in layers}
-    was_training = model.training
     batch_sizes: Dict[str, List[int]] = {name: [] for name, _ in layers}
-    handles = [
-        layer.register_forward_pre_hook(lambda m, inp, name=name: batch_sizes[name].append(int(inp[0].shape[0])))
-        for name, layer in layers
-    ]
-    hook = AuxLossHook(model, weight=1.0, key="loss_evalnorm")
     history: List[float] = []
-    try:
-        for p in model.parameters():
-            p.requires_grad_(id(p) in ids)
-        for _, layer in layers:
-            layer.track_running_stats = False  # BN's own switch: batch statistics, buffers untouched
-            layer.learn = True
-        model.train()
+    with _only_alpha_beta_train(model, layers, trainable, batch_sizes):
         optimizer = torch.optim.Adam(trainable, lr=lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0 - it / num_iters)
         iterator: Iterator = iter(data)
         for it in range(num_iters):
-            output = forward(model, next(iterator))
-            if not isinstance(output, dict) or "loss_evalnorm" not in output:
-                losses = [layer.aux_loss for _, layer in layers if layer.aux_loss is not None]
-                if not losses:
-                    raise RuntimeError("no EvalNorm layer ran in training mode during the forward pass")
-                loss = torch.stack([l.reshape(()) for l in losses]).sum()
-            else:
-                loss = output["loss_evalnorm"]
+            loss = _evalnorm_loss(forward(model, next(iterator)), layers)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -151,6 +139,36 @@ def estimate_evalnorm(
             history.append(float(loss.detach()) / len(layers))
             if log_period and (it + 1) % log_period == 0:
                 logger.info("EvalNorm offline estimation: iteration %d/%d, mean L_aux per layer %.4f", it + 1, num_iters, history[-1])
+    with torch.no_grad():
+        for name, layer in layers:
+            if batch_sizes[name]:
+                layer.norm_batch_size.fill_(sum(batch_sizes[name]) / len(batch_sizes[name]))
+    return history
+
+
+@contextlib.contextmanager
+def _only_alpha_beta_train(model: nn.Module, layers, trainable, batch_sizes: Dict[str, List[int]]):
+    """Inside: the model in training mode with only ``trainable`` requiring grad, the EvalNorm layers
+    learning on batch statistics without touching their buffers (BN's own ``track_running_stats``
+    switch), the auxiliary-loss hook attached, and each layer's batch sizes appended to
+    ``batch_sizes``. Everything is restored on exit."""
+    ids = {id(p) for p in trainable}
+    saved_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    saved_tracking = {name: (layer.track_running_stats, layer.learn) for name, layer in layers}
+    was_training = model.training
+    handles = [
+        layer.register_forward_pre_hook(lambda m, inp, name=name: batch_sizes[name].append(int(inp[0].shape[0])))
+        for name, layer in layers
+    ]
+    hook = AuxLossHook(model, weight=1.0, key="loss_evalnorm")
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in ids)
+        for _, layer in layers:
+            layer.track_running_stats = False
+            layer.learn = True
+        model.train()
+        yield
     finally:
         hook.remove()
         for h in handles:
@@ -161,17 +179,21 @@ def estimate_evalnorm(
             layer.track_running_stats, layer.learn = saved_tracking[name]
             layer.aux_loss = None
         model.train(was_training)
-    with torch.no_grad():
-        for name, layer in layers:
-            if batch_sizes[name]:
-                layer.norm_batch_size.fill_(sum(batch_sizes[name]) / len(batch_sizes[name]))
-    return history
+
+
+def _evalnorm_loss(output, layers) -> torch.Tensor:
+    """``loss_evalnorm`` of a model's output, or the sum of the layers' L_aux if the model does not
+    return a dict of losses."""
+    if isinstance(output, dict) and "loss_evalnorm" in output:
+        return output["loss_evalnorm"]
+    losses = [layer.aux_loss for _, layer in layers if layer.aux_loss is not None]
+    if not losses:
+        raise RuntimeError("no EvalNorm layer ran in training mode during the forward pass")
+    return torch.stack([l.reshape(()) for l in losses]).sum()
 
 
 def format_evalnorm_table(model_or_rows) -> str:
     """Per-layer table: alpha_hat, beta_hat, recorded B and the rule of thumb 1/B^2."""
-    from tabulate import tabulate
-
     rows = evalnorm_state(model_or_rows) if isinstance(model_or_rows, nn.Module) else model_or_rows
     table = []
     for r in rows:
@@ -185,8 +207,6 @@ def format_evalnorm_table(model_or_rows) -> str:
 def evalnorm_eval_config(cfg, weights: str):
     """A copy of ``cfg`` that builds the converted model: BN-type norm keys -> EvalNorm names,
     MODEL.WEIGHTS = ``weights``, BNSTATS.EVALNORM.MODE = "learned"."""
-    from .config import NORM_KEYS, get_config_value
-
     out = cfg.clone()
     out.defrost()
     for key in NORM_KEYS:
@@ -217,11 +237,6 @@ def run_offline_estimation(
 
     Returns {"checkpoint", "config", "layers", "rows", "history", "iterations"}.
     """
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.data import build_detection_train_loader
-    from detectron2.modeling import build_model
-    from detectron2.utils.events import EventStorage
-
     if num_images < 1:
         raise ValueError(f"the number of images must be >= 1, got {num_images}")
     cfg = cfg.clone()

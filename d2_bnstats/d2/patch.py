@@ -1,55 +1,48 @@
-"""Make detectron2 resolve norm strings through :mod:`d2_bnstats.registry` and build models
-through :func:`d2_bnstats.d2.build.build_model`.
+"""Rebinding detectron2's ``get_norm`` and ``build_model`` to replacements, everywhere they are bound.
 
 yacs configs can only hold strings, and detectron2's ``get_norm`` maps strings with a dict built
 inside the function, so new names need ``get_norm`` itself replaced. Every caller imported it by
 name (``from detectron2.layers import get_norm``), so rebinding ``detectron2.layers.get_norm``
 alone changes nothing for modules that are already loaded. :func:`install` therefore rebinds the
-``get_norm`` attribute of every loaded module where it *is* the original function (a module that
-kept the original under another name, e.g. a wrapper of its own, is left alone); modules imported
-later pick up the replacement from ``detectron2.layers``. The replacement delegates everything it
-does not know to the original, so detectron2's own names behave exactly as before.
+attribute of every loaded module where it *is* detectron2's original function (a module that kept
+the original under another name, e.g. a wrapper of its own, is left alone); modules imported later
+pick up the replacement from the package that re-exports it. ``build_model`` gets the same
+treatment (``DefaultTrainer`` calls it through ``detectron2.engine.defaults``).
 
-``build_model`` gets the same treatment: the replacement gives norm factories the config being
-built and runs the registered model transforms (see :mod:`d2_bnstats.d2.build`); for a model
-without plug-in layers it returns exactly what detectron2's builder returns.
+This module knows nothing of the replacements: :func:`d2_bnstats.d2.plugin.install` passes them in.
 """
 import sys
 import threading
+from typing import Callable, Dict
+
+from detectron2.layers import batch_norm as _d2_batch_norm
+from detectron2.modeling.meta_arch import build as _d2_build
 
 _LOCK = threading.Lock()
 _OWN_PACKAGE = __name__.split(".")[0]
-# attribute -> (module holding detectron2's original, replacement's "module:attr")
-_TARGETS = {
-    "get_norm": ("detectron2.layers.batch_norm", "d2_bnstats.registry:get_norm"),
-    "build_model": ("detectron2.modeling.meta_arch.build", "d2_bnstats.d2.build:build_model"),
-}
-_originals = {}  # a dict, so no module attribute of ours ever holds an original
+_DEFINING_MODULE = {"get_norm": _d2_batch_norm, "build_model": _d2_build}
+# attribute -> detectron2's original (a dict, so no module attribute of ours ever holds an original)
+_ORIGINALS: Dict[str, Callable] = {}
+_REPLACEMENTS: Dict[str, Callable] = {}
+
+PATCHED_ATTRIBUTES = tuple(_DEFINING_MODULE)
 
 
-def _import(dotted: str):
-    __import__(dotted)
-    return sys.modules[dotted]
-
-
-def _replacement(attr: str):
-    module, name = _TARGETS[attr][1].split(":")
-    return getattr(_import(module), name)
-
-
-def original(attr: str):
+def original(attr: str) -> Callable:
     """detectron2's own function for ``attr`` ("get_norm" or "build_model")."""
-    if attr not in _originals:
-        current = getattr(_import(_TARGETS[attr][0]), attr)
-        _originals[attr] = getattr(current, "__d2_bnstats_original__", current)
-    return _originals[attr]
+    if attr not in _DEFINING_MODULE:
+        raise KeyError(f"{attr!r} is not patched; patched attributes: {', '.join(PATCHED_ATTRIBUTES)}")
+    if attr not in _ORIGINALS:
+        current = getattr(_DEFINING_MODULE[attr], attr)
+        _ORIGINALS[attr] = getattr(current, "__d2_bnstats_original__", current)
+    return _ORIGINALS[attr]
 
 
-def original_get_norm():
+def original_get_norm() -> Callable:
     return original("get_norm")
 
 
-def original_build_model():
+def original_build_model() -> Callable:
     return original("build_model")
 
 
@@ -65,26 +58,31 @@ def _rebind_loaded_modules(attr: str, old, new) -> int:
     return count
 
 
-def install() -> int:
-    """Route detectron2's ``get_norm`` and ``build_model`` through the plug-in. Idempotent.
-
-    Returns how many module attributes were rebound by this call (0 when already installed and no
-    newly loaded module still holds an original).
-    """
+def install(replacements: Dict[str, Callable]) -> int:
+    """Rebind each attribute in ``replacements`` ({"get_norm": f, "build_model": g}) in every loaded
+    module that holds detectron2's original. Idempotent; returns how many bindings changed."""
     count = 0
     with _LOCK:
-        for attr in _TARGETS:
-            old, new = original(attr), _replacement(attr)
+        for attr, new in replacements.items():
+            old = original(attr)
             new.__d2_bnstats_original__ = old
+            _REPLACEMENTS[attr] = new
             count += _rebind_loaded_modules(attr, old, new)
     return count
 
 
 def uninstall() -> int:
-    """Restore detectron2's originals everywhere (for tests and debugging)."""
+    """Restore detectron2's originals everywhere (for tests and debugging); :func:`reinstall` undoes it."""
     with _LOCK:
-        return sum(_rebind_loaded_modules(attr, _replacement(attr), original(attr)) for attr in _TARGETS)
+        return sum(_rebind_loaded_modules(attr, new, original(attr)) for attr, new in _REPLACEMENTS.items())
+
+
+def reinstall() -> int:
+    """Install the replacements of the last :func:`install` again."""
+    return install(dict(_REPLACEMENTS))
 
 
 def is_installed() -> bool:
-    return all(getattr(_import(_TARGETS[attr][0]), attr) is _replacement(attr) for attr in _TARGETS)
+    return bool(_REPLACEMENTS) and all(
+        getattr(_DEFINING_MODULE[attr], attr) is new for attr, new in _REPLACEMENTS.items()
+    )

@@ -1,4 +1,5 @@
-"""detectron2 glue for population statistics (the maths: :mod:`d2_bnstats.layers.population`).
+"""detectron2 glue for population statistics (the maths: :mod:`d2_bnstats.layers.population`,
+:mod:`~d2_bnstats.layers.frozen_bn`, :mod:`~d2_bnstats.layers.test_batch_stats`).
 
 - :class:`PreciseBNHook` recomputes population statistics right before every COCO evaluation of
   training (every ``TEST.EVAL_PERIOD`` and at the last iteration, before the checkpointer so that
@@ -11,6 +12,7 @@
 - :func:`build_batched_test_loader` / :func:`evaluation_statistics`: batch statistics at test with
   ``BNSTATS.TEST_BATCH_STATS.IMS_PER_BATCH`` images per test batch.
 """
+import contextlib
 import datetime
 import logging
 import math
@@ -24,14 +26,10 @@ from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..layers.population import (
-    PreciseBNReport,
-    batch_statistics,
-    freeze_batch_statistics,
-    population_layers,
-    precise_bn,
-    unwrap,
-)
+from ..layers.frozen_bn import freeze_batch_statistics
+from ..layers.population import PreciseBNReport, default_forward, precise_bn
+from ..layers.population_protocol import population_layers, unwrap
+from ..layers.test_batch_stats import batch_statistics
 
 logger = logging.getLogger("d2_bnstats.population")
 
@@ -139,9 +137,6 @@ class PreciseBNRunner:
         self.reports: List[PreciseBNReport] = []
         self._warned_empty = False
 
-    def has_layers(self) -> bool:
-        return bool(population_layers(unwrap(self.model)))
-
     def run(self, label: str = "PreciseBN") -> Optional[PreciseBNReport]:
         layers = population_layers(unwrap(self.model))
         if not layers:
@@ -161,7 +156,7 @@ class PreciseBNRunner:
         with EventStorage():  # the model logs training-mode scalars; discard them
             report = precise_bn(
                 self.model, self._iter, self.num_batches, layers=layers,
-                forward=forward or _full_forward,
+                forward=forward or default_forward,
                 progress=_progress_logger(self.num_batches, self.log_period, label),
             )
         skipped = report.skipped
@@ -171,10 +166,6 @@ class PreciseBNRunner:
         )
         self.reports.append(report)
         return report
-
-
-def _full_forward(model, batch):
-    return model(batch)
 
 
 def default_precise_bn_loader_factory(cfg, trainer_cls=None) -> Callable[[], object]:
@@ -329,17 +320,9 @@ def test_batch_stats_enabled(cfg) -> bool:
     return bool(node is not None and node.ENABLED)
 
 
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def evaluation_statistics(cfg, model):
     """Context for evaluating ``model`` as the config asks: batch statistics at test if
     ``BNSTATS.TEST_BATCH_STATS.ENABLED``, else the population statistics as they are."""
     if test_batch_stats_enabled(cfg):
         return batch_statistics(model)
-    return _NullContext()
+    return contextlib.nullcontext()

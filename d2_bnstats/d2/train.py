@@ -16,9 +16,10 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from .config import add_bnstats_config, check_batch_config, check_norm_keys, resolve_device
+from .config import check_batch_config, check_norm_keys, resolve_device
 from .launch import launch
-from .population import check_population_config, prepare_for_evaluation
+from .plugin import add_bnstats_config, check_bnstats_config
+from .population import prepare_for_evaluation
 from .trainer import Trainer
 from .weights import missing_weights_message
 
@@ -51,11 +52,11 @@ def load_config(config_file: str, opts=(), world_size: int = 1):
 
 def check_config(cfg, world_size: int = 1) -> None:
     """The checks of :func:`load_config` on a built config (cfg must be mutable): device fallback,
-    norm names, total batch over ``world_size`` processes, MODEL.WEIGHTS file exists."""
+    norm names, total batch over ``world_size`` processes, every BNSTATS value, MODEL.WEIGHTS file exists."""
     resolve_device(cfg)
     check_norm_keys(cfg)
     check_batch_config(cfg, world_size)
-    check_population_config(cfg)
+    check_bnstats_config(cfg)
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and not os.path.isfile(weights):
         raise FileNotFoundError(missing_weights_message(weights))

@@ -21,8 +21,10 @@ from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 
+from .config import bnstats_node
 from .evaluation import build_coco_evaluator
 from .population import build_batched_test_loader, build_population_hooks, evaluation_statistics, test_batch_stats_enabled
+from .replicas import ReplicaCheck
 from .weights import after_loading_weights
 
 
@@ -87,10 +89,8 @@ class Trainer(DefaultTrainer):
                 (i for i, h in enumerate(ret) if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))), len(ret)
             )
         ret[position:position] = ours
-        bnstats = cfg.get("BNSTATS", None)
+        bnstats = bnstats_node(cfg)
         if bnstats is not None and bnstats.get("CHECK_REPLICAS", False):
-            from .replicas import ReplicaCheck
-
             ret.append(ReplicaCheck(cfg.OUTPUT_DIR))
         return ret
 

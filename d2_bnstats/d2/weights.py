@@ -1,4 +1,4 @@
-"""What happens to MODEL.WEIGHTS around loading: re-initialised statistics, missing-file hints.
+"""What happens to MODEL.WEIGHTS around loading: re-initialised statistics, missing-file messages.
 
 The "re-initialised BN statistics" training setting (EvalNorm paper, section 5) starts from
 pre-trained weights whose norm layers' running statistics are reset before training. A model
@@ -6,9 +6,15 @@ transform cannot do it (weights are loaded after the model is built), and a rese
 would also wipe the statistics of a resumed run, so it happens once, right after
 ``MODEL.WEIGHTS`` is loaded for a *new* run: d2_bnstats' ``Trainer.resume_or_load`` calls
 :func:`after_loading_weights`; other training loops call it themselves.
+
+A ``MODEL.WEIGHTS`` file that does not exist stops the config checks with
+:func:`missing_weights_message`. Code that knows how some weights files are made (a project that
+pre-trains its own backbones) registers a hint with :func:`add_missing_weights_hint`, and the
+message then says how to build the missing file.
 """
 import logging
 import os
+from typing import Callable, List, Optional
 
 from torch import nn
 
@@ -49,18 +55,32 @@ def after_loading_weights(cfg, model: nn.Module, resumed: bool) -> None:
     )
 
 
-def missing_weights_message(weights: str) -> str:
-    """The error for a MODEL.WEIGHTS file that does not exist, with the command that builds it when
-    it is one of the pre-trained backbones of the CPU configs."""
-    from ..pretrain import build_command_for
+WeightsHint = Callable[[str], Optional[str]]
+_HINTS: List[WeightsHint] = []
 
+
+def add_missing_weights_hint(hint: WeightsHint) -> WeightsHint:
+    """Register ``hint(weights_path) -> sentence or None``, consulted by :func:`missing_weights_message`
+    (e.g. a project that builds its own pre-trained backbones names the command that builds one).
+    Registering the same function twice has no effect."""
+    if hint not in _HINTS:
+        _HINTS.append(hint)
+    return hint
+
+
+def remove_missing_weights_hint(hint: WeightsHint) -> None:
+    if hint in _HINTS:
+        _HINTS.remove(hint)
+
+
+def missing_weights_message(weights: str, hint: Optional[WeightsHint] = None) -> str:
+    """The error for a MODEL.WEIGHTS file that does not exist. The first sentence that ``hint`` or,
+    after it, a registered hint (:func:`add_missing_weights_hint`) gives for the path is appended."""
     message = f"MODEL.WEIGHTS = {weights!r}: no such file"
     if not os.path.isabs(weights):
         message += f" (relative paths are read from the current directory, {os.getcwd()})"
-    command = build_command_for(weights)
-    if command:
-        message += (
-            f". It is a backbone pre-trained on Fashion-MNIST (the stand-in for ImageNet): build it with "
-            f"`{command}` from the repository root, or `make pretrain` for all of them (configs/README.md)"
-        )
+    for candidate in ([hint] if hint is not None else []) + list(_HINTS):
+        sentence = candidate(weights)
+        if sentence:
+            return f"{message}. {sentence}"
     return message

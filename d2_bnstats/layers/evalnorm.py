@@ -30,8 +30,9 @@ with one (alpha, beta) pair per layer. Modes (:data:`MODES`) choose them:
   receive gradient and the network trains exactly as with BN ("online" estimation; the same
   loss with everything else frozen is the "offline" estimation). sigma_B, sigma_hat include eps
   as BN does. The layer computes L_aux in every training forward (with grad enabled) and keeps
-  it in :attr:`EvalNorm2d.aux_loss`; :func:`attach_aux_loss_hook` adds the sum over layers to
-  a model's loss dict.
+  it in :attr:`EvalNorm2d.aux_loss`; :func:`~d2_bnstats.layers.evalnorm_aux.attach_aux_loss_hook`
+  adds the sum over layers to a model's loss dict. The formulas are plain functions in
+  :mod:`d2_bnstats.layers.evalnorm_math`.
 - ``"rule"``: alpha = beta = 1/B^2 (the paper's rule of thumb, Table 1);
 - ``"exact"``: alpha = beta = 1/B (eqs. 3-4 taken literally);
 - ``"fixed"``: given alpha, beta;
@@ -53,11 +54,13 @@ Conventions (documented choices)
   differs from the biased batch variance BN normalises with in training by the factor
   n / (n - 1), n = values per channel of a training batch (B H W: >= 32 in the backbone of the
   CPU configs, > 10^4 in box heads); the learned alpha_hat, beta_hat absorb it. Where this layer
-  *writes* running_var from biased moments (the synchronised training path) it converts to
-  unbiased with n / (n - 1), n the global count.
+  *writes* running_var from biased moments (the synchronised training path) it uses the shared
+  running-statistics update of :mod:`d2_bnstats.layers.moments` (unbiased with n / (n - 1), n the
+  global count; a global batch without values changes nothing, ``num_batches_tracked`` included).
 - alpha_hat, beta_hat are 0-dim parameters kept in [0, 1] by projection: after every optimiser
-  step the parameters are clamped back into [0, 1] (torch's global optimizer step post hook, so
-  any loop and optimiser works); the forward uses the clamped value with a straight-through
+  step they are clamped back into [0, 1] by a hook that
+  :func:`~d2_bnstats.layers.evalnorm_projection.attach_projection_hook` attaches to a model (the
+  layer itself installs nothing); the forward uses the clamped value with a straight-through
   gradient (torch's clamp has zero gradient *at* a bound, which would freeze a parameter sitting
   on it). They start at 0 (= BN inference until learned).
 - L_aux is the mean over elements of the absolute error, by default over a deterministic subset
@@ -68,98 +71,46 @@ Conventions (documented choices)
   flow to the input through mu_i, sigma2_i.
 - An empty input (N = 0) returns an empty output connected to the graph (zero gradients for
   every parameter, alpha_hat and beta_hat included) and leaves every buffer untouched
-  (nn.BatchNorm2d would increment ``num_batches_tracked``).
+  (nn.BatchNorm2d would increment ``num_batches_tracked``); likewise an empty global batch of the
+  synchronised variant.
+- Checkpoints: the layer's own format is checkpoint version 4 (``_version``; torch's BatchNorm
+  writes 2, detectron2's FrozenBatchNorm2d 3). A layer's entries of an older version or without a
+  version (BN, FrozenBN, Caffe2, EvalNorm files written before versioning, state dicts rebuilt
+  without torch's metadata) are completed: the recorded B as "unknown", ``num_batches_tracked`` as
+  0, missing running statistics as the identity (as FrozenBatchNorm2d does); alpha_hat, beta_hat
+  stay missing (a loader reports them: they are not estimated yet).
 - Half/bfloat16 inputs: statistics and coefficients are computed in float32, the output has the
   input's dtype.
+
+Model-level helpers here: :func:`evalnorm_layers`, :func:`set_evalnorm_mode`,
+:func:`evalnorm_state`. Length (~470 lines): this docstring (the maths and the documented
+conventions) is a fifth of it, the rest is the one layer class with its checkpoint handling and
+its training and evaluation forwards; the formulas, the loss-dict hook and the [0, 1] projection
+are modules of their own (evalnorm_math, evalnorm_aux, evalnorm_projection).
 
 This module imports torch only.
 """
 import math
 import warnings
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sync import global_moments, world_size
+from .evalnorm_math import Number, aux_loss, aux_subset, evalnorm_moments, unit_interval
+from .moments import (
+    batch_moments_from_samples,
+    empty_output,
+    global_moments,
+    per_sample_moments,
+    unbiased_variance,
+    update_running_stats,
+    world_size,
+)
 
 MODES = ("learned", "rule", "exact", "fixed", "ema")
 DEFAULT_AUX_SAMPLES = 256
-
-Number = Union[float, torch.Tensor]
-
-
-# ----------------------------------------------------------------------------------------------
-# The maths, as plain functions (used by the layer, reusable by tools and tests)
-# ----------------------------------------------------------------------------------------------
-def per_sample_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Mean and biased variance of ``x`` (N, C, H, W) over H, W: two [N, C] tensors in float32
-    (float64 for double input), without gradient.
-
-    Two vectorised reductions (sum and L2 norm, accumulated in float32) instead of
-    ``torch.var_mean``, which is 3-5x slower on CPU; variance = E[x^2] - mean^2, clamped at 0.
-    Its absolute error is about 1e-7 E[x^2], negligible next to sigma2_E in sigma2_hat.
-    """
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    n, c, h, w = x.shape
-    hw = h * w
-    if x.numel() == 0 or hw == 0:
-        zeros = torch.zeros(n, c, dtype=dtype, device=x.device)
-        return zeros, zeros.clone()
-    with torch.no_grad():
-        total = x.sum(dim=(2, 3), dtype=dtype)
-        sq = torch.linalg.vector_norm(x, ord=2, dim=(2, 3), dtype=dtype)
-        mean = total / hw
-        var = (sq * sq / hw - mean * mean).clamp_(min=0)
-    return mean, var
-
-
-def batch_moments_from_samples(mean_i: torch.Tensor, var_i: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of a batch from its samples' moments (equal sizes)."""
-    mean = mean_i.mean(0)
-    var = var_i.mean(0) + (mean_i - mean).pow(2).mean(0)
-    return mean, var
-
-
-def evalnorm_moments(
-    mean_i: torch.Tensor, var_i: torch.Tensor, mean_e: torch.Tensor, var_e: torch.Tensor, alpha: Number, beta: Number
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """mu_hat, sigma2_hat of eqs. 7-8 (per sample and channel). Interpolations use lerp, exact at
-    the ends: alpha = 1 gives mu_i, alpha = 0 gives mu_E (likewise beta)."""
-    dtype = torch.promote_types(mean_i.dtype, mean_e.dtype)
-    mean_i, var_i = mean_i.to(dtype), var_i.to(dtype)
-    mean_e, var_e = mean_e.to(dtype).expand_as(mean_i), var_e.to(dtype).expand_as(var_i)
-    if isinstance(alpha, torch.Tensor):
-        alpha = alpha.to(dtype)
-    if isinstance(beta, torch.Tensor):
-        beta = beta.to(dtype)
-    d = mean_i - mean_e
-    mu_hat = torch.lerp(mean_e, mean_i, alpha)
-    var_hat = torch.lerp(var_e, var_i, beta) + (beta * (1 - beta)) * d * d
-    return mu_hat, var_hat
-
-
-def l1_of_affine(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """mean(|x * a + b|) over all of ``x`` (N, C, ...), with ``a``, ``b`` of shape (N, C) broadcast
-    over the trailing dimensions; gradients go to ``a`` and ``b`` only.
-
-    Computed without keeping any tensor of ``x``'s size for the backward pass: with
-    s = sign(x a + b) (a subgradient of |.|, 0 at 0 as torch's abs), sum|x a + b| =
-    a sum(s x) + b sum(s), so the loss is that expression with the sums taken as constants;
-    its value and its gradient are those of the plain expression.
-    """
-    if x.numel() == 0:
-        return (a.sum() + b.sum()) * 0.0
-    extra = (None,) * (x.dim() - 2)
-    dims = tuple(range(2, x.dim()))
-    with torch.no_grad():
-        t = torch.addcmul(b.detach()[(...,) + extra], x, a.detach()[(...,) + extra])
-        t.sign_()
-        s = t.sum(dims) if dims else t.clone()
-        sx = t.mul_(x)
-        sx = sx.sum(dims) if dims else sx
-    return ((a * sx).sum() + (b * s).sum()) / x.numel()
 
 
 def _clamp01(v: float, what: str) -> float:
@@ -169,50 +120,12 @@ def _clamp01(v: float, what: str) -> float:
     return v
 
 
-# ----------------------------------------------------------------------------------------------
-# Keeping alpha_hat, beta_hat in [0, 1]: projection after every optimiser step
-# ----------------------------------------------------------------------------------------------
-_UNIT_INTERVAL_TAG = "_d2_bnstats_unit_interval"
-_projection_hook = None
-
-
-def _project_after_step(optimizer, args, kwargs) -> None:
-    params = [p for g in optimizer.param_groups for p in g["params"] if getattr(p, _UNIT_INTERVAL_TAG, False)]
-    if params:
-        with torch.no_grad():
-            for p in params:
-                p.clamp_(0.0, 1.0)
-
-
-def _unit_interval(p: torch.Tensor) -> torch.Tensor:
-    """``p`` clamped to [0, 1] in value, with gradient 1 everywhere (straight-through).
-
-    The optimiser-step projection keeps the parameter inside [0, 1], where this is the identity;
-    torch's clamp has zero gradient *at* the bounds, which would freeze a parameter that starts
-    at 0 (our initial value) or that the projection put on a bound.
-    """
-    p = p.float()
-    return p + (p.detach().clamp(0.0, 1.0) - p.detach())
-
-
-def _install_projection() -> None:
-    global _projection_hook
-    if _projection_hook is None:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        _projection_hook = register_optimizer_step_post_hook(_project_after_step)
-
-
-# ----------------------------------------------------------------------------------------------
-# The layer
-# ----------------------------------------------------------------------------------------------
 class EvalNorm2d(nn.BatchNorm2d):
     """BatchNorm2d with EvalNorm evaluation statistics (see the module docstring for the maths).
 
     Args (beyond nn.BatchNorm2d's; ``track_running_stats`` must be True):
-        sync: normalise training batches over all processes (layers/sync.py ``global_moments``);
-            registered as "SyncEvalNorm". Without a process group or with one process it is the
-            plain layer.
+        sync: normalise training batches over all processes (``global_moments`` of
+            layers/moments.py). Without a process group or with one process it is the plain layer.
         mode: one of :data:`MODES` (``set_mode`` changes it later).
         alpha, beta: values for mode "fixed" (beta defaults to alpha).
         batch_size: B for modes "rule"/"exact" (default: the recorded ``norm_batch_size``).
@@ -248,8 +161,6 @@ class EvalNorm2d(nn.BatchNorm2d):
         factory = {"device": device, "dtype": dtype if dtype is not None else torch.float32}
         self.alpha_hat = nn.Parameter(torch.tensor(_clamp01(init_alpha, "init_alpha"), **factory), requires_grad=learn)
         self.beta_hat = nn.Parameter(torch.tensor(_clamp01(init_beta, "init_beta"), **factory), requires_grad=learn)
-        setattr(self.alpha_hat, _UNIT_INTERVAL_TAG, True)
-        setattr(self.beta_hat, _UNIT_INTERVAL_TAG, True)
         # B seen in training (running average); 0 = never trained
         self.register_buffer("norm_batch_size", torch.zeros((), device=device, dtype=torch.float32))
         self.sync = bool(sync)
@@ -267,7 +178,6 @@ class EvalNorm2d(nn.BatchNorm2d):
         self.fixed_beta: Optional[float] = None
         self.batch_size: Optional[float] = None
         self.set_mode(mode, alpha=alpha, beta=beta, batch_size=batch_size)
-        _install_projection()
 
     # ---------------------------------------------------------------------------- configuration
     def set_mode(
@@ -318,8 +228,8 @@ class EvalNorm2d(nn.BatchNorm2d):
                 if not self._warned_unknown_b:
                     warnings.warn(
                         f"EvalNorm mode {self.mode!r}: this layer never trained, so its batch size B is unknown; "
-                        "using alpha = beta = 0 (BN inference). Pass batch_size= (set_evalnorm_mode) or "
-                        "BNSTATS.EVALNORM.BATCH_SIZE.",
+                        "using alpha = beta = 0 (BN inference). Give it a batch size: set_mode(mode, batch_size=B) "
+                        "or set_evalnorm_mode(model, mode, batch_size=B).",
                         stacklevel=3,
                     )
                     self._warned_unknown_b = True
@@ -352,13 +262,15 @@ class EvalNorm2d(nn.BatchNorm2d):
         return s
 
     # ---------------------------------------------------------------------------- checkpoints
+    # torch's BatchNorm writes version 2 and detectron2's FrozenBatchNorm2d 3, so 4 marks this layer's own
+    # format (see the module docstring).
+    _version = 4
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # A BN / FrozenBN / Caffe2 checkpoint has no EvalNorm state. alpha_hat, beta_hat stay
-        # missing (the checkpointer reports them: they are not estimated yet); everything else is
-        # initialised silently: the recorded B as "unknown", num_batches_tracked (absent from
-        # FrozenBN checkpoints) as 0, and running statistics absent from Caffe2 checkpoints
-        # (folded BN: weight/bias only) as the identity, as FrozenBatchNorm2d does.
-        if prefix + "weight" in state_dict or prefix + "running_mean" in state_dict:
+        version = local_metadata.get("version", None)
+        own_format = version is not None and version >= 4
+        present = prefix + "weight" in state_dict or prefix + "running_mean" in state_dict
+        if not own_format and present:  # a file of another (BN-type) layer, or of EvalNorm before versioning
             defaults = {
                 "norm_batch_size": torch.zeros_like(self.norm_batch_size),
                 "num_batches_tracked": torch.zeros_like(self.num_batches_tracked),
@@ -379,9 +291,7 @@ class EvalNorm2d(nn.BatchNorm2d):
         return self._forward_eval(x)
 
     def _empty_output(self, x: torch.Tensor, with_aux: bool) -> torch.Tensor:
-        out = x
-        if self.affine:
-            out = x * self.weight.reshape(1, -1, 1, 1).to(x.dtype) + self.bias.reshape(1, -1, 1, 1).to(x.dtype)
+        out = empty_output(x, self.weight, self.bias)
         if with_aux:
             self._record_aux((self.alpha_hat.float() + self.beta_hat.float()) * 0.0)
         elif torch.is_grad_enabled() and self.alpha_hat.requires_grad:
@@ -392,8 +302,8 @@ class EvalNorm2d(nn.BatchNorm2d):
         return self.learn and torch.is_grad_enabled() and (self.alpha_hat.requires_grad or self.beta_hat.requires_grad)
 
     def _exponential_average_factor(self) -> float:
-        if self.momentum is None:
-            return 1.0 / float(self.num_batches_tracked)
+        if self.momentum is None:  # cumulative average, as torch; 0 batches tracked: the next is the first
+            return 1.0 / max(1.0, float(self.num_batches_tracked))
         return self.momentum
 
     def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
@@ -401,38 +311,44 @@ class EvalNorm2d(nn.BatchNorm2d):
         use_sync = self.sync and world_size() > 1
         if x.numel() == 0 and not use_sync:
             return self._empty_output(x, with_aux)
-        n, c, h, w = x.shape
-        tracking = self.track_running_stats
         if with_aux:  # mu_E, sigma2_E before this batch's update: the test sample is never in them
-            mean_e, var_e = self.running_mean.detach().float().clone(), self.running_var.detach().float().clone()
-        if not use_sync:
-            out = super().forward(x)  # exactly nn.BatchNorm2d (num_batches_tracked, momentum, stats)
-            if tracking:
-                self._record_batch_size(float(n))
-            if not with_aux:
-                return out
-            mean_i, var_i = per_sample_moments(x.detach())
-            mean_b, var_b = batch_moments_from_samples(mean_i, var_i)
-        else:
-            moments = global_moments(x, sync=True)
-            scale = torch.rsqrt(moments.var + self.eps)
-            shift = -moments.mean * scale
-            if self.affine:
-                scale = scale * self.weight.float()
-                shift = shift * self.weight.float() + self.bias.float()
-            out = x * scale.to(x.dtype).reshape(1, -1, 1, 1) + shift.to(x.dtype).reshape(1, -1, 1, 1)
-            if tracking:
-                self._update_running_stats_sync(moments, h * w)
+            population = (self.running_mean.detach().float().clone(), self.running_var.detach().float().clone())
+        if use_sync:
+            out, batch = self._forward_train_sync(x)
             if x.numel() == 0:
                 if with_aux:
                     self._record_aux((self.alpha_hat.float() + self.beta_hat.float()) * 0.0)
                 return out
-            if not with_aux:
-                return out
-            mean_i, var_i = per_sample_moments(x.detach())
-            mean_b, var_b = moments.mean.detach(), moments.var.detach()
-        self._record_aux(self._aux_loss(x.detach(), mean_i, var_i, mean_b, var_b, mean_e, var_e))
+        else:
+            out = super().forward(x)  # exactly nn.BatchNorm2d (num_batches_tracked, momentum, stats)
+            if self.track_running_stats:
+                self._record_batch_size(float(x.shape[0]))
+            batch = None
+        if not with_aux:
+            return out
+        sample_moments = per_sample_moments(x.detach())
+        if batch is None:
+            batch = batch_moments_from_samples(*sample_moments)
+        alpha, beta = self._learned_ab()  # L_aux trains alpha_hat, beta_hat whatever the eval mode
+        loss = aux_loss(x.detach(), sample_moments, batch, population, alpha, beta, self.eps, self.aux_samples, self._aux_step)
+        self._aux_step += 1
+        self._record_aux(loss)
         return out
+
+    def _forward_train_sync(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """BN of the global batch (a collective: every process calls it, also with an empty ``x``):
+        the output and the global (mean, biased variance) it normalised with, detached."""
+        moments = global_moments(x, sync=True)
+        scale = torch.rsqrt(moments.var + self.eps)
+        shift = -moments.mean * scale
+        if self.affine:
+            scale = scale * self.weight.float()
+            shift = shift * self.weight.float() + self.bias.float()
+        out = x * scale.to(x.dtype).reshape(1, -1, 1, 1) + shift.to(x.dtype).reshape(1, -1, 1, 1)
+        if self.track_running_stats:
+            update_running_stats(self, moments.count, moments.mean, unbiased_variance(moments))
+            self._record_global_batch_size(moments.count, x.shape[2] * x.shape[3])
+        return out, (moments.mean.detach(), moments.var.detach())
 
     def _record_batch_size(self, b: float) -> None:
         """Running average of B (the first batch is taken as is); no host-device transfer."""
@@ -441,56 +357,23 @@ class EvalNorm2d(nn.BatchNorm2d):
             buf = self.norm_batch_size
             buf.copy_(torch.where(buf > 0, buf * (1.0 - f) + f * b, torch.full_like(buf, b)))
 
-    def _update_running_stats_sync(self, moments, hw: int) -> None:
-        """BN's running-statistics update from the global moments (unbiased variance)."""
+    def _record_global_batch_size(self, count: torch.Tensor, hw: int) -> None:
+        """B = global count / (H W): the inverse weight of one sample in the global mean; an empty
+        global batch records nothing."""
+        if hw == 0:
+            return
+        f = self._exponential_average_factor()
         with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            f = self._exponential_average_factor()
-            count = moments.count
-            valid = count > 1
-            unbiased = moments.var * count / (count - 1).clamp(min=1)
-            rm, rv = self.running_mean, self.running_var
-            rm.copy_(torch.where(valid, rm + f * (moments.mean.to(rm.dtype) - rm), rm))
-            rv.copy_(torch.where(valid, rv + f * (unbiased.to(rv.dtype) - rv), rv))
-            if hw > 0:  # B = global count / (H W): the inverse weight of one sample in the global mean
-                b = count.to(self.norm_batch_size.dtype) / hw
-                buf = self.norm_batch_size
-                buf.copy_(torch.where(count > 0, torch.where(buf > 0, buf + f * (b - buf), b), buf))
-
-    def _aux_loss(self, x, mean_i, var_i, mean_b, var_b, mean_e, var_e) -> torch.Tensor:
-        """L_aux of eq. 9 (mean absolute error, on a subset of values; see the module docstring)."""
-        alpha, beta = self._learned_ab()  # L_aux trains alpha_hat, beta_hat whatever the eval mode
-        mu_hat, var_hat = evalnorm_moments(mean_i, var_i, mean_e, var_e, alpha, beta)
-        r_b = torch.rsqrt(var_b + self.eps)
-        r_hat = torch.rsqrt(var_hat + self.eps)
-        a = r_b - r_hat  # z_B - z_hat = x a + b
-        b = mu_hat * r_hat - mean_b * r_b
-        xs, rows = self._aux_subset(x)
-        if rows is not None:
-            a, b = a[rows], b[rows]
-        self._aux_step += 1
-        return l1_of_affine(xs, a, b)
+            buf = self.norm_batch_size
+            b = count.to(buf.dtype) / hw
+            buf.copy_(torch.where(count > 0, torch.where(buf > 0, buf + f * (b - buf), b), buf))
 
     def _learned_ab(self):
-        return _unit_interval(self.alpha_hat), _unit_interval(self.beta_hat)
+        return unit_interval(self.alpha_hat), unit_interval(self.beta_hat)
 
     def _aux_subset(self, x: torch.Tensor):
-        """The values L_aux is computed on: at most about ``aux_samples`` per channel, taken as
-        whole maps of every k-th sample when a map fits the budget (heads: many small RoIs),
-        else as every k-th row of every sample (backbone: few large maps). The offset cycles
-        with the training step, so over k steps every value is used equally often."""
-        n, c, h, w = x.shape
-        m = self.aux_samples
-        if m <= 0 or n * h * w <= m:
-            return x, None
-        step = self._aux_step
-        if h * w <= m:
-            stride = -(-n // (m // (h * w)))
-            rows = slice(step % stride, None, stride)
-            return x[rows], rows
-        rows_per_sample = max(1, (m // n) // w)
-        stride = -(-h // rows_per_sample)
-        return x[:, :, step % stride :: stride, :], None
+        """The values the next training forward computes L_aux on (``aux_subset`` of evalnorm_math)."""
+        return aux_subset(x, self.aux_samples, self._aux_step)
 
     def _record_aux(self, loss: torch.Tensor) -> None:
         if self._aux_collecting and self.aux_loss is not None:
@@ -548,7 +431,7 @@ class EvalNorm2d(nn.BatchNorm2d):
 
 
 # ----------------------------------------------------------------------------------------------
-# Model-level helpers (torch only)
+# Model-level helpers
 # ----------------------------------------------------------------------------------------------
 def evalnorm_layers(model: nn.Module) -> List[Tuple[str, EvalNorm2d]]:
     """(name, layer) for every EvalNorm2d in ``model``."""
@@ -594,77 +477,3 @@ def evalnorm_state(model: nn.Module) -> List[Dict[str, object]]:
             }
         )
     return rows
-
-
-class AuxLossHook:
-    """Adds the EvalNorm auxiliary loss to a model's training loss dict.
-
-    A forward pre-hook on the model clears every layer's ``aux_loss`` and starts collection (a
-    layer called several times in one forward adds up its losses); the forward hook, when the
-    model is in training mode with grad enabled and returns a dict, adds
-    ``output[key] = weight * sum over layers of L_aux``. Each layer's alpha_hat, beta_hat only
-    get gradient from their own term, so their effective step is lr * weight whatever the number
-    of layers. ``callback(layers)``, if given, runs after every training forward (used to log
-    alpha_hat, beta_hat).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        weight: float = 1.0,
-        key: str = "loss_evalnorm",
-        callback: Optional[Callable[[List[Tuple[str, EvalNorm2d]]], None]] = None,
-    ):
-        self.layers = evalnorm_layers(model)
-        self.weight = float(weight)
-        self.key = key
-        self.callback = callback
-        self._warned = False
-        self.handles = [model.register_forward_pre_hook(self._pre), model.register_forward_hook(self._post)]
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-    def _pre(self, module, inputs):
-        # Collected again every forward: later passes (per-level copies, conversions) may have
-        # replaced or added layers since the hook was attached; a walk over modules is cheap.
-        self.layers = evalnorm_layers(module)
-        for _, layer in self.layers:
-            layer.aux_loss = None
-            layer._aux_collecting = True
-
-    def _post(self, module, inputs, output):
-        losses = []
-        for _, layer in self.layers:
-            layer._aux_collecting = False
-            if layer.aux_loss is not None:
-                losses.append(layer.aux_loss)
-        if not (module.training and torch.is_grad_enabled()):
-            return None
-        if losses:
-            if isinstance(output, dict):
-                output[self.key] = torch.stack([l.reshape(()) for l in losses]).sum() * self.weight
-            elif not self._warned:
-                warnings.warn(
-                    f"EvalNorm: the model returned {type(output).__name__}, not a dict of losses, so "
-                    f"{self.key!r} was not added; alpha_hat/beta_hat are not learned",
-                    stacklevel=2,
-                )
-                self._warned = True
-        if self.callback is not None:
-            self.callback(self.layers)
-        return None
-
-
-def attach_aux_loss_hook(model: nn.Module, weight: float = 1.0, key: str = "loss_evalnorm", callback=None) -> Optional[AuxLossHook]:
-    """Attach :class:`AuxLossHook` to ``model`` once (None if it has no EvalNorm layer that learns)."""
-    existing = getattr(model, "_evalnorm_aux_hook", None)
-    if existing is not None:
-        existing.remove()
-    layers = evalnorm_layers(model)
-    if not any(layer.learn for _, layer in layers):
-        return None
-    hook = AuxLossHook(model, weight=weight, key=key, callback=callback)
-    object.__setattr__(model, "_evalnorm_aux_hook", hook)
-    return hook

@@ -15,7 +15,8 @@ y = γ (x − μ_g) / sqrt(σ²_g + ε) + β; gradients are those of BN applied 
 Running statistics are updated once per forward (so ``momentum`` keeps its per-iteration meaning,
 PreciseBN's "momentum = 1 replaces" works, and the layer runs once per forward as the
 population-statistics protocol requires) with the statistics of the sub-batches aggregated as if each
-had been a separate BN batch, weighted by their number of values:
+had been a separate BN batch, weighted by their number of values
+(:func:`d2_bnstats.layers.moments.aggregate_group_statistics`):
 
     μ_agg = Σ_g n_g μ_g / Σ_g n_g,     σ²_agg = Σ_g n_g · σ²_g n_g/(n_g − 1) / Σ_g n_g
     running_mean ← (1 − m) running_mean + m μ_agg,   running_var ← (1 − m) running_var + m σ²_agg
@@ -31,8 +32,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
-from .sync import Moments
-from .sync_bn import empty_output, update_running_stats
+from .moments import Moments, aggregate_group_statistics, empty_output, update_running_stats
 
 
 def even_split_sizes(total: int, parts: int) -> List[int]:
@@ -105,16 +105,6 @@ def _runs(sizes: Sequence[int]) -> List[Tuple[int, int]]:
     return runs
 
 
-def aggregate_group_statistics(groups: Moments) -> Tuple[Moments, torch.Tensor]:
-    """(Moments with total count and count-weighted mean, count-weighted mean of unbiased variances)."""
-    counts = groups.count
-    total = counts.sum()
-    weights = counts / total.clamp(min=1)
-    mean = (weights[:, None] * groups.mean).sum(0)
-    unbiased = groups.var * (counts / (counts - 1).clamp(min=1))[:, None]
-    return Moments(total, mean, (weights[:, None] * groups.var).sum(0)), (weights[:, None] * unbiased).sum(0)
-
-
 class GhostBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d over sub-batches of ``virtual_batch_size`` samples (see module docstring)."""
 
@@ -153,7 +143,7 @@ def normalise_interleaved(x: torch.Tensor, groups: int, weight, bias, eps: float
     return y.reshape(x.shape), Moments(counts, mean.reshape(groups, channels), var.reshape(groups, channels))
 
 
-def normalise_and_track(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, sizes: Sequence[int], interleaved: bool = False) -> torch.Tensor:
+def normalise_and_track(bn: nn.BatchNorm2d, x: torch.Tensor, sizes: Sequence[int], interleaved: bool = False) -> torch.Tensor:
     """Normalise groups of ``x`` separately (consecutive groups of ``sizes``; or, with
     ``interleaved``, len(sizes) equal interleaved groups) and update ``bn``'s running statistics with
     the aggregated group statistics (shared by GhostBN and the one-process RoI shuffle)."""
@@ -162,6 +152,5 @@ def normalise_and_track(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, si
     else:
         y, groups = normalise_groups(x, sizes, bn.weight, bn.bias, bn.eps)
     if bn.track_running_stats and bn.running_mean is not None:
-        moments, unbiased_var = aggregate_group_statistics(groups)
-        update_running_stats(bn, moments, unbiased_var)
+        update_running_stats(bn, *aggregate_group_statistics(groups))
     return y

@@ -16,10 +16,13 @@ copy therefore runs exactly once per head forward, which is what PreciseBN and t
 population-statistics protocol need (fvcore's ``update_bn_stats`` sees L ordinary BN layers).
 
 State dict: ``<prefix>levels.<i>.<name>``; shared parameters appear under every level (as for any
-tied parameter in torch). Loading accepts, besides that layout, the un-wrapped norm's keys
-(``<prefix><name>``: copied into every level, e.g. fine-tuning from a model with shared statistics)
-and detectron2's ``CycleBatchNormList`` layout (``<prefix><i>.<name>`` per level, shared
-``<prefix>weight``/``<prefix>bias``).
+tied parameter in torch). The class's ``_version`` (torch's checkpoint version, in the file's
+metadata) is 2; files of version 1 have the same layout. Besides its own files, loading accepts two
+layouts written by other modules at the same prefix (their metadata carries *their* class's version,
+which says nothing about this layout, so these are recognised by the absence of ``levels.`` keys):
+the un-wrapped norm's keys (``<prefix><name>``: copied into every level, e.g. fine-tuning from a
+model with shared statistics) and a per-level list of norms (``<prefix><i>.<name>`` per level, shared
+parameters as ``<prefix><name>``; the layout of detectron2's ``CycleBatchNormList``).
 """
 import copy
 import re
@@ -33,6 +36,8 @@ _LEVEL_KEY = re.compile(r"^(\d+)\.(.+)$")
 class PerLevelNorm(nn.Module):
     """L copies of ``norm`` sharing its parameters, used in turn (see module docstring)."""
 
+    _version = 2
+
     def __init__(self, norm: nn.Module, num_levels: int):
         super().__init__()
         if not isinstance(num_levels, int) or num_levels < 1:
@@ -42,7 +47,7 @@ class PerLevelNorm(nn.Module):
             share_parameters(norm, other)
         self.levels = nn.ModuleList(copies)
         self._next = 0
-        self._register_load_state_dict_pre_hook(self._accept_other_layouts)
+        self.register_load_state_dict_pre_hook(_accept_other_layouts)
 
     @property
     def num_levels(self) -> int:
@@ -60,21 +65,23 @@ class PerLevelNorm(nn.Module):
     def extra_repr(self):
         return f"num_levels={len(self.levels)}, shared parameters, per-level buffers"
 
-    def _accept_other_layouts(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        ours = prefix + "levels."
-        foreign = [k for k in state_dict if k.startswith(prefix) and not k.startswith(ours)]
-        if not foreign or any(k.startswith(ours) for k in state_dict):
-            return
-        level_names = {name for name, _ in self.levels[0].state_dict(keep_vars=True).items()}
-        for key in foreign:
-            rest = key[len(prefix) :]
-            match = _LEVEL_KEY.match(rest)
-            if match and int(match.group(1)) < len(self.levels) and match.group(2) in level_names:
-                state_dict[f"{ours}{match.group(1)}.{match.group(2)}"] = state_dict.pop(key)  # CycleBatchNormList
-            elif rest in level_names:
-                value = state_dict.pop(key)
-                for i in range(len(self.levels)):
-                    state_dict[f"{ours}{i}.{rest}"] = value
+
+def _accept_other_layouts(module: PerLevelNorm, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """Load pre-hook: rename the foreign layouts of the module docstring to ``levels.<i>.<name>``."""
+    ours = prefix + "levels."
+    if any(k.startswith(ours) for k in state_dict):
+        return  # this class's layout (versions 1 and 2)
+    levels = len(module.levels)
+    level_names = set(module.levels[0].state_dict(keep_vars=True))
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix) :]
+        match = _LEVEL_KEY.match(rest)
+        if match and int(match.group(1)) < levels and match.group(2) in level_names:
+            state_dict[f"{ours}{match.group(1)}.{match.group(2)}"] = state_dict.pop(key)  # per-level list
+        elif rest in level_names:
+            value = state_dict.pop(key)
+            for i in range(levels):
+                state_dict[f"{ours}{i}.{rest}"] = value
 
 
 def share_parameters(source: nn.Module, target: nn.Module) -> None:
@@ -90,20 +97,14 @@ def share_parameters(source: nn.Module, target: nn.Module) -> None:
 def keeps_statistics(module: nn.Module) -> bool:
     """Whether per-level copies of ``module`` make sense: it owns buffers that training changes.
 
-    True for every BatchNorm-type layer (``_NormBase`` with running statistics), for layers that
-    implement the population-statistics protocol (``set_population_statistics``) and for any other
-    module owning buffers of its own (third-party stateful norms); False for stateless norms (GN, LN)
-    and detectron2's FrozenBatchNorm2d (its buffers are fixed parameters).
+    True for layers that implement the population-statistics protocol (``set_population_statistics``)
+    and for every module owning buffers of its own: BatchNorm-type layers with running statistics,
+    third-party stateful norms. False for stateless norms (GN, LN) and BN without running statistics.
+    A module whose buffers are fixed parameters (a frozen BN) is excluded by the caller's predicate.
     """
-    from torch.nn.modules.batchnorm import _NormBase
-
-    if type(module).__name__ == "FrozenBatchNorm2d":
-        return False
-    if isinstance(module, _NormBase):
-        return any(True for _ in module.buffers())  # BN without running statistics has none
     if hasattr(module, "set_population_statistics"):
         return True
-    return len(module._buffers) > 0
+    return any(True for _ in module.buffers(recurse=False))
 
 
 def wrap_per_level(
@@ -111,11 +112,13 @@ def wrap_per_level(
     num_levels: int,
     predicate: Callable[[nn.Module], bool] = keeps_statistics,
     build: Optional[Callable[[nn.Module], Optional[nn.Module]]] = None,
+    leave: Optional[Callable[[nn.Module], bool]] = None,
 ) -> List[PerLevelNorm]:
     """Replace, in place, every outermost module of ``head`` for which ``predicate`` holds by a
     :class:`PerLevelNorm` with ``num_levels`` levels, and reset the level counters at the start of
     every ``head`` forward. ``build(module)`` may supply the norm to copy instead of ``module`` (e.g. to
-    rebuild a detectron2 ``CycleBatchNormList``). Returns the wrappers (already wrapped ones included)."""
+    rebuild a per-level list of norms); a module for which ``leave`` holds (and ``build`` gave None)
+    is kept as it is and not searched. Returns the wrappers (already wrapped ones included)."""
     wrappers: List[PerLevelNorm] = []
 
     def visit(parent: nn.Module):
@@ -124,8 +127,8 @@ def wrap_per_level(
                 wrappers.append(child)
                 continue
             replacement = build(child) if build is not None else None
-            if replacement is None and type(child).__name__ == "CycleBatchNormList":
-                continue  # detectron2's own per-level BN; replace it through ``build`` if wanted
+            if replacement is None and leave is not None and leave(child):
+                continue
             if replacement is None and predicate(child):
                 replacement = child
             if replacement is not None:

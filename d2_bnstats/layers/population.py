@@ -1,9 +1,9 @@
-"""Population statistics of normalisation layers: PreciseBN, frozen statistics, batch statistics at test.
+"""PreciseBN: population statistics of normalization layers recomputed from many training batches.
 
 Wu & Johnson, "Rethinking 'Batch' in BatchNorm" (2021), §3 and Appendix; methods.md §3.
 
 **PreciseBN.** With the weights fixed, the model runs in training mode on many batches. For every
-population-statistics layer (below) and every call of it, the per-channel moments of the layer's
+population-statistics layer and every call of it, the per-channel moments of the layer's
 *input* are taken over all dimensions but the channel: n values, mean m, biased variance v. The
 population statistics weight each call by its number of values and undo nothing else (the biased
 variance is already the second central moment of those n values):
@@ -18,30 +18,14 @@ statistics of the union of all processes' data, bit-identical on every process. 
 several times per forward (a shared head) accumulates every call; a layer that saw no value (N = 0)
 keeps its statistics. (For torch's own BatchNorm{1,2,3}d the per-call moments are read from the
 layer's running buffers, updated with momentum 1 during the pass, instead of reducing the input a
-second time; other layers' inputs are reduced by a forward pre-hook.) Everything else is left as it was: parameters are never written (no
-gradient is taken), every registered buffer and every plain module attribute is restored after the
+second time; other layers' inputs are reduced by a forward pre-hook.) Everything else is left as it
+was: parameters are never written (no gradient is taken), every registered buffer and every plain module attribute is restored after the
 pass (EMA updates, counters, ring buffers), and so are the random number generators (torch, CUDA,
 numpy, random) and each module's train/eval flag.
 
-**Population-statistics layers** (the project's protocol): a module that implements
-``set_population_statistics(mean, var, count)`` receives the mean and BIASED variance of its input
-over the whole pass and the number of values N (a 0-dim float64 tensor); any other
-``nn.modules.batchnorm._BatchNorm`` with running statistics gets ``running_mean = μ`` and, following
-torch's convention that ``running_var`` is an unbiased estimate, ``running_var = σ²·N/(N−1)``
-(N is 10⁵–10⁹ here, so this factor is 1 to within 1e-5). This covers BatchNorm{1,2,3}d, SyncBatchNorm,
-detectron2's BatchNorm2d/NaiveSyncBatchNorm and every BN subclass (EvalNorm, GhostBN, ...), and each
-per-level copy inside a per-level wrapper. Layers without running statistics (``track_running_stats
-=False``), FrozenBatchNorm2d and GroupNorm are not population-statistics layers.
-
-**FrozenBN late in training** (:func:`freeze_batch_statistics`): a frozen layer normalises with its
-population statistics even when the model is in training mode (its forward runs with ``training =
-False``, which also stops the EMA update), while its affine parameters keep their gradients. It
-survives ``model.train()``/``model.eval()``; PreciseBN leaves frozen layers alone (their statistics are
-those the rest of the network was trained with).
-
-**Batch statistics at test** (:func:`batch_statistics`): in evaluation mode each call of a layer
-normalises with the mean and biased variance of its own input batch, exactly as in training, and its
-state is restored after the call (the population statistics are not touched).
+Which layers are population-statistics layers and how their statistics are written:
+:mod:`d2_bnstats.layers.population_protocol`. FrozenBN late in training: :mod:`d2_bnstats.layers.frozen_bn`;
+batch statistics at test: :mod:`d2_bnstats.layers.test_batch_stats`.
 """
 import contextlib
 import random
@@ -52,70 +36,13 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from .sync import all_reduce_sum
-
-PROTOCOL_METHOD = "set_population_statistics"
-_FROZEN_ATTR = "_d2_bnstats_frozen_bn"
-_FROZEN_RESTORE_ATTR = "_d2_bnstats_frozen_restore_training"
-_BATCH_STATS_SAVED_ATTR = "_d2_bnstats_batch_stats_saved"
-
-
-# --------------------------------------------------------------------------------------------------
-# which layers have population statistics
-
-
-def implements_protocol(module: nn.Module) -> bool:
-    return callable(getattr(module, PROTOCOL_METHOD, None))
-
-
-def is_population_layer(module: nn.Module) -> bool:
-    """True for a layer whose inference uses statistics estimated from training batches."""
-    if implements_protocol(module):
-        return True
-    return (
-        isinstance(module, _BatchNorm)
-        and getattr(module, "running_mean", None) is not None
-        and getattr(module, "running_var", None) is not None
-    )
-
-
-def is_frozen(module: nn.Module) -> bool:
-    """True for a layer frozen by :func:`freeze_batch_statistics`."""
-    return getattr(module, _FROZEN_ATTR, None) is not None
-
-
-def population_layers(model: nn.Module, include_frozen: bool = False) -> List[Tuple[str, nn.Module]]:
-    """(name, module) of every population-statistics layer of ``model``, in ``named_modules`` order.
-
-    A layer reachable under several names is listed once; frozen layers only with ``include_frozen``.
-    """
-    seen, layers = set(), []
-    for name, module in model.named_modules():
-        if id(module) in seen or not is_population_layer(module):
-            continue
-        if is_frozen(module) and not include_frozen:
-            continue
-        seen.add(id(module))
-        layers.append((name, module))
-    return layers
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside (Distributed)DataParallel wrappers."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+from .moments import all_reduce_sum, bessel_correction, moments_from_power_sums, power_sums, shifted_moments
+from .population_protocol import layer_input, population_layers, set_population_statistics, unwrap
 
 
 def _channel_dim(x: torch.Tensor) -> int:
     return 1 if x.dim() >= 2 else 0
-
-
-def _layer_input(inputs) -> Optional[torch.Tensor]:
-    x = inputs[0] if isinstance(inputs, tuple) and inputs else inputs
-    return x if isinstance(x, torch.Tensor) else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,29 +107,6 @@ _MISSING = object()
 # PreciseBN
 
 
-def shifted_moments(x: torch.Tensor, shift: Optional[torch.Tensor] = None):
-    """(n, mean, biased variance) per channel (dim 1) of a non-empty ``x``, mean and variance in
-    float64. One pass over x − shift and its square, reduced in float32 (or x's wider dtype): with a
-    shift near the channel mean (the layer's running mean, or the first batch's mean) there is no
-    cancellation, and it costs a quarter of ``torch.var_mean`` on CPU. ``shift=None`` uses x's mean."""
-    c = _channel_dim(x)
-    dims = [d for d in range(x.dim()) if d != c]
-    x = x.detach()
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
-    if shift is None:
-        shift = x.mean(dims)
-    view = [1] * x.dim()
-    view[c] = -1
-    d = x - shift.to(x.dtype).reshape(view)
-    s1 = d.sum(dims)
-    d.mul_(d)
-    s2 = d.sum(dims)
-    n = x.numel() // x.shape[c]
-    m = s1.double() / n
-    return n, shift.double() + m, (s2.double() / n - m * m).clamp(min=0.0)
-
-
 class _Accumulator:
     """Σn, Σn·m, Σn·(v+m²) of one layer's inputs, float64."""
 
@@ -240,11 +144,10 @@ class _Accumulator:
         self._add(torch.tensor(float(n), dtype=torch.float64, device=mean.device), mean, var)
 
     def _add(self, n, mean, var) -> None:
-        n = n.to(torch.float64)
-        mean = mean.detach().to(torch.float64)
+        n, total, total_sq = power_sums(n, mean, var)
         self.count += n
-        self.sum += n * mean
-        self.sum_sq += n * (var.detach().to(torch.float64) + mean * mean)
+        self.sum += total
+        self.sum_sq += total_sq
 
 
 @dataclass
@@ -285,7 +188,7 @@ class PreciseBNReport:
 
 def _pre_hook_accumulate(accumulator: _Accumulator):
     def hook(module, inputs):
-        x = _layer_input(inputs)
+        x = layer_input(inputs)
         if x is not None:
             accumulator.add(x)
 
@@ -305,7 +208,7 @@ def _reads_running_statistics(module: nn.Module) -> bool:
 
 def _post_hook_read_running(accumulator: _Accumulator):
     def hook(module, inputs, output):
-        x = _layer_input(inputs)
+        x = layer_input(inputs)
         if x is None:
             return
         if not module.training:  # something switched it to eval inside the forward: no update
@@ -318,7 +221,7 @@ def _post_hook_read_running(accumulator: _Accumulator):
                 accumulator._init(x.shape[_channel_dim(x)], x.device)
             return
         n = x.numel() // x.shape[_channel_dim(x)]
-        accumulator.add_moments(n, module.running_mean, module.running_var * ((n - 1) / n))
+        accumulator.add_moments(n, module.running_mean, module.running_var / bessel_correction(n))
 
     return hook
 
@@ -333,28 +236,9 @@ def _attach(module: nn.Module, accumulator: _Accumulator):
     return module.register_forward_pre_hook(_pre_hook_accumulate(accumulator))
 
 
-def _default_forward(model, batch):
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """What PreciseBN runs per batch unless told otherwise: ``model(batch)``."""
     return model(batch)
-
-
-@torch.no_grad()
-def set_population_statistics(layer: nn.Module, mean: torch.Tensor, var: torch.Tensor, count) -> None:
-    """Give ``layer`` population statistics (mean and BIASED variance of N = ``count`` values) through
-    the protocol: its own ``set_population_statistics`` if it has one, else torch's BN buffers
-    (``running_var`` holds the unbiased value σ²·N/(N−1))."""
-    count = torch.as_tensor(count, dtype=torch.float64)
-    if implements_protocol(layer):
-        getattr(layer, PROTOCOL_METHOD)(mean, var, count)
-        return
-    if not is_population_layer(layer):
-        raise TypeError(
-            f"{type(layer).__name__} has no population statistics: expected a _BatchNorm with running "
-            f"statistics or a module implementing {PROTOCOL_METHOD}(mean, var, count)"
-        )
-    n = float(count)
-    unbiased = var * (n / (n - 1.0)) if n > 1 else var
-    layer.running_mean.copy_(mean.to(layer.running_mean))
-    layer.running_var.copy_(unbiased.to(layer.running_var))
 
 
 def precise_bn(
@@ -362,7 +246,7 @@ def precise_bn(
     batches: Iterable[Any],
     num_batches: int,
     *,
-    forward: Callable[[nn.Module, Any], Any] = _default_forward,
+    forward: Callable[[nn.Module, Any], Any] = default_forward,
     layers: Optional[Sequence[Tuple[str, nn.Module]]] = None,
     sync: bool = True,
     progress: Optional[Callable[[int, int], None]] = None,
@@ -370,8 +254,8 @@ def precise_bn(
     """Recompute the population statistics of ``model``'s layers from ``num_batches`` batches.
 
     The model (unwrapped from DistributedDataParallel) runs in training mode (``forward(model,
-    batch)``, default ``model(batch)``) with no gradient; ``layers`` defaults to every non-frozen population-statistics layer. With ``sync`` and
-    an initialised process group the sums are added over processes (a collective: every process must
+    batch)``, default ``model(batch)``) with no gradient; ``layers`` defaults to every non-frozen
+    population-statistics layer. With ``sync`` and an initialised process group the sums are added over processes (a collective: every process must
     call this with the same ``num_batches``). ``progress(done, total)`` is called after every batch.
     Returns a :class:`PreciseBNReport`; see the module docstring for what is and is not changed.
     """
@@ -434,8 +318,7 @@ def _finish(layers, accumulators, report: PreciseBNReport, sync: bool) -> None:
         offset += 1 + 2 * channels
         stats = LayerStatistics(name, float(count), acc.calls)
         if float(count) > 0:
-            mean = total / count
-            var = (total_sq / count - mean * mean).clamp(min=0.0)
+            mean, var = moments_from_power_sums(count, total, total_sq)
             stats.mean, stats.var = mean.float(), var.float()
             set_population_statistics(module, mean.float().to(_module_device(module)),
                                       var.float().to(_module_device(module)), count.detach().cpu())
@@ -459,124 +342,3 @@ def _module_device(module: nn.Module) -> torch.device:
         return t.device
     return torch.device("cpu")
 
-
-# --------------------------------------------------------------------------------------------------
-# FrozenBN late in training
-
-
-def _frozen_pre_hook(module, inputs):
-    if module.training:
-        module.training = False
-        setattr(module, _FROZEN_RESTORE_ATTR, True)
-
-
-def _frozen_post_hook(module, inputs, output):
-    if getattr(module, _FROZEN_RESTORE_ATTR, False):
-        module.training = True
-        delattr(module, _FROZEN_RESTORE_ATTR)
-
-
-def freeze_batch_statistics(model: nn.Module, layers: Optional[Sequence[Tuple[str, nn.Module]]] = None) -> List[str]:
-    """From now on, ``layers`` (default: every population-statistics layer) normalise with their
-    population statistics also in training mode; returns the names newly frozen. Affine parameters
-    keep training. Idempotent; :func:`unfreeze_batch_statistics` undoes it."""
-    inner = unwrap(model)
-    if layers is None:
-        layers = population_layers(inner, include_frozen=True)
-    names = []
-    for name, module in layers:
-        if is_frozen(module):
-            continue
-        handles = (
-            module.register_forward_pre_hook(_frozen_pre_hook),
-            module.register_forward_hook(_frozen_post_hook),
-        )
-        setattr(module, _FROZEN_ATTR, handles)
-        names.append(name)
-    return names
-
-
-def unfreeze_batch_statistics(model: nn.Module) -> List[str]:
-    names = []
-    for name, module in unwrap(model).named_modules():
-        handles = getattr(module, _FROZEN_ATTR, None)
-        if handles is None:
-            continue
-        for h in handles:
-            h.remove()
-        delattr(module, _FROZEN_ATTR)
-        if getattr(module, _FROZEN_RESTORE_ATTR, False):
-            module.training = True
-            delattr(module, _FROZEN_RESTORE_ATTR)
-        names.append(name)
-    return names
-
-
-def frozen_layers(model: nn.Module) -> List[str]:
-    return [name for name, m in unwrap(model).named_modules() if is_frozen(m)]
-
-
-# --------------------------------------------------------------------------------------------------
-# batch statistics at test
-
-
-def _save_buffers(module: nn.Module):
-    return [(name, buf, buf.detach().clone()) for name, buf in module._buffers.items() if buf is not None]
-
-
-def _restore_buffers(module: nn.Module) -> None:
-    saved = getattr(module, _BATCH_STATS_SAVED_ATTR, None)
-    if saved is None:
-        return
-    with torch.no_grad():
-        for name, buf, value in saved:
-            buf.copy_(value)
-            module._buffers[name] = buf
-    delattr(module, _BATCH_STATS_SAVED_ATTR)
-
-
-def _batch_stats_pre_hook(module, inputs):
-    if module.training:
-        return  # training mode already normalises with batch statistics
-    x = _layer_input(inputs)
-    if x is None or x.numel() == 0:
-        return
-    _restore_buffers(module)  # a previous call that raised left its state behind
-    shift = getattr(module, "running_mean", None)  # near the batch mean, so no cancellation
-    if isinstance(shift, torch.Tensor):
-        shift = torch.nan_to_num(shift, nan=0.0, posinf=0.0, neginf=0.0)
-    n, mean, var = shifted_moments(x, shift if isinstance(shift, torch.Tensor) else None)
-    setattr(module, _BATCH_STATS_SAVED_ATTR, _save_buffers(module))
-    with torch.no_grad():
-        if implements_protocol(module):
-            getattr(module, PROTOCOL_METHOD)(mean.float(), var.float(), torch.tensor(float(n), dtype=torch.float64))
-        else:
-            # eval-mode BN divides by sqrt(running_var + eps): the biased batch variance, as in training
-            module.running_mean.copy_(mean.to(module.running_mean))
-            module.running_var.copy_(var.to(module.running_var))
-
-
-def _batch_stats_post_hook(module, inputs, output):
-    _restore_buffers(module)
-
-
-@contextlib.contextmanager
-def batch_statistics(model: nn.Module, layers: Optional[Sequence[Tuple[str, nn.Module]]] = None):
-    """Inside the block, population-statistics layers in evaluation mode normalise every call with
-    the statistics of that call's input (the test batch): mean and biased variance over all
-    dimensions but the channel, per process. Their state is restored after every call. Frozen
-    layers are included (at test every layer is in evaluation mode anyway)."""
-    inner = unwrap(model)
-    if layers is None:
-        layers = population_layers(inner, include_frozen=True)
-    handles = []
-    try:
-        for _, module in layers:
-            handles.append(module.register_forward_pre_hook(_batch_stats_pre_hook))
-            handles.append(module.register_forward_hook(_batch_stats_post_hook))
-        yield [name for name, _ in layers]
-    finally:
-        for h in handles:
-            h.remove()
-        for _, module in layers:
-            _restore_buffers(module)

@@ -51,8 +51,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .ghost_bn import batch_norm_with_moments, even_split_sizes, normalise_and_track
-from .sync import Moments, all_reduce_sum, world_size
-from .sync_bn import empty_output, update_running_stats
+from .moments import Moments, aggregate_group_statistics, empty_output, update_running_stats, world_size
 
 
 class _AllToAll(torch.autograd.Function):
@@ -198,31 +197,17 @@ class RoIShuffleBatchNorm2d(nn.BatchNorm2d):
         plan = ShufflePlan(counts, perm, rank, world)
 
         split = all_to_all(permute_rows(x, plan.send_order, plan.send_order_inverse), plan.receive_sizes, plan.send_sizes)
-        channels = x.shape[1]
         if split.shape[0] > 0:
             y_split, mean, var = batch_norm_with_moments(split, self.weight, self.bias, self.eps)
-            n = float(split.numel() // channels)
         else:
             y_split = empty_output(split, self.weight, self.bias)
-            mean = var = x.new_zeros(channels, dtype=torch.promote_types(x.dtype, torch.float32))
-            n = 0.0
+            mean = var = x.new_zeros(x.shape[1], dtype=torch.promote_types(x.dtype, torch.float32))
         if self.track_running_stats and self.running_mean is not None:
-            self._track(n, mean, var)
+            # every process's split is one BN batch: aggregate them over processes (one all-reduce)
+            count = mean.new_tensor([float(split.numel() // x.shape[1])])
+            update_running_stats(self, *aggregate_group_statistics(Moments(count, mean[None], var[None]), sync=True))
         back = all_to_all(y_split, plan.send_sizes, plan.receive_sizes)
         return permute_rows(back, plan.send_order_inverse, plan.send_order)
-
-    def _track(self, n: float, mean: torch.Tensor, var: torch.Tensor) -> None:
-        """All-reduce Σ n, Σ n·μ, Σ n·σ²_unbiased over the splits; update the running statistics."""
-        with torch.no_grad():
-            unbiased_var = var * (n / max(n - 1.0, 1.0))
-            packed = torch.cat([mean.new_tensor([n]), mean * n, unbiased_var * n])
-            all_reduce_sum([packed])
-            channels = mean.numel()
-            total = packed[0]
-            scale = 1.0 / total.clamp(min=1)
-            agg_mean = packed[1 : 1 + channels] * scale
-            agg_var = packed[1 + channels :] * scale
-            update_running_stats(self, Moments(total, agg_mean, agg_var), agg_var)
 
     def extra_repr(self):
         return super().extra_repr() + f", num_groups={self.num_groups}"

@@ -9,13 +9,13 @@ SyncBN); :class:`SyncBatchNorm2d` takes μ and σ² over the *global* batch of a
 
 with n_k = N_k·H_k·W_k the number of values of process k, so processes may differ in batch size and
 in spatial size, and a process may hold no values at all (an empty RoI batch). The moments come from
-:func:`d2_bnstats.layers.sync.global_moments` (one all-gather of [n_k, μ_k, σ²_k]). The backward pass
+:func:`d2_bnstats.layers.moments.global_moments` (one all-gather of [n_k, μ_k, σ²_k]). The backward pass
 is BN's, with its two reductions taken over the global batch: with x̂ = (x − μ)/sqrt(σ² + ε) and g the
 output gradient,
 
     ∂L/∂x = γ / sqrt(σ² + ε) · (g − Σ g / n − x̂ · Σ g x̂ / n),   sums over all processes' values,
 
-where Σ g and Σ g x̂ are summed by one :func:`~d2_bnstats.layers.sync.all_reduce_sum` of 2C numbers
+where Σ g and Σ g x̂ are summed by one :func:`~d2_bnstats.layers.moments.all_reduce_sum` of 2C numbers
 (the gradient autograd would get by differentiating through ``global_moments``, computed with two
 fused passes over x instead of the ~8 of the autograd graph). Weight and bias gradients are the local
 Σ g x̂ and Σ g; DistributedDataParallel sums them over processes, giving BN's on the global batch.
@@ -39,40 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sync import Moments, all_reduce_sum, global_moments, world_size
-
-
-def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, moments: Moments, unbiased_var: torch.Tensor) -> None:
-    """EMA update of ``bn``'s running statistics with torch's conventions, from statistics of a batch
-    with ``moments.count`` values (mean ``moments.mean``, unbiased variance ``unbiased_var``).
-
-    Nothing changes when the count is 0; no host synchronisation (the count is used as a tensor).
-    """
-    if not bn.track_running_stats or bn.running_mean is None:
-        return
-    with torch.no_grad():
-        valid = (moments.count > 0).to(bn.running_mean.dtype)
-        bn.num_batches_tracked.add_(valid.to(bn.num_batches_tracked.dtype))
-        if bn.momentum is None:  # cumulative moving average, as torch
-            factor = valid / bn.num_batches_tracked.clamp(min=1).to(valid.dtype)
-        else:
-            factor = valid * bn.momentum
-        bn.running_mean.add_(factor * (moments.mean.to(bn.running_mean.dtype) - bn.running_mean))
-        bn.running_var.add_(factor * (unbiased_var.to(bn.running_var.dtype) - bn.running_var))
-
-
-def unbiased(moments: Moments) -> torch.Tensor:
-    """σ²·n/(n − 1) (σ² itself for n ≤ 1, where the correction is undefined)."""
-    return moments.var * moments.count / (moments.count - 1).clamp(min=1)
-
-
-def empty_output(x: torch.Tensor, weight, bias) -> torch.Tensor:
-    """An empty output shaped like ``x`` and connected to ``x``, weight and bias (zero gradients)."""
-    y = x * 1
-    for p in (weight, bias):
-        if p is not None:
-            y = y + p.sum() * 0
-    return y
+from .moments import all_reduce_sum, empty_output, global_moments, unbiased_variance, update_running_stats, world_size
 
 
 class _GlobalBatchNorm(torch.autograd.Function):
@@ -138,7 +105,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         with torch.no_grad():
             moments = global_moments(x.detach(), channel_dim=1, sync=True)
         y = _GlobalBatchNorm.apply(x, self.weight, self.bias, moments.mean, moments.var, moments.count, self.eps)
-        update_running_stats(self, moments, unbiased(moments))
+        update_running_stats(self, moments.count, moments.mean, unbiased_variance(moments))
         return y
 
     def extra_repr(self):

@@ -1,20 +1,21 @@
-"""Register fashion-scenes (and checked COCO-format data sets) with detectron2's catalogs.
+"""Checked COCO registration: detectron2's ``register_coco_instances`` with errors that name the file.
+
+detectron2 registers a COCO-format data set lazily and, when its files are missing or malformed,
+fails deep inside ``load_coco_json`` (a ``FileNotFoundError`` or ``KeyError`` far from the config
+that named the data set). :func:`register_checked_coco_instances` registers the same loader, but the
+annotation file and the images it lists are checked first, on the first load, and every problem is a
+:class:`DatasetError` naming the data set, the file and what is wrong, plus an optional hint (e.g. the
+command that builds the data set).
 
 Data sets live under ``$DETECTRON2_DATASETS`` (default ``./datasets``), detectron2's convention:
-``fashion_scenes/<name>/<split>.json``. Every preset is registered as ``<name>_<split>`` whether or
-not it is built yet; using one that is missing stops with the command that builds it. Custom data
-sets built under the same root are registered too.
+:func:`datasets_root`.
 """
 import json
 import os
-from typing import List, Optional
+from typing import Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
-
-from .fashion_scenes import PRESETS, SceneSpec, class_names, iter_built
-
-FOLDER = "fashion_scenes"
 
 
 class DatasetError(RuntimeError):
@@ -22,11 +23,8 @@ class DatasetError(RuntimeError):
 
 
 def datasets_root() -> str:
+    """``$DETECTRON2_DATASETS``, else ``datasets`` (relative to the current directory), as detectron2 reads it."""
     return os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets"))
-
-
-def fashion_scenes_root(root: Optional[str] = None) -> str:
-    return os.path.join(root or datasets_root(), FOLDER)
 
 
 def check_coco_json(json_file: str, image_root: str, dataset_name: str, build_hint: str = "") -> dict:
@@ -69,44 +67,3 @@ def register_checked_coco_instances(
 
     DatasetCatalog.register(name, load)
     MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco", **(metadata or {}))
-
-
-def _register_fashion_scenes_dataset(root: str, name: str, spec: SceneSpec, overwrite: bool) -> List[str]:
-    registered = []
-    for split in spec.splits:
-        dataset_name = f"{name}_{split}"
-        if dataset_name in DatasetCatalog.list():
-            if not overwrite:
-                continue
-            DatasetCatalog.remove(dataset_name)
-            MetadataCatalog.remove(dataset_name)
-        folder = os.path.join(root, name)
-        hint = (
-            f"Build it with `python datasets/prepare_fashion_scenes.py --name {name}`"
-            + (f" (DETECTRON2_DATASETS={os.path.dirname(root)})" if os.path.dirname(root) != "datasets" else "")
-            + "."
-        )
-        register_checked_coco_instances(
-            dataset_name,
-            os.path.join(folder, f"{split}.json"),
-            os.path.join(folder, split),
-            metadata={"thing_classes": class_names()},
-            build_hint=hint,
-        )
-        registered.append(dataset_name)
-    return registered
-
-
-def register_fashion_scenes(root: Optional[str] = None, overwrite: bool = False) -> List[str]:
-    """Register every preset and every custom data set built under ``root`` (default:
-    ``$DETECTRON2_DATASETS``). Names already registered are kept unless ``overwrite``, which points
-    them at ``root`` instead. Returns the names registered by this call.
-    """
-    root = fashion_scenes_root(root)
-    names = []
-    for name, spec in PRESETS.items():
-        names += _register_fashion_scenes_dataset(root, name, spec, overwrite)
-    for name, spec in iter_built(root):
-        if name not in PRESETS:
-            names += _register_fashion_scenes_dataset(root, name, spec, overwrite)
-    return names

@@ -1,1 +1,0 @@
-"""Benchmarks: per-layer (layers.py); end-to-end ones live beside it."""

@@ -1,0 +1,133 @@
+"""The command line of ``tools/compare_bn_stats.py``: arguments, set-up, launch.
+
+The flags are declared from tables (:data:`LAUNCH_OPTIONS`: detectron2's launch and config flags, as
+``tools/train_net.py`` takes them; :data:`TOOL_OPTIONS`: the comparison's own), so that the trailing
+``KEY VALUE`` config overrides can be an ordinary ``nargs="*"`` positional and flags may follow them
+(``--config-file C MODEL.WEIGHTS W --output O``), which detectron2's ``REMAINDER`` positional forbids.
+Defaults of the launch flags come from :func:`d2_bnstats.d2.train.argument_parser`, so they match
+``tools/train_net.py`` (e.g. the per-user ``--dist-url`` port).
+"""
+import argparse
+import copy
+import os
+import re
+
+from detectron2.utils import comm
+
+from ..d2.launch import launch
+from ..d2.train import argument_parser as train_argument_parser
+from ..d2.train import load_config, setup
+from .comparison import compare
+from .plots import plot_paths
+from .registry import registered_strategies
+
+# (flags, add_argument keywords); defaults are read from the training tool's parser
+LAUNCH_OPTIONS = (
+    (("--config-file",), dict(metavar="FILE", help="path to config file")),
+    (("--config",), dict(dest="config_file", metavar="FILE", help="alias of --config-file")),
+    (("--resume",), dict(action="store_true", help="accepted as in tools/train_net.py; the comparison loads "
+                                                       "MODEL.WEIGHTS")),
+    (("--eval-only",), dict(action="store_true", help="accepted as in tools/train_net.py (the comparison "
+                                                          "only evaluates)")),
+    (("--num-gpus",), dict(type=int, help="number of gpus *per machine* (processes on CPU)")),
+    (("--num-machines",), dict(type=int, help="total number of machines")),
+    (("--machine-rank",), dict(type=int, help="the rank of this machine (unique per machine)")),
+    (("--dist-url",), dict(help="initialization URL for pytorch distributed backend")),
+)
+
+TOOL_OPTIONS = (
+    (("--output",), dict(default=None, help="output folder (default: OUTPUT_DIR/compare_bn_stats)")),
+    (("--strategies",), dict(nargs="+", metavar="SPEC",
+                             help="strategies to run (default: all): ema, precise_bn[:N], batch_stats[:K], "
+                                  "evalnorm_learned, evalnorm_rule, evalnorm_exact, evalnorm_offline[:N]")),
+    (("--max-images",), dict(type=int, default=0, help="evaluate only the first N test images (0: all)")),
+    (("--precise-bn-samples",), dict(type=int, default=1000,
+                                     help="training images for the PreciseBN strategy (default 1000)")),
+    (("--batch-sizes",), dict(nargs="+", default=None, metavar="K",
+                              help="k for batch statistics at test (default: BNSTATS.TEST_BATCH_STATS.IMS_PER_BATCH)")),
+    (("--discrepancy-images",), dict(type=int, default=8,
+                                     help="test images for the train–test discrepancy report (0: skip; default 8)")),
+    (("--hist-layers",), dict(nargs="+", default=(), metavar="LAYER",
+                              help="layers (module names) to draw histograms for (default: first, middle, last)")),
+    (("--no-plots",), dict(action="store_true", help="write no PNG")),
+    (("--list-strategies",), dict(action="store_true", help="print the registered strategies and exit")),
+)
+
+OPTS_HELP = ('config overrides as space-separated "PATH.KEY VALUE" pairs (e.g. MODEL.WEIGHTS W); '
+             "they may come before or after the flags above")
+
+# OUTPUT_DIR, MODEL.WEIGHTS, ...: a config key found among a list flag's values starts the overrides
+CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*$")
+LIST_FLAGS = ("strategies", "hist_layers", "batch_sizes")
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    train_defaults = train_argument_parser()
+    parser = argparse.ArgumentParser(epilog="Strategies: " + ", ".join(registered_strategies()),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flags, kwargs in LAUNCH_OPTIONS:
+        if kwargs.get("dest") is None:  # an alias shares its target's default
+            dest = flags[0].lstrip("-").replace("-", "_")
+            kwargs = dict(kwargs, default=train_defaults.get_default(dest))
+        parser.add_argument(*flags, **kwargs)
+    for flags, kwargs in TOOL_OPTIONS:
+        parser.add_argument(*flags, **kwargs)
+    parser.add_argument("opts", nargs="*", default=None, help=OPTS_HELP)
+    return parser
+
+
+def parse_args(argv=None):
+    """The tool's arguments; config overrides and flags may be intermixed, e.g.
+    ``--config-file C MODEL.WEIGHTS W --output DIR``. A list flag swallows what follows it, so
+    config keys (``MODEL.WEIGHTS W``) found in a list flag's values go back to the overrides."""
+    parser = argument_parser()
+    args = parser.parse_intermixed_args(argv)
+    for dest in LIST_FLAGS:
+        values = getattr(args, dest)
+        if not values:
+            continue
+        for i, value in enumerate(values):
+            if CONFIG_KEY.match(str(value)):
+                args.opts = list(values[i:]) + list(args.opts)
+                setattr(args, dest, list(values[:i]))
+                break
+    if args.batch_sizes is not None:
+        try:
+            args.batch_sizes = [int(v) for v in args.batch_sizes]
+        except ValueError:
+            parser.error(f"--batch-sizes takes integers (images per test batch), got {args.batch_sizes}")
+    return args
+
+
+def main(args) -> dict:
+    """One process's comparison (under :func:`run`'s launch); prints the tables on the main process."""
+    output = args.output or os.path.join(load_config(args.config_file, args.opts).OUTPUT_DIR, "compare_bn_stats")
+    # detectron2's set-up writes config.yaml and log.txt into OUTPUT_DIR: the comparison's own folder
+    args = copy.copy(args)
+    args.opts = list(args.opts) + ["OUTPUT_DIR", output]
+    cfg = setup(args)
+    for value, flag in ((args.max_images, "--max-images"), (args.discrepancy_images, "--discrepancy-images")):
+        if value < 0:
+            raise ValueError(f"{flag} = {value}: give a number of images >= 0 (0 = all / skip)")
+    batch_sizes = args.batch_sizes or [cfg.BNSTATS.TEST_BATCH_STATS.IMS_PER_BATCH]
+    summary = compare(
+        cfg, output, strategies=args.strategies, max_images=args.max_images,
+        precise_bn_samples=args.precise_bn_samples, batch_sizes=batch_sizes,
+        discrepancy_images=args.discrepancy_images, hist_layers=args.hist_layers, plots=not args.no_plots,
+    )
+    if comm.is_main_process():
+        print(summary["text"])
+        print(f"\nwritten to {output}: compare.md, compare.json" + (", " + ", ".join(
+            os.path.basename(p) for p in plot_paths(summary)) if summary["plots"] else ""))
+    return summary
+
+
+def run(args) -> int:
+    """``--list-strategies``, or :func:`main` in ``args.num_gpus`` processes (gloo on CPU)."""
+    if args.list_strategies:
+        for kind in registered_strategies():
+            print(kind)
+        return 0
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
+    return 0

@@ -1,0 +1,96 @@
+"""The comparison's text and JSON output: the COCO table per test set, the discrepancy table, and
+``compare.md`` / ``compare.json``."""
+import json
+import math
+import os
+import re
+
+import torch
+
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a strategy or layer name."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+
+
+def _result_cells(strategy: dict, dataset: str, tasks) -> list:
+    res = (strategy.get("results") or {}).get(dataset, {})
+    values = []
+    for t in tasks:
+        for m in METRICS:
+            v = res.get(t, {}).get(m)
+            values.append("" if v is None else f"{v:.2f}")
+    return values
+
+
+def format_table(summary: dict) -> str:
+    from tabulate import tabulate
+
+    tables = []
+    for dataset in summary["datasets"]:
+        tasks = summary["tasks"]
+        headers = ["strategy", "k"] + [f"{t} {m}" for t in tasks for m in METRICS] + ["note"]
+        rows = []
+        for s in summary["strategies"]:
+            note = "" if s["available"] else f"unavailable: {s['reason']}"
+            rows.append([s["name"], s["test_batch_size"] if s["available"] else ""]
+                        + _result_cells(s, dataset, tasks) + [note])
+        subset = f" (first {summary['max_images']} images)" if summary["max_images"] else ""
+        tables.append(f"COCO results on {dataset}{subset}\n" + tabulate(rows, headers=headers, tablefmt="github"))
+    return "\n\n".join(tables)
+
+
+def strategy_names(rows) -> list:
+    """The strategies of a discrepancy report's rows, in order of first appearance."""
+    names = []
+    for r in rows:
+        names += [n for n in r["l1"] if n not in names]
+    return names
+
+
+def format_discrepancy(report: dict) -> str:
+    from tabulate import tabulate
+
+    rows = report.get("layers") or []
+    if not rows:
+        return f"train–test discrepancy: {report.get('note', 'no layers')}"
+    names = strategy_names(rows)
+    table = [[r["name"]] + ["n/a" if r["l1"].get(n) is None else f"{r['l1'][n]:.4f}" for n in names] for r in rows]
+    means = []
+    for n in names:
+        vals = [r["l1"][n] for r in rows if r["l1"].get(n) is not None]
+        means.append(f"{sum(vals) / len(vals):.4f}" if vals else "n/a")
+    table.append(["(mean over layers)"] + means)
+    return (f"train–test discrepancy: mean |x̂_train − x̂_eval| per layer, same inputs "
+            f"({report['images']} images of {report['dataset']}, {report['train_batch_images']} per training batch)\n"
+            + tabulate(table, headers=["layer"] + names, tablefmt="github"))
+
+
+def finite(value):
+    """NaN/inf (e.g. COCO's APs when a split has no small objects) -> None, so the JSON is strict."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def json_default(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return str(value)
+
+
+def write_text_and_json(summary: dict, output_dir: str) -> str:
+    """Write ``compare.md`` (COCO and discrepancy tables) and ``compare.json`` (the summary);
+    returns the text."""
+    text = format_table(summary) + "\n\n" + format_discrepancy(summary["discrepancy"])
+    with open(os.path.join(output_dir, "compare.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(output_dir, "compare.json"), "w") as f:
+        json.dump(finite(summary), f, indent=1, default=json_default)
+    return text

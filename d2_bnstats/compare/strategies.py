@@ -1,0 +1,192 @@
+"""Inference-statistics strategies: how a trained model's population-statistics layers normalize at
+evaluation.
+
+A :class:`Strategy` puts a fresh copy of the checkpoint into its state (``prepare``), optionally wraps
+the evaluation forwards (``inference``), chooses the images per test batch (``test_batch_size``) and
+says how a training batch's layer input is cut into what it normalizes together at evaluation
+(``discrepancy_groups``, for the train–test discrepancy report). The built-in ones:
+
+- EMA: the checkpoint's running statistics (torch's exponential moving average);
+- PreciseBN(N): population statistics recomputed over N training images;
+- batch statistics at test with k images per test batch;
+- EvalNorm learned / 1/B² / 1/B (Singh & Shrivastava, ICCV 2019, sections 3.2-3.4: the sample's own
+  moments mixed with the population's, weights α̂, β̂), and EvalNorm offline (α̂, β̂ estimated after
+  training, a BN-trained model converted first).
+
+Names for specs (``"precise_bn:1000"``) live in :mod:`d2_bnstats.compare.registry`.
+"""
+import contextlib
+import dataclasses
+import math
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.data import build_detection_train_loader
+from detectron2.utils.events import EventStorage
+from torch import nn
+
+from .. import batch_statistics, set_evalnorm_mode
+from ..d2.evalnorm_offline import convert_to_evalnorm, estimate_evalnorm
+from ..d2.population import PreciseBNRunner, default_precise_bn_loader_factory
+from ..layers.evalnorm import evalnorm_layers
+from ..layers.population_protocol import unwrap
+
+
+@dataclasses.dataclass
+class CompareContext:
+    """What strategies see: the config, the loaded model (never modified; strategies get copies),
+    the trainer class (data loaders), and the tool's options."""
+
+    cfg: object
+    model: nn.Module
+    trainer_cls: type
+    options: Dict[str, object] = dataclasses.field(default_factory=dict)
+
+
+def model_has_evalnorm(model: nn.Module) -> bool:
+    return bool(evalnorm_layers(unwrap(model)))
+
+
+def set_evalnorm_ema_if_present(model: nn.Module) -> None:
+    """Non-EvalNorm strategies evaluate EvalNorm layers as plain BN (mode "ema")."""
+    set_evalnorm_mode(unwrap(model), "ema")
+
+
+class Strategy:
+    """An inference-statistics strategy. Subclasses set ``name`` and override what they need:
+    ``unavailable`` (None, or why the strategy cannot run here), ``prepare`` (put a fresh copy of
+    the model into the strategy's state), ``inference`` (a context around evaluation forwards),
+    ``test_batch_size`` (images per test batch and process)."""
+
+    name = "?"
+    description = ""
+    test_batch_size = 1
+
+    def unavailable(self, ctx: CompareContext) -> Optional[str]:
+        return None
+
+    def prepare(self, ctx: CompareContext, model: nn.Module) -> dict:
+        """Returns extra facts for the JSON (e.g. PreciseBN's image count)."""
+        set_evalnorm_ema_if_present(model)
+        return {}
+
+    def inference(self, model: nn.Module):
+        return contextlib.nullcontext()
+
+    def discrepancy_groups(self, x: torch.Tensor, images: int) -> Optional[List[torch.Tensor]]:
+        """How one captured layer input (a training batch of ``images`` images) is cut into the
+        inputs this strategy normalizes together at evaluation; None if it cannot be emulated."""
+        return [x]
+
+
+class EMAStrategy(Strategy):
+    name = "EMA"
+    description = "running statistics of the checkpoint (torch's exponential moving average)"
+
+
+class PreciseBNStrategy(Strategy):
+    description = "population statistics recomputed over N training images (PreciseBN, all processes)"
+
+    def __init__(self, num_images: int):
+        if num_images < 1:
+            raise ValueError(f"PreciseBN needs N >= 1 images, got {num_images}")
+        self.num_images = num_images
+        self.name = f"PreciseBN({num_images})"
+
+    def prepare(self, ctx, model):
+        super().prepare(ctx, model)
+        cfg = ctx.cfg
+        batches = max(1, math.ceil(self.num_images / cfg.SOLVER.IMS_PER_BATCH))
+        runner = PreciseBNRunner(cfg, model, default_precise_bn_loader_factory(cfg, ctx.trainer_cls), batches)
+        report = runner.run(f"PreciseBN({self.num_images})")
+        if report is None:
+            return {"images": 0, "layers_updated": 0}
+        return {
+            "images": batches * cfg.SOLVER.IMS_PER_BATCH,
+            "layers_updated": len(report.updated),
+            "layers_without_data": report.skipped,
+            "seconds": round(report.seconds, 2),
+        }
+
+
+class BatchStatsStrategy(Strategy):
+    description = "statistics of the test batch itself (k images per test batch and process)"
+
+    def __init__(self, k: int):
+        if k < 1:
+            raise ValueError(f"batch statistics at test need k >= 1 images per test batch, got {k}")
+        self.test_batch_size = k
+        self.name = f"batch stats (k={k})"
+
+    def inference(self, model):
+        return batch_statistics(model)
+
+    def discrepancy_groups(self, x, images):
+        k = self.test_batch_size
+        if k == images:
+            return [x]
+        if k > images or x.shape[0] % images:
+            return None
+        # layer inputs are in image order (RoI heads: the same number of RoIs per image)
+        per_image = x.shape[0] // images
+        return list(x.split(per_image * k))
+
+
+EVALNORM_MODES = {
+    "evalnorm_learned": ("EvalNorm learned", "learned", "α̂, β̂ learned during training (L_aux)"),
+    "evalnorm_rule": ("EvalNorm 1/B²", "rule", "α = β = 1/B², the paper's rule of thumb"),
+    "evalnorm_exact": ("EvalNorm 1/B", "exact", "α = β = 1/B, exact algebra of the batch"),
+}
+
+
+def estimate_evalnorm_offline(cfg, model: nn.Module, num_images: int) -> List[str]:
+    """Convert ``model``'s BN layers to EvalNorm (if it has none yet) and estimate α̂, β̂ on
+    ``num_images`` training images with everything else frozen (:mod:`d2_bnstats.d2.evalnorm_offline`);
+    in place. Returns the names of the converted layers."""
+    converted = [] if model_has_evalnorm(model) else convert_to_evalnorm(model)
+    iterations = max(1, math.ceil(num_images / cfg.SOLVER.IMS_PER_BATCH))
+    with EventStorage(0):  # detectron2's heads log to the storage in training mode
+        estimate_evalnorm(model, build_detection_train_loader(cfg), iterations)
+    return converted
+
+
+class EvalNormStrategy(Strategy):
+    def __init__(self, key: str):
+        self.key = key
+        self.name, self.mode, self.description = EVALNORM_MODES[key]
+
+    def unavailable(self, ctx):
+        if not model_has_evalnorm(ctx.model):
+            return "the model has no EvalNorm layers (no MODEL.*.NORM is EvalNorm)"
+        return None
+
+    def prepare(self, ctx, model):
+        set_evalnorm_mode(unwrap(model), self.mode)
+        return {"mode": self.mode}
+
+    def discrepancy_groups(self, x, images):
+        return [x]
+
+
+class EvalNormOfflineStrategy(EvalNormStrategy):
+    """α̂, β̂ estimated after training; a model trained with BN is converted to EvalNorm first."""
+
+    def __init__(self, num_images: int):
+        self.key = "evalnorm_offline"
+        self.num_images = num_images
+        self.name = "EvalNorm offline"
+        self.mode = "learned"
+        self.description = f"α̂, β̂ estimated offline on {num_images} training images, everything else frozen"
+
+    def unavailable(self, ctx):
+        if model_has_evalnorm(ctx.model):
+            return None
+        if not any(isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) and m.track_running_stats
+                   for m in unwrap(ctx.model).modules()):
+            return "the model has neither EvalNorm layers nor trainable BN layers to convert"
+        return None
+
+    def prepare(self, ctx, model):
+        converted = estimate_evalnorm_offline(ctx.cfg, unwrap(model), self.num_images)
+        set_evalnorm_mode(unwrap(model), "learned")
+        return {"mode": "learned", "images": self.num_images, "converted_layers": len(converted)}
