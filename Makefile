@@ -46,7 +46,7 @@ test-quick: env
 	@$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # End-to-end benchmark of every norm (docs/benchmarks.md): tables printed, JSON + plot in $(BENCH_OUTPUT).
-# About an hour on an idle 2-core machine; BENCH_ARGS="--precise-bn-images 100 1000 10000" for the issue's sizes.
+# About an hour on an idle 2-core machine; BENCH_ARGS="--precise-bn-images 100 1000 10000" for the full PreciseBN sizes.
 BENCH_OUTPUT ?= output/bench
 BENCH_ARGS ?=
 bench: data

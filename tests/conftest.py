@@ -4,9 +4,8 @@ import os
 import pytest
 import torch
 
-import d2_bnstats  # noqa: F401  (patches get_norm, registers data sets)
-from d2_bnstats.data import build_fashion_scenes, register_fashion_scenes
-from d2_bnstats.data.register import fashion_scenes_root
+import bnstats_lab  # noqa: F401  (imports d2_bnstats: patches get_norm; registers the data sets)
+from bnstats_lab.data import build_fashion_scenes, fashion_scenes_root, register_fashion_scenes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_BASE = os.path.join(REPO, "configs", "cpu", "Base-R18-FPN-fashion.yaml")

@@ -1,12 +1,12 @@
 """Tiny pre-trained backbones for the tests: the real pre-training tool, a couple of iterations on a
-few Fashion-MNIST images, built once per session and shared by the test modules that import
+few Fashion-MNIST images, built once per test run and shared by the test modules that import
 the ``tiny_pretrained`` fixture."""
 import os
 
 import pytest
 
-from d2_bnstats.d2 import config_matrix as cm
-from d2_bnstats.pretrain import PretrainOptions, default_checkpoint_name, pretrain
+from bnstats_lab import config_matrix as cm
+from bnstats_lab.pretrain import PretrainOptions, default_checkpoint_name, pretrain
 
 from .conftest import CPU_BASE, REPO
 

@@ -1,12 +1,17 @@
 """Smoke run of the end-to-end benchmark (tools/benchmark.py --tiny): it runs real detectron2
 training steps, inference and memory subprocesses on the tiny split, and its output has the
-structure docs/benchmarks.md and the plot rely on. Not a timed test: no speed is asserted."""
+structure docs/benchmarks.md and the plot rely on. Not a timed test: no speed is asserted; the
+ratio arithmetic is checked on hand-made times."""
 import json
 import math
 import os
 
-import d2_bnstats
-from d2_bnstats.benchmark.e2e import linear_fit, norm_overrides
+import pytest
+
+from bnstats_lab.benchmark import inference as inference_module
+from bnstats_lab.benchmark.models import norm_overrides
+from bnstats_lab.benchmark.precise_bn_scaling import linear_fit
+from bnstats_lab.benchmark.timing import TimingRow, summarize
 
 from .conftest import REPO
 
@@ -33,6 +38,27 @@ def test_linear_fit_against_plain_formula():
     assert linear_fit([5, 5], [1.0, 2.0]) is None
 
 
+def test_ratio_is_the_median_of_same_round_ratios():
+    """Per-round times written here; ratios, spreads and targets computed by hand."""
+    names = ("BN", "EvalNorm/learned", "Fast", "Gone")
+    rows = {n: TimingRow("train", "frcnn", 2, n) for n in names}
+    rows["Gone"].skipped = "not available: norm 'Gone' is not registered in this installation"
+    times = {"BN": [1.0, 2.0, 4.0], "EvalNorm/learned": [1.5, 2.0, 4.8], "Fast": [0.9, 1.8, 4.0]}
+    summarize(rows, times, "BN", {"EvalNorm": 1.10, "Fast": 1.02})
+    evalnorm = rows["EvalNorm/learned"]
+    # same-round ratios 1.5, 1.0, 1.2: median 1.2 (the ratio of the medians would be 2.0 / 2.0 = 1.0)
+    assert evalnorm.ratio == pytest.approx(1.2)
+    assert evalnorm.median_s == 2.0 and evalnorm.rounds == 3
+    assert evalnorm.spread == pytest.approx((4.8 - 1.5) / 2.0)
+    assert evalnorm.ratio_spread == pytest.approx((1.5 - 1.0) / 1.2)
+    assert evalnorm.target == 1.10 and evalnorm.meets_target is False  # target of the mode's norm
+    fast = rows["Fast"]  # ratios 0.9, 0.9, 1.0
+    assert fast.ratio == pytest.approx(0.9) and fast.target == 1.02 and fast.meets_target is True
+    assert rows["BN"].target is None and rows["BN"].meets_target is None
+    gone = rows["Gone"]
+    assert gone.ratio is None and gone.median_s is None and gone.rounds == 0
+
+
 def test_norm_placement():
     # FrozenBN trains in the backbone only (detectron2's default); as the inference reference it is everywhere
     assert norm_overrides("FrozenBN", mask=True) == [
@@ -42,20 +68,27 @@ def test_norm_placement():
     assert norm_overrides("GN", mask=False)[1::2] == ["GN"] * 3
 
 
-def test_tiny_benchmark_structure(datasets_root, tmp_path):
+def test_tiny_benchmark_structure(datasets_root, tmp_path, monkeypatch):
     tool = _load_tool()
     out = tmp_path / "bench"
-    second = "EvalNorm" if "EvalNorm" in d2_bnstats.available_norms() else "GhostBN"
-    # "NoSuchNorm" stands for a branch not merged yet: reported, not an error
-    assert tool.main(["--tiny", "--norms", "BN", second, "FrozenBN", "NoSuchNorm", "--memory-norms", "BN", "NoSuchNorm",
-                      "--output", str(out)] + TINY_DATA) == 0
+    layers_changed = []
+
+    def set_evalnorm_mode(model, mode, **kw):
+        layers_changed.append(real(model, mode, **kw))
+
+    real = inference_module.set_evalnorm_mode
+    monkeypatch.setattr(inference_module, "set_evalnorm_mode", set_evalnorm_mode)
+    # EvalNorm is not the last model built for inference: each mode must be set on the EvalNorm model.
+    # "NoSuchNorm": a name no plug-in registers is reported, not an error.
+    assert tool.main(["--tiny", "--norms", "EvalNorm", "BN", "FrozenBN", "NoSuchNorm",
+                      "--memory-norms", "BN", "FrozenBN", "NoSuchNorm", "--output", str(out)] + TINY_DATA) == 0
     result = json.loads((out / "results.json").read_text())
     assert (out / "ratios.png").stat().st_size > 0
+    assert layers_changed and all(n > 0 for n in layers_changed)
 
     train = {r["norm"]: r for r in result["train"]}
-    assert list(train) == ["BN", second, "FrozenBN", "NoSuchNorm"]
-    assert train["BN"]["ratio"] == 1.0  # BN / BN in every round
-    for name in (second, "FrozenBN"):
+    assert list(train) == ["EvalNorm", "BN", "FrozenBN", "NoSuchNorm"]
+    for name in ("EvalNorm", "FrozenBN"):
         r = train[name]
         assert r["skipped"] is None and r["rounds"] == 2
         assert math.isfinite(r["ratio"]) and r["ratio"] > 0 and r["median_s"] > 0
@@ -63,26 +96,22 @@ def test_tiny_benchmark_structure(datasets_root, tmp_path):
     assert train["NoSuchNorm"]["ratio"] is None
 
     memory = {r["norm"]: r for r in result["memory"]}
-    assert set(memory) == {"BN", "NoSuchNorm"}
-    assert memory["BN"]["training_mib"] > 0 and memory["BN"]["ratio"] == 1.0
+    assert set(memory) == {"BN", "FrozenBN", "NoSuchNorm"}
+    assert memory["BN"]["training_mib"] > 0 and memory["FrozenBN"]["training_mib"] > 0
+    assert math.isclose(memory["FrozenBN"]["ratio"], memory["FrozenBN"]["training_mib"] / memory["BN"]["training_mib"])
     assert memory["NoSuchNorm"]["skipped"].startswith("not available")
 
     inference = {r["norm"]: r for r in result["inference"]}
-    assert inference["FrozenBN"]["ratio"] == 1.0
     assert math.isfinite(inference["BN"]["ratio"]) and inference["BN"]["ratio"] > 0
     assert inference["NoSuchNorm"]["skipped"].startswith("not available")
-    if second == "EvalNorm":  # one row per evaluation mode, all measured against the same FrozenBN
-        for mode in ("learned", "rule", "exact", "fixed", "ema"):
-            r = inference[f"EvalNorm/{mode}"]
-            assert r["skipped"] is None and math.isfinite(r["ratio"]) and r["ratio"] > 0
+    for mode in ("learned", "rule", "exact", "fixed", "ema"):  # one row per mode, each against the same FrozenBN
+        r = inference[f"EvalNorm/{mode}"]
+        assert r["skipped"] is None and math.isfinite(r["ratio"]) and r["ratio"] > 0
 
     pb = result["precise_bn"]
     ns = [r["images"] for r in pb["rows"]]
     assert ns == sorted(ns) and len(set(ns)) == len(ns) == 3
-    if pb["available"]:
-        for r in pb["rows"]:
-            assert r["skipped"] is None and r["ratio"] > 0 and math.isfinite(r["ratio"])
-            assert r["batches"] == math.ceil(r["images"] / pb["ims_per_batch"])
-        assert 0.0 <= pb["fit_precise_bn"]["r2"] <= 1.0
-    else:
-        assert all(r["skipped"].startswith("not available") for r in pb["rows"])
+    for r in pb["rows"]:
+        assert r["ratio"] > 0 and math.isfinite(r["ratio"])
+        assert r["batches"] == math.ceil(r["images"] / pb["ims_per_batch"])
+    assert 0.0 <= pb["fit_precise_bn"]["r2"] <= 1.0

@@ -1,10 +1,11 @@
-"""Smoke run of the per-layer benchmark so it cannot rot; its references are exactly 1.0."""
+"""Smoke run of the per-layer benchmark so it cannot rot; its ratios are the reported times' ratios."""
 import json
+import math
 import os
 import subprocess
 import sys
 
-from d2_bnstats.benchmark.layers import BN_REFERENCE, FROZEN_REFERENCE, QUICK_SHAPES, benchmark_norms
+from bnstats_lab.benchmark.layers import BN_REFERENCE, FROZEN_REFERENCE, QUICK_SHAPES, benchmark_norms
 
 from .conftest import REPO
 
@@ -13,7 +14,12 @@ def test_benchmark_rows_and_reference_ratios():
     rows = benchmark_norms(["BN", "GN"], QUICK_SHAPES[:1], repeats=2, iters=1, warmup=1)
     by_name = {r.norm: r for r in rows}
     assert set(by_name) == {BN_REFERENCE, FROZEN_REFERENCE, "BN", "GN"}
-    assert by_name[BN_REFERENCE].train_ratio == 1.0 and by_name[FROZEN_REFERENCE].eval_ratio == 1.0
+    # each ratio is the row's median time over the reference's median time, recomputed from the rows
+    for r in rows:
+        if r.train_ms is not None:
+            assert math.isclose(r.train_ratio, r.train_ms / by_name[BN_REFERENCE].train_ms, rel_tol=1e-12)
+        assert math.isclose(r.eval_ratio, r.eval_ms / by_name[FROZEN_REFERENCE].eval_ms, rel_tol=1e-12)
+    assert by_name["GN"].train_ms is not None
     assert by_name[FROZEN_REFERENCE].train_ms is None
     assert all(r.eval_ms > 0 and r.skipped is None for r in rows)
 

@@ -4,9 +4,7 @@ every config builds, trains one iteration and infers, bad configs fail with a cl
 The build/train/infer test runs once per distinct model: configs that differ only in SOLVER (images
 per GPU, LR, schedule) and OUTPUT_DIR build the same model, which is asserted, not assumed. A handful
 of CPU models run in the default suite; the rest (all R-50 and the remaining CPU ones) are marked slow
-and run in `make test` / CI. A config naming a norm that is not registered FAILS, unless another issue
-provides that norm (config_matrix.NORM_PROVIDERS) and its branch is not merged yet: then it is skipped,
-with the reason. Registration is looked up at run time, so after the merge these configs run unchanged.
+and run in `make test` / CI. A config naming a norm that is not registered fails.
 """
 import copy
 import os
@@ -24,16 +22,18 @@ from detectron2.solver import build_optimizer
 from torch import nn
 
 import d2_bnstats
-from d2_bnstats.d2 import config_matrix as cm
+from bnstats_lab import config_describe as describe
+from bnstats_lab import config_generate as gen
+from bnstats_lab import config_matrix as cm
+from bnstats_lab.config_scaling import rescale_overrides
 from d2_bnstats.d2.config import check_batch_config
 from d2_bnstats.d2.train import check_config, load_config
 from d2_bnstats.d2.weights import after_loading_weights, reset_norm_statistics
-from d2_bnstats.registry import UnknownNormError, unregister_norm
 
 from .conftest import REPO, tiny_opts
 from .pretrained import tiny_pretrained  # noqa: F401  (fixture)
 
-ISSUE_NORMS = {"bn", "evalnorm", "mabn", "syncbn", "syncbn_roishuffle", "gn", "frozenbn"}
+MATRIX_NORMS = {"bn", "evalnorm", "mabn", "syncbn", "syncbn_roishuffle", "gn", "frozenbn"}
 
 
 def abspath(rel):
@@ -41,7 +41,7 @@ def abspath(rel):
 
 
 def leaf_and_base_files():
-    files = cm.leaf_files(REPO)
+    files = gen.leaf_files(REPO)
     for family in cm.FAMILIES:
         d = os.path.join(REPO, family.directory)
         files += sorted(f"{family.directory}/{n}" for n in os.listdir(d) if n.startswith("Base") and n.endswith(".yaml"))
@@ -52,39 +52,22 @@ _UNCHECKED = {}
 
 
 def unchecked_config(rel):
-    """The file's config without checks, loaded once per session (a clone each time)."""
+    """The file's config without checks, loaded once per test run (a clone each time)."""
     if rel not in _UNCHECKED:
-        _UNCHECKED[rel] = cm.load_config_unchecked(abspath(rel))
+        _UNCHECKED[rel] = describe.load_config_unchecked(abspath(rel))
     return _UNCHECKED[rel].clone()
-
-
-def norms_used(cfg):
-    return set(cm.config_norms(cfg).values())
-
-
-def unregistered(norms):
-    return cm.unregistered_norms(norms)
-
-
-def skip_reason(missing):
-    """The skip reason for a config naming the unregistered ``missing`` norms, or None when one of them is
-    not provided by any issue (the caller fails then)."""
-    if set(missing) - set(cm.NORM_PROVIDERS):
-        return None
-    return "not registered on this branch (issue branch not merged yet): " + ", ".join(
-        f"{n} (issue {cm.NORM_PROVIDERS[n]})" for n in missing)
 
 
 # ------------------------------------------------------------------------------------------------
 # The generator and the table
 # ------------------------------------------------------------------------------------------------
 def test_generated_files_and_readme_table_match_the_table():
-    report = cm.generate(REPO, write=False)
+    report = gen.generate(REPO, write=False)
     assert not report.problems, "\n".join(report.problems + ["-> run: python tools/make_configs.py"])
 
 
-def test_matrix_covers_the_issue():
-    """Every (arch, norm, images/GPU, setting) the issue asks for, by an enumeration written here."""
+def test_matrix_covers_every_norm_setting_and_batch():
+    """Every (arch, norm, images/GPU, setting) of the experiments, by an enumeration written here."""
     expected = set()
     for family, depth in (("r50", 50), ("r18", 18)):
         for arch in ("frcnn", "mrcnn"):
@@ -97,26 +80,26 @@ def test_matrix_covers_the_issue():
                 expected.add((family, arch, "frozenbn", n, "frozen"))
     got = {c.key for c in cm.cells()}
     assert got == expected
-    assert {c.norm.key for c in cm.cells()} == ISSUE_NORMS
+    assert {c.norm.key for c in cm.cells()} == MATRIX_NORMS
     for cell in cm.cells():
         family, arch, norm, n, setting = cell.key
         name = f"{arch}_{family}_{norm}_{n}img_{setting}.yaml"
         directory = "configs" if family == "r50" else "configs/cpu"
         assert cell.path == f"{directory}/{name}" or not cell.generated
-        assert os.path.isfile(abspath(cell.path)) or cm.external_for_cell(cell.key).issue in cm.pending_merge().values()
+        assert os.path.isfile(abspath(cell.path))
 
 
 def test_generator_never_overwrites_a_hand_written_file(tmp_path):
-    """A name another issue owns (not declared EXTERNAL) is reported, and left as it is."""
+    """A hand-written file with a generated name (not declared EXTERNAL) is reported, and left as it is."""
     root = tmp_path / "repo"
     (root / "configs" / "cpu").mkdir(parents=True)
     base = "configs/cpu/Base-R18-FPN-fashion.yaml"
     (root / base).write_text(open(abspath(base)).read())
     cell = next(c for c in cm.cells() if c.generated and c.family.key == "r18")
-    hand_written = "# written by another issue\n_BASE_: \"Base-R18-FPN-fashion.yaml\"\n"
+    hand_written = "# written by hand\n_BASE_: \"Base-R18-FPN-fashion.yaml\"\n"
     (root / cell.path).write_text(hand_written)
-    (root / "configs" / "README.md").write_text(f"x\n{cm.TABLE_BEGIN}\n{cm.TABLE_END}\n")
-    report = cm.generate(str(root), write=False)
+    (root / "configs" / "README.md").write_text(f"x\n{gen.TABLE_BEGIN}\n{gen.TABLE_END}\n")
+    report = gen.generate(str(root), write=False)
     assert any(p.startswith(f"{cell.path} exists but was not generated") for p in report.problems)
     assert (root / cell.path).read_text() == hand_written
 
@@ -174,7 +157,7 @@ def test_settings_and_norms_hold_in_every_generated_file():
                 if setting == "frozen":
                     expected = cm.FASHION_BN  # the frozen backbone is BN-pretrained whatever the heads use
                 assert cfg.MODEL.WEIGHTS == expected, cell.path
-        assert cm.derive_setting(cfg) == setting, cell.path
+        assert describe.derive_setting(cfg) == setting, cell.path
         assert cfg.OUTPUT_DIR.endswith(cell.name), cell.path
 
 
@@ -182,12 +165,12 @@ def test_every_file_named_by_the_scheme_says_what_it_is():
     """Generated or hand-written: a name `{arch}_r{depth}_{norm}_{N}img[_{setting}]` must match the
     contents (images per GPU from SOLVER.IMS_PER_BATCH and the directory's GPU count, norms, setting)."""
     checked = 0
-    for rel in cm.leaf_files(REPO):
+    for rel in gen.leaf_files(REPO):
         parsed = cm.parse_leaf_name(rel)
         if parsed is None:
             continue
         cfg = unchecked_config(rel)
-        gpus = cm.gpus_for(abspath(rel), REPO)
+        gpus = describe.gpus_for(abspath(rel), REPO)
         assert cfg.SOLVER.IMS_PER_BATCH == gpus * int(parsed["n"]), (
             f"{rel}: SOLVER.IMS_PER_BATCH = {cfg.SOLVER.IMS_PER_BATCH}, but the name says {parsed['n']} images "
             f"per GPU on the {gpus} GPU(s) the configs in {os.path.dirname(rel)}/ are written for"
@@ -196,52 +179,26 @@ def test_every_file_named_by_the_scheme_says_what_it_is():
         assert parsed["backbone"] == f"r{cfg.MODEL.RESNETS.DEPTH}", rel
         spec = cm.NORM_BY_KEY.get(parsed["norm"])
         if spec is not None and parsed["arch"] in cm.ARCHS:
-            norms = cm.config_norms(cfg)
+            norms = describe.config_norms(cfg)
             if spec.key != "frozenbn":
                 assert spec.fpn == norms.get("MODEL.FPN.NORM"), rel
         if parsed["setting"]:
-            assert cm.derive_setting(cfg) == parsed["setting"], rel
+            assert describe.derive_setting(cfg) == parsed["setting"], rel
         checked += 1
     assert checked >= len([c for c in cm.cells() if c.generated])
 
 
-def test_pending_merge_follows_the_registry(monkeypatch):
-    """Which provided norms are pending is read from the registry when asked, not from a list to edit."""
-    available = set(d2_bnstats.available_norms())
-    assert cm.pending_merge() == {n: i for n, i in cm.NORM_PROVIDERS.items() if n not in available}
-    monkeypatch.setitem(cm.NORM_PROVIDERS, "TestPendingNorm", 99)
-    assert cm.pending_merge()["TestPendingNorm"] == 99
-    d2_bnstats.register_norm("TestPendingNorm", lambda channels: nn.BatchNorm2d(channels))
-    try:
-        assert "TestPendingNorm" not in cm.pending_merge()
-        assert cm.unregistered_norms(["TestPendingNorm", "BN", "", None]) == []
-    finally:
-        unregister_norm("TestPendingNorm")
-    assert cm.unregistered_norms(["TestPendingNorm", "BN"]) == ["TestPendingNorm"]
-
-
 def test_every_config_file_loads_with_all_checks():
-    """Every leaf and base loads through load_config (norm names, batch split over its GPUs, weights);
-    one naming an unregistered norm fails with the clear message, and fails this test unless another
-    issue provides the norm (config_matrix.NORM_PROVIDERS: its branch is not merged here yet)."""
-    failures = []
+    """Every leaf and base loads through load_config (norm names, batch split over its GPUs, weights)."""
     for rel in leaf_and_base_files():
         cfg = unchecked_config(rel)  # detectron2's loading, each file parsed once (load_config re-parses)
-        gpus = cm.gpus_for(abspath(rel), REPO)
+        gpus = describe.gpus_for(abspath(rel), REPO)
         if cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS:
             cfg.MODEL.WEIGHTS = ""  # local pre-trained backbones: see the missing-weights tests
-        missing = unregistered(norms_used(cfg) | {cfg.MODEL.RESNETS.NORM})
-        if missing:
-            with pytest.raises(UnknownNormError, match=re.escape(repr(missing[0]))):
-                check_config(cfg, world_size=gpus)
-            if skip_reason(missing) is None:
-                failures.append(f"{rel}: unregistered norm(s) {missing}, provided by no issue (config_matrix.NORM_PROVIDERS)")
-            continue
         check_config(cfg, world_size=gpus)
-    assert not failures, "\n".join(failures)
     # the cached loading above is detectron2's merge_from_file + load_config's checks exactly
     for rel in ("configs/mrcnn_r50_gn_4img_finetune.yaml", "configs/cpu/mrcnn_r18_syncbn_8img_reinit.yaml"):
-        gpus = cm.gpus_for(abspath(rel), REPO)
+        gpus = describe.gpus_for(abspath(rel), REPO)
         cfg = unchecked_config(rel)
         cfg.MODEL.WEIGHTS = ""
         check_config(cfg, world_size=gpus)
@@ -249,8 +206,8 @@ def test_every_config_file_loads_with_all_checks():
 
 
 def test_rescale_keeps_images_per_gpu_and_follows_the_rule():
-    cfg = cm.load_config_unchecked(abspath("configs/frcnn_r50_bn_2img_finetune.yaml"))
-    opts = cm.rescale_overrides(cfg, gpus=4, config_gpus=8)
+    cfg = describe.load_config_unchecked(abspath("configs/frcnn_r50_bn_2img_finetune.yaml"))
+    opts = rescale_overrides(cfg, gpus=4, config_gpus=8)
     assert opts == ["SOLVER.IMS_PER_BATCH", "8", "SOLVER.BASE_LR", "0.01", "SOLVER.MAX_ITER", "180000",
                     "SOLVER.STEPS", "(120000, 160000)"]
     check_batch_config(load_config(abspath("configs/frcnn_r50_bn_2img_finetune.yaml"), opts, world_size=4), 4)
@@ -272,7 +229,7 @@ def test_unknown_norm_in_a_copied_leaf_names_key_value_and_suggestion(tmp_path):
 @pytest.mark.parametrize("rel, world_size", [("configs/mrcnn_r50_bn_2img_scratch.yaml", 3),
                                              ("configs/cpu/frcnn_r18_gn_8img_scratch.yaml", 3)])
 def test_total_batch_that_does_not_split_over_the_processes(rel, world_size):
-    ims = cm.load_config_unchecked(abspath(rel)).SOLVER.IMS_PER_BATCH
+    ims = describe.load_config_unchecked(abspath(rel)).SOLVER.IMS_PER_BATCH
     with pytest.raises(ValueError, match=rf"SOLVER.IMS_PER_BATCH = {ims} .*multiple of the number of processes \({world_size}\)"):
         load_config(abspath(rel), world_size=world_size)
 
@@ -368,7 +325,7 @@ def _model_signature(cfg) -> str:
 def _groups():
     """{group id: [files]}: files in one group build the same model (differ in SOLVER/OUTPUT_DIR...)."""
     by_signature = {}
-    for rel in cm.leaf_files(REPO):
+    for rel in gen.leaf_files(REPO):
         sig = _model_signature(unchecked_config(rel))
         by_signature.setdefault(sig, []).append(rel)
     groups = {}
@@ -433,7 +390,7 @@ def _check_norm_placement(model, cfg):
     assert fpn_convs and all(type(c.norm) is _norm_type(cfg.MODEL.FPN.NORM) for c in fpn_convs if c.norm is not None)
     assert all((c.norm is None) == (not cfg.MODEL.FPN.NORM) for c in fpn_convs)
     _check_frozen(model, cfg)
-    if not hasattr(model, "roi_heads"):  # RetinaNet (issue 5's configs): its head's norms are that issue's tests
+    if not hasattr(model, "roi_heads"):  # RetinaNet: its head's norms are tested in test_per_level.py
         return
     heads = [(model.roi_heads.box_head, cfg.MODEL.ROI_BOX_HEAD.NORM, cfg.MODEL.ROI_BOX_HEAD.NUM_CONV)]
     if cfg.MODEL.MASK_ON:
@@ -506,12 +463,6 @@ def _check_weights_loaded(model, cfg, weights):
 
 def run_one_config(rel, root_out, tiny_pretrained):
     unchecked = unchecked_config(rel)
-    missing = unregistered(norms_used(unchecked) | {unchecked.MODEL.RESNETS.NORM})
-    if missing:
-        reason = skip_reason(missing)
-        if reason is None:
-            pytest.fail(f"{rel} names norm(s) {missing} that are not registered and that no issue provides")
-        pytest.skip(f"{rel}: {reason}")
     weights = tiny_pretrained.for_config_weights(unchecked.MODEL.WEIGHTS)
     opts = dict(MATRIX_OPTS, **{"MODEL.WEIGHTS": weights, "OUTPUT_DIR": str(root_out)})
     cfg = load_config(abspath(rel), [x for kv in opts.items() for x in kv])

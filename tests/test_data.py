@@ -11,10 +11,10 @@ from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
-from d2_bnstats.data import DatasetError, SceneSpec, SceneSplitSpec, build_fashion_scenes, register_checked_coco_instances
-from d2_bnstats.data.fashion_mnist import CLASS_NAMES, FashionMNISTError, load_fashion_mnist, read_idx
-from d2_bnstats.data.fashion_scenes import MASK_THRESHOLD, PRESETS, compose_scene
-from d2_bnstats.data.register import fashion_scenes_root
+from bnstats_lab.data import SceneSpec, SceneSplitSpec, build_fashion_scenes, fashion_scenes_root, register_fashion_scenes
+from bnstats_lab.data.fashion_mnist import CLASS_NAMES, FashionMNISTError, load_fashion_mnist, read_idx
+from bnstats_lab.data.fashion_scenes import MASK_THRESHOLD, PRESETS, compose_scene
+from d2_bnstats.d2.datasets import DatasetError, register_checked_coco_instances
 
 SMALL = SceneSpec(
     splits={"train": SceneSplitSpec(6, "train", 5), "val": SceneSplitSpec(3, "test", 6)}, image_size=64,
@@ -103,10 +103,21 @@ def test_same_seed_same_bytes_and_other_seed_other_bytes(tmp_path):
 
 
 def test_rebuild_is_skipped_when_up_to_date(tmp_path):
+    """A marker file survives only if the folder is left alone (a build replaces the whole folder), and
+    the files keep their inodes (a rebuild writes new files while the old ones still exist)."""
     folder = build_fashion_scenes(str(tmp_path), "scenes", SMALL)
-    stamp = os.path.getmtime(os.path.join(folder, "train.json"))
-    build_fashion_scenes(str(tmp_path), "scenes", SMALL)
-    assert os.path.getmtime(os.path.join(folder, "train.json")) == stamp
+    marker = os.path.join(folder, "marker")
+    open(marker, "w").close()
+    inode = os.stat(os.path.join(folder, "train.json")).st_ino
+    before = tree_bytes(folder)
+    assert build_fashion_scenes(str(tmp_path), "scenes", SMALL) == folder
+    assert os.path.exists(marker)
+    assert os.stat(os.path.join(folder, "train.json")).st_ino == inode
+    assert tree_bytes(folder) == before
+    # the checks above do see a rebuild: forced, the folder is replaced
+    build_fashion_scenes(str(tmp_path), "scenes", SMALL, force=True)
+    assert not os.path.exists(marker)
+    assert os.stat(os.path.join(folder, "train.json")).st_ino != inode
 
 
 def test_detectron2_loads_registered_split(datasets_root):
@@ -134,8 +145,6 @@ def test_missing_json_names_the_file(tmp_path):
 
 
 def test_missing_preset_says_how_to_build_it(tmp_path, monkeypatch):
-    from d2_bnstats.data import register_fashion_scenes
-
     register_fashion_scenes(str(tmp_path), overwrite=True)
     try:
         with pytest.raises(DatasetError, match="prepare_fashion_scenes.py --name fashion_scenes_256"):

@@ -1,5 +1,6 @@
 """Backbone pre-training on Fashion-MNIST: the checkpoint loads into the detection configs exactly like
 detectron2's converted ImageNet weights."""
+import copy
 import importlib.util
 import logging
 import os
@@ -8,7 +9,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
@@ -16,17 +16,20 @@ from detectron2.modeling import build_model
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from torch import nn
 
-from d2_bnstats.d2.config import add_bnstats_config
-from d2_bnstats.d2.train import load_config
-from d2_bnstats.data.fashion_mnist import FashionMNISTError
-from d2_bnstats.pretrain import (
+from bnstats_lab.data.fashion_mnist import FashionMNISTError
+from bnstats_lab.pretrain import (
     PretrainOptions,
-    add_weight_centralization,
+    backbone_config,
+    build_classifier,
     build_command_for,
-    centralize_conv_weights,
+    centralize_backbone,
+    missing_weights_hint,
     pretrain,
     read_pretrain_info,
 )
+from d2_bnstats import add_bnstats_config
+from d2_bnstats.d2.train import load_config
+from d2_bnstats.d2.weights import add_missing_weights_hint, missing_weights_message, remove_missing_weights_hint
 from d2_bnstats.registry import UnknownNormError
 
 from .conftest import CPU_BASE, REPO
@@ -43,34 +46,26 @@ def load_tool(name):
     return module
 
 
-def test_centralize_conv_weights_is_each_filter_minus_its_mean():
-    rng = np.random.default_rng(0)
-    conv = rng.normal(size=(5, 3, 3, 3)).astype(np.float32)
-    state = {
-        "stem.conv1.weight": conv,
-        "res2.0.conv1.weight": torch.from_numpy(rng.normal(size=(4, 5, 1, 1)).astype(np.float32)),
-        "stem.conv1.norm.weight": np.ones(5, np.float32),
-        "linear.weight": np.ones((2, 5), np.float32),
-    }
-    out = centralize_conv_weights(state)
-    expected = np.stack([f - f.sum() / f.size for f in conv])  # plain per-filter formula
-    np.testing.assert_allclose(out["stem.conv1.weight"], expected, rtol=0, atol=1e-6)
-    w = state["res2.0.conv1.weight"]
-    assert torch.allclose(out["res2.0.conv1.weight"], torch.stack([f - f.mean() for f in w]), atol=1e-6)
-    assert out["stem.conv1.norm.weight"] is state["stem.conv1.norm.weight"]
-    assert out["linear.weight"] is state["linear.weight"]
-    again = centralize_conv_weights(out)  # idempotent
-    np.testing.assert_allclose(again["stem.conv1.weight"], out["stem.conv1.weight"], atol=1e-6)
-
-
-def test_weight_centralization_makes_convs_compute_with_centred_filters():
-    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-    x = torch.randn(2, 3, 8, 8)
-    w = conv.weight.detach().clone()
-    assert add_weight_centralization(nn.Sequential(conv)) == 1
-    expected = F.conv2d(x, torch.stack([f - f.mean() for f in w]), padding=1)
-    assert torch.allclose(conv(x), expected, atol=1e-5)
-    assert "parametrizations.weight.original" in dict(conv.named_parameters())
+def test_weight_centralized_backbone_computes_with_centred_filters_under_the_same_keys():
+    """Pre-training's weight centralization (the plug-in's implementation) on detectron2's R-18 backbone:
+    every conv (stem, 16 block convs, 3 shortcuts) computes with each filter minus its mean, whatever
+    its stored weight, and the state-dict keys stay those of the plain backbone."""
+    backbone = build_classifier(backbone_config(PretrainOptions(config_file=CPU_BASE))).backbone.eval()
+    keys = set(backbone.state_dict())
+    reference = copy.deepcopy(backbone)
+    with torch.no_grad():
+        for m in reference.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.copy_(torch.stack([f - f.mean() for f in m.weight]))  # plain per-filter formula
+    assert centralize_backbone(backbone) == 20
+    with torch.no_grad():
+        for m in backbone.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.add_(0.1)  # a stored weight that is not centred: the forward must centralize it
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(backbone(x)["res5"], reference(x)["res5"], rtol=1e-4, atol=1e-4)
+    assert set(backbone.state_dict()) == keys
 
 
 def test_pretrain_tool_writes_a_model_zoo_checkpoint(tmp_path):
@@ -132,7 +127,7 @@ def test_checkpoint_loads_like_imagenet_weights(tiny_pretrained, checkpoint_log)
         incompatible = checkpointer._load_model(checkpointer._load_file(weights))
         checkpointer._log_incompatible_keys(incompatible)
         log = "\n".join(checkpoint_log)
-        assert "Reading a file from 'd2_bnstats.pretrain" in log
+        assert "Reading a file from 'bnstats_lab.pretrain" in log
         assert "Following weights matched with submodule backbone.bottom_up" in log
         assert "not used by the model" not in log and not incompatible.unexpected_keys
         assert incompatible.missing_keys and not [k for k in incompatible.missing_keys if ".bottom_up." in k]
@@ -168,6 +163,23 @@ def test_build_commands_for_default_names():
         "python tools/pretrain_backbone.py --depth 18 --output output/pretrain/r18_fashion_mnist.pkl")
     assert "--depth 34 --norm GN" in build_command_for("x/r34_gn_fashion_mnist.pkl")
     assert build_command_for("model_final.pth") is None
+
+
+def test_missing_weights_message_gets_the_hint_from_the_lab():
+    """The plug-in's message knows no command; ``import bnstats_lab`` registered the pre-training hint."""
+    path = "output/pretrain/r18_gn_fashion_mnist.pkl"
+    plain = (f"MODEL.WEIGHTS = {path!r}: no such file "
+             f"(relative paths are read from the current directory, {os.getcwd()})")
+    message = missing_weights_message(path)
+    assert message.startswith(plain + ". ")
+    assert f"`{build_command_for(path)}`" in message and "make pretrain" in message
+    remove_missing_weights_hint(missing_weights_hint)
+    try:
+        assert missing_weights_message(path) == plain
+        assert missing_weights_message(path, hint=missing_weights_hint) == message  # passed explicitly instead
+    finally:
+        add_missing_weights_hint(missing_weights_hint)
+    assert missing_weights_message("model_final.pth") == plain.replace(repr(path), repr("model_final.pth"))
 
 
 def test_bad_pretrain_options():

@@ -6,10 +6,10 @@ forwards, linear fit). Prints markdown tables, writes JSON and a PNG plot.
     python tools/benchmark.py                          # full run (see docs/benchmarks.md), output/bench/
     python tools/benchmark.py --tiny                   # smoke run: tiny sizes, < 60 s
     python tools/benchmark.py --archs frcnn --ims-per-batch 2 --norms BN GN --no-memory --no-precise-bn
-    python tools/benchmark.py --precise-bn-images 100 1000 10000   # the issue's PreciseBN sizes
+    python tools/benchmark.py --precise-bn-images 100 1000 10000   # the full PreciseBN sizes (~1 h more)
 
 Norms that are not registered in this installation are reported as "not available". The logic is
-in d2_bnstats.benchmark.e2e (method: its module docstring).
+in the package bnstats_lab.benchmark (method: the docstring of its module e2e).
 """
 import argparse
 import dataclasses
@@ -17,8 +17,10 @@ import json
 import os
 import sys
 
-import d2_bnstats  # noqa: F401  (registers the norms and data sets)
-from d2_bnstats.benchmark.e2e import ARCH_CONFIGS, TINY, BenchmarkSettings, format_report, plot_report, run_benchmark
+import bnstats_lab  # noqa: F401  (registers the norms and data sets)
+from bnstats_lab.benchmark.e2e import TINY, BenchmarkSettings, run_benchmark
+from bnstats_lab.benchmark.models import ARCH_CONFIGS
+from bnstats_lab.benchmark.report import format_report, plot_report
 
 
 def build_settings(args) -> BenchmarkSettings:
@@ -53,7 +55,7 @@ def main(argv=None):
     p.add_argument("--memory-norms", nargs="+", help="norms whose memory is measured (default: --norms)")
     p.add_argument("--memory-iters", type=int, help="training iterations of each memory process (default 3)")
     p.add_argument("--inference-images", type=int, help="images per inference round (default 8)")
-    p.add_argument("--precise-bn-images", nargs="+", type=int, help="n values (default 100 300 1000; the issue's: 100 1000 10000)")
+    p.add_argument("--precise-bn-images", nargs="+", type=int, help="n values (default 100 300 1000; the full sizes: 100 1000 10000)")
     p.add_argument("--precise-bn-repeats", type=int, help="repetitions at the smallest n (default 3; fewer at larger n)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-inference", action="store_true")

@@ -5,7 +5,7 @@
     python tools/benchmark_norms.py --norms BN EvalNorm --repeats 9 --json out.json
     python tools/benchmark_norms.py --quick                # tiny shapes (smoke run)
 
-The logic is in d2_bnstats.benchmark.layers.
+The logic is in bnstats_lab.benchmark.layers.
 """
 import argparse
 import dataclasses
@@ -17,7 +17,7 @@ import sys
 import torch
 
 import d2_bnstats
-from d2_bnstats.benchmark.layers import BACKBONE_SHAPES, HEAD_SHAPES, QUICK_SHAPES, benchmark_norms, format_table
+from bnstats_lab.benchmark.layers import BACKBONE_SHAPES, HEAD_SHAPES, QUICK_SHAPES, benchmark_norms, format_table
 
 
 def parse_shape(text):

@@ -4,7 +4,7 @@
     python tools/benchmark_precise_bn.py --config-file configs/cpu/frcnn_r18_bn_2img.yaml --batches 10
     python tools/benchmark_precise_bn.py --config-file C --batches 20 --repeats 7 MODEL.WEIGHTS W
 
-Target: ratio <= 1.2. The logic is in d2_bnstats.benchmark.precise_bn.
+Target: ratio <= 1.2. The logic is in bnstats_lab.benchmark.precise_bn.
 """
 import argparse
 import dataclasses
@@ -15,8 +15,8 @@ import sys
 
 import torch
 
-import d2_bnstats  # noqa: F401  (registers the norms and data sets)
-from d2_bnstats.benchmark.precise_bn import benchmark_precise_bn, load_batches
+import bnstats_lab  # noqa: F401  (registers the norms and data sets)
+from bnstats_lab.benchmark.precise_bn import benchmark_precise_bn, load_batches
 from d2_bnstats.d2.train import load_config
 from d2_bnstats.d2.trainer import Trainer
 

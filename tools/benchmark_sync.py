@@ -8,7 +8,7 @@
     python tools/benchmark_sync.py --train-config configs/cpu/frcnn_r18_syncbn_roishuffle_2img.yaml \
         --variant MODEL.ROI_BOX_HEAD.NORM=BN --variant MODEL.ROI_BOX_HEAD.NORM=RoIShuffleBN --iters 20
 
-The logic is in d2_bnstats.benchmark.distributed (the single-process benchmark is tools/benchmark_norms.py).
+The logic is in bnstats_lab.benchmark.distributed (the single-process benchmark is tools/benchmark_norms.py).
 """
 import argparse
 import dataclasses
@@ -18,8 +18,9 @@ import sys
 
 import torch
 
+import bnstats_lab  # noqa: F401  (registers the fashion-scenes data sets)
 import d2_bnstats
-from d2_bnstats.benchmark.distributed import (
+from bnstats_lab.benchmark.distributed import (
     DEFAULT_SHAPES,
     benchmark_in_process,
     benchmark_training_in_process,

@@ -15,7 +15,7 @@ histograms (discrepancy_*.png). The logic is in the package d2_bnstats.compare.
 import sys
 
 import bnstats_lab  # noqa: F401  (registers the fashion-scenes data sets)
-import d2_bnstats  # noqa: F401  (registers the norms)
+import d2_bnstats  # noqa: F401  (the plug-in: norms registered, detectron2 patched)
 from d2_bnstats.compare import parse_args, run
 
 if __name__ == "__main__":

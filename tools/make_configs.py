@@ -7,15 +7,19 @@
     python tools/make_configs.py --rescale configs/frcnn_r50_bn_2img_finetune.yaml --gpus 4
                                             # KEY VALUE overrides for 4 GPUs at the same images/GPU
 
-The table is d2_bnstats/d2/config_matrix.py (norms x settings x images per GPU x architecture).
-Hand-written configs of other issues (config_matrix.EXTERNAL) are never overwritten.
+The table is bnstats_lab/config_matrix.py (norms x settings x images per GPU x architecture); writing
+and checking: bnstats_lab/config_generate.py.
+Hand-written configs (config_matrix.EXTERNAL) are never overwritten.
 """
 import argparse
 import os
 import sys
 
-import d2_bnstats  # noqa: F401
-from d2_bnstats.d2 import config_matrix as cm
+import bnstats_lab  # noqa: F401  (the plug-in's norms, the fashion-scenes data sets)
+from bnstats_lab import config_matrix as cm
+from bnstats_lab.config_describe import gpus_for, load_config_unchecked
+from bnstats_lab.config_generate import generate
+from bnstats_lab.config_scaling import rescale_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,17 +38,17 @@ def main(argv=None):
     if args.rescale:
         if not args.gpus:
             p.error("--rescale needs --gpus")
-        cfg = cm.load_config_unchecked(args.rescale)
-        opts = cm.rescale_overrides(cfg, args.gpus, args.images_per_gpu,
-                                    config_gpus=cm.gpus_for(args.rescale, args.root))
+        cfg = load_config_unchecked(args.rescale)
+        opts = rescale_overrides(cfg, args.gpus, args.images_per_gpu,
+                                 config_gpus=gpus_for(args.rescale, args.root))
         print(" ".join(opts))
         return 0
     if args.list:
         for cell in cm.cells():
-            owner = "" if cell.generated else f"  (owned by issue {cm.external_for_cell(cell.key).issue})"
+            owner = "" if cell.generated else "  (hand-written)"
             print(f"{cell.path}  {cell.norm.key}  {cell.setting.key}  {cell.images_per_gpu} img/GPU{owner}")
         return 0
-    report = cm.generate(args.root, write=not args.check)
+    report = generate(args.root, write=not args.check)
     for rel in report.written:
         print("wrote", rel)
     for rel in report.removed:

@@ -9,7 +9,7 @@ checkpoint that MODEL.WEIGHTS loads like an ImageNet one.
     python tools/pretrain_backbone.py --max-iter 3 --train-subset 256 --test-subset 64 --output /tmp/x.pkl  # smoke run
     make pretrain                                                       # the three checkpoints the CPU configs use
 
-The logic is in d2_bnstats.pretrain; docs/configs.md describes the recipe and the checkpoint format.
+The logic is in bnstats_lab.pretrain; docs/configs.md describes the recipe and the checkpoint format.
 """
 import argparse
 import json
@@ -18,8 +18,8 @@ import sys
 
 import torch
 
-import d2_bnstats  # noqa: F401  (registers the norms)
-from d2_bnstats.pretrain import DEFAULT_CONFIG, PretrainOptions, default_checkpoint_path, pretrain
+import bnstats_lab  # noqa: F401  (registers the norms)
+from bnstats_lab.pretrain import DEFAULT_CONFIG, PretrainOptions, default_checkpoint_path, pretrain
 
 
 def parse_sides(text):
@@ -88,7 +88,7 @@ def main(argv=None):
     )
     output = args.output
     if output is None:
-        from d2_bnstats.pretrain import backbone_config
+        from bnstats_lab.pretrain import backbone_config
 
         depth = int(backbone_config(options).MODEL.RESNETS.DEPTH)
         output = default_checkpoint_path(depth, args.norm, args.weight_centralization)

@@ -7,7 +7,7 @@
 
 The logic is in d2_bnstats.d2.train.
 """
-import d2_bnstats  # noqa: F401  (registers the norms and data sets)
+import bnstats_lab  # noqa: F401  (registers the norms and data sets; pre-trained backbone hints)
 from d2_bnstats.d2.train import argument_parser, run
 
 if __name__ == "__main__":

@@ -1,0 +1,152 @@
+"""Inference cost of every norm end to end: seconds per image in eval mode, ratio to FrozenBN.
+
+One image per call, as detectron2's evaluation runs it, every model on the same images, in rounds
+like training (:func:`~.timing.interleave`). FrozenBN is the reference at every norm position (what
+a BN model folds to). Each norm's model first trains ``train_steps`` iterations (EvalNorm records
+its batch size and learns alpha/beta, MABN fills its buffers). EvalNorm is timed in each of its
+evaluation modes, each set on the EvalNorm model before its block runs; MABN also with its weight
+centralization folded (deployment). ``SCORE_THRESH_TEST`` is 0 (:func:`~.models.load_bench_config`),
+so every model does the same post-processing and mask work whatever its weights.
+"""
+import copy
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from d2_bnstats.layers.evalnorm import set_evalnorm_mode
+from d2_bnstats.layers.weight_centralization import fold_weight_centralization
+
+from .models import (
+    EVALNORM_FIXED_ALPHA,
+    EVALNORM_MODES,
+    INFERENCE_NORMS,
+    INFERENCE_REFERENCE,
+    INFERENCE_TARGETS,
+    build_trainer,
+    load_batches,
+    load_bench_config,
+    unavailable_reason,
+)
+from .timing import TimingRow, clock_for, interleave, short_error, summarize, sync
+
+Block = Callable[[], float]
+
+
+def _inference_inputs(batches: Sequence[list], num_images: int) -> List[dict]:
+    images = [d for batch in batches for d in batch]
+    if not images:
+        raise ValueError("no images to run inference on")
+    images = [images[i % len(images)] for i in range(num_images)]
+    return [{"image": d["image"], "height": d["height"], "width": d["width"]} for d in images]
+
+
+def _row_keys(norm: str, evalnorm_modes: Sequence[str]) -> List[str]:
+    """The rows of one norm: EvalNorm one per mode, MABN as trained and folded."""
+    if norm == "EvalNorm":
+        return [f"EvalNorm/{m}" for m in evalnorm_modes] or [norm]
+    if norm == "MABN":
+        return ["MABN", "MABN (folded)"]
+    return [norm]
+
+
+def _timed_inference(model, device: str, inputs: List[dict], now: Callable[[], float],
+                     prepare: Optional[Callable[[], None]] = None) -> Block:
+    """A block that runs ``model`` in eval mode on every input and returns the seconds per image."""
+
+    def run():
+        if prepare is not None:
+            prepare()
+        model.eval()
+        with torch.no_grad():
+            sync(device)
+            start = now()
+            for x in inputs:
+                model([x])
+            sync(device)
+        return (now() - start) / len(inputs)
+
+    return run
+
+
+def _model_blocks(norm: str, model, device: str, inputs: List[dict], now, evalnorm_modes: Sequence[str],
+                  rows: Dict[str, TimingRow]) -> Dict[str, Block]:
+    """The timed blocks of one trained model: EvalNorm per mode, MABN as trained and folded."""
+    if norm == "EvalNorm":
+        blocks = {}
+        for m in evalnorm_modes:
+            kw = {"alpha": EVALNORM_FIXED_ALPHA} if m == "fixed" else {}
+            set_evalnorm_mode(model, m, **kw)  # checks the mode now rather than mid-timing
+            blocks[f"EvalNorm/{m}"] = _timed_inference(
+                model, device, inputs, now, prepare=lambda m=m, kw=kw, model=model: set_evalnorm_mode(model, m, **kw))
+        return blocks
+    blocks = {norm: _timed_inference(model, device, inputs, now)}
+    if norm == "MABN":
+        try:  # raises while a conv's centralization ramp has not finished
+            folded = copy.deepcopy(model)
+            fold_weight_centralization(folded)
+            blocks["MABN (folded)"] = _timed_inference(folded, device, inputs, now)
+        except Exception as e:
+            rows["MABN (folded)"].skipped = f"failed: {short_error(e)}"
+    return blocks
+
+
+def _inference_blocks(arch, norms, evalnorm_modes, num_images, train_steps, ims_per_batch, opts, now,
+                      rows: Dict[str, TimingRow]) -> Dict[str, Block]:
+    """Train each norm's model ``train_steps`` iterations and return all its timed blocks; a norm that
+    is not available or fails gets the reason in its rows (the reference's failure is raised)."""
+    blocks: Dict[str, Block] = {}
+    inputs = batches = None
+    for norm in norms:
+        keys = _row_keys(norm, evalnorm_modes)
+        for k in keys:
+            rows[k] = TimingRow("inference", arch, 1, k)
+        reason = unavailable_reason(norm)
+        if reason:
+            for k in keys:
+                rows[k].skipped = reason
+            continue
+        try:
+            cfg = load_bench_config(arch, ims_per_batch, norm, "inference", opts)
+            if batches is None:  # the same batches and images for every norm
+                batches = load_batches(cfg, max(1, train_steps))
+                inputs = _inference_inputs(batches, num_images)
+            trainer = build_trainer(cfg, batches)
+            for _ in range(train_steps):
+                trainer.run_step()
+            blocks.update(_model_blocks(norm, trainer.model, cfg.MODEL.DEVICE, inputs, now, evalnorm_modes, rows))
+        except Exception as e:
+            if norm == INFERENCE_REFERENCE:
+                raise
+            for k in keys:
+                rows[k].skipped = rows[k].skipped or f"failed: {short_error(e)}"
+    return blocks
+
+
+def benchmark_inference(
+    arch: str = "frcnn",
+    norms: Sequence[str] = INFERENCE_NORMS,
+    evalnorm_modes: Sequence[str] = EVALNORM_MODES,
+    repeats: int = 5,
+    num_images: int = 8,
+    train_steps: int = 2,
+    ims_per_batch: int = 2,
+    opts: Sequence[str] = (),
+    clock: str = "wall",
+    progress: Optional[Callable[[str], None]] = None,
+) -> List[TimingRow]:
+    """Seconds per image of each norm (and EvalNorm mode) in eval mode, ratio to FrozenBN."""
+    from detectron2.utils.events import EventStorage
+
+    if INFERENCE_REFERENCE not in norms:
+        norms = [INFERENCE_REFERENCE] + list(norms)
+    rows: Dict[str, TimingRow] = {}
+    with EventStorage(0):
+        entries = _inference_blocks(arch, norms, evalnorm_modes, num_images, train_steps, ims_per_batch, opts,
+                                    clock_for(clock), rows)
+        if progress is not None:
+            progress(f"inference {arch}: {len(entries)} models/modes, {repeats} rounds x {num_images} images")
+        for run in entries.values():  # warm-up
+            run()
+        times = interleave(entries, repeats, progress)
+    summarize(rows, times, INFERENCE_REFERENCE, INFERENCE_TARGETS)
+    return list(rows.values())

@@ -1,0 +1,102 @@
+"""The models of the end-to-end benchmark: which configs, where each norm goes, the shared batches.
+
+Every norm gets its own model, built from the same CPU config (R-18-FPN, 128 px, fashion-scenes)
+with the norm set the way a user sets it (config keys, :func:`norm_overrides`), the box head
+switched to detectron2's 4conv1fc so that a norm there is measured too, and a small constant
+learning rate. The training loader's batches are read into memory once (:func:`load_batches`) and
+cycled, so every norm sees the same images and data loading is never timed.
+"""
+import itertools
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from d2_bnstats.registry import available_norms
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ARCH_CONFIGS = {
+    "frcnn": os.path.join("configs", "cpu", "frcnn_r18_bn_2img.yaml"),
+    "mrcnn": os.path.join("configs", "cpu", "mrcnn_r18_bn_2img.yaml"),
+}
+TRAIN_NORMS: Tuple[str, ...] = ("BN", "EvalNorm", "MABN", "SyncBN", "GhostBN", "GN", "FrozenBN")
+INFERENCE_NORMS: Tuple[str, ...] = ("FrozenBN", "BN", "EvalNorm", "MABN", "SyncBN", "GhostBN", "GN")
+EVALNORM_MODES: Tuple[str, ...] = ("learned", "rule", "exact", "fixed", "ema")
+EVALNORM_FIXED_ALPHA = 0.25  # the "fixed" mode needs a value: 1/B^2 at B = 2
+TRAIN_REFERENCE = "BN"
+INFERENCE_REFERENCE = "FrozenBN"
+# The box head of the CPU configs is 2fc, where ROI_BOX_HEAD.NORM is unused; the benchmark uses
+# detectron2's 4conv1fc head (the GN/SyncBN papers' head, as the MABN configs) so that a norm in the
+# box head is measured too. The same head for every norm, BN included.
+BOX_HEAD_OPTS: Tuple[str, ...] = (
+    "MODEL.ROI_BOX_HEAD.NUM_CONV", "4", "MODEL.ROI_BOX_HEAD.CONV_DIM", "128",
+    "MODEL.ROI_BOX_HEAD.NUM_FC", "1", "MODEL.ROI_BOX_HEAD.FC_DIM", "512",
+)
+# Timing needs no learning: a small constant LR (no schedule) so that no norm diverges (FrozenBN and
+# no norm in FPN/heads from random init would at 0.02 without warm-up); speed does not depend on it.
+BENCH_OPTS: Tuple[str, ...] = ("SOLVER.BASE_LR", "0.001", "DATALOADER.NUM_WORKERS", "0")
+# The project's cost targets (docs/benchmarks.md), drawn on the plot and checked in the tables.
+TRAIN_TARGETS: Dict[str, float] = {"EvalNorm": 1.10, "MABN": 1.15, "SyncBN": 1.02}
+INFERENCE_TARGETS: Dict[str, float] = {"EvalNorm": 1.10, "MABN": 1.02}
+PRECISE_BN_TARGET = 1.2
+
+
+def norm_overrides(norm: str, mask: bool, placement: str = "train") -> List[str]:
+    """The config keys a user sets for ``norm``: backbone, FPN, box head (and mask head).
+
+    FrozenBN in training is detectron2's default placement: the backbone only, FPN and heads with no
+    norm (FrozenBN there would be a fixed affine map of random init). For inference (``placement =
+    "inference"``) FrozenBN is the reference at EVERY norm position: what a BN model folds to, so
+    the ratios isolate the cost of the norm's inference path.
+    """
+    if placement not in ("train", "inference"):
+        raise ValueError(f"placement must be 'train' or 'inference', got {placement!r}")
+    head = "" if (norm == "FrozenBN" and placement == "train") else norm
+    opts = ["MODEL.RESNETS.NORM", norm, "MODEL.FPN.NORM", head, "MODEL.ROI_BOX_HEAD.NORM", head]
+    if mask:
+        opts += ["MODEL.ROI_MASK_HEAD.NORM", head]
+    return opts
+
+
+def load_bench_config(arch: str, ims_per_batch: int, norm: str, placement: str = "train",
+                      opts: Sequence[str] = (), config_file: Optional[str] = None):
+    """The checked detectron2 config of ``arch`` with ``norm`` placed for ``placement``; for inference
+    ``SCORE_THRESH_TEST`` is 0 so that every model returns ``DETECTIONS_PER_IMAGE`` boxes."""
+    from d2_bnstats.d2.train import load_config
+
+    if config_file is None:
+        if arch not in ARCH_CONFIGS:
+            raise ValueError(f"unknown architecture {arch!r}; accepted: {', '.join(ARCH_CONFIGS)}")
+        config_file = os.path.join(REPO, ARCH_CONFIGS[arch])
+    all_opts = list(BOX_HEAD_OPTS) + list(BENCH_OPTS) + ["SOLVER.IMS_PER_BATCH", str(ims_per_batch)]
+    all_opts += list(opts) + norm_overrides(norm, arch == "mrcnn", placement)
+    if placement == "inference":
+        all_opts += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+    return load_config(config_file, all_opts)
+
+
+def unavailable_reason(norm: str) -> Optional[str]:
+    """Why ``norm`` cannot be measured in this installation (not registered), or None."""
+    if norm not in available_norms():
+        return f"not available: norm {norm!r} is not registered in this installation"
+    return None
+
+
+def load_batches(cfg, num_batches: int) -> List[list]:
+    """``num_batches`` batches of the config's training loader, read into memory once."""
+    from detectron2.data import build_detection_train_loader
+
+    iterator = iter(build_detection_train_loader(cfg))
+    return [next(iterator) for _ in range(num_batches)]
+
+
+def build_trainer(cfg, batches: Sequence[list]):
+    """A detectron2 SimpleTrainer for ``cfg``'s model over ``batches`` cycled (seeded model init)."""
+    from detectron2.engine import SimpleTrainer
+    from detectron2.modeling import build_model
+    from detectron2.solver import build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(cfg)  # routed through d2_bnstats (factories see cfg, model transforms run)
+    model.train()
+    return SimpleTrainer(model, itertools.cycle(batches), build_optimizer(cfg, model))

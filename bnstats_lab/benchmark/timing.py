@@ -1,0 +1,98 @@
+"""Interleaved timing and its summary, shared by the benchmarks.
+
+Every benchmark of this package times its candidates in rounds, each round running every candidate
+once in turn (:func:`interleave`; the starting candidate rotates), so drift of the machine's load hits
+all candidates alike. A candidate's figure is the median over rounds, its spread (max - min) / median
+(:func:`spread`), and its ratio to a reference the median over rounds of (candidate / reference in the
+same round) (:func:`summarize`), which cancels drift between rounds that the ratio of the medians
+would keep.
+"""
+import dataclasses
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+CLOCKS: Dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def spread(values: Sequence[float]) -> float:
+    """(max - min) / median of ``values`` (0 when the median is not positive)."""
+    med = statistics.median(values)
+    return (max(values) - min(values)) / med if med > 0 else 0.0
+
+
+def clock_for(name: str) -> Callable[[], float]:
+    """``"wall"``: ``time.perf_counter``; ``"cpu"``: this process's CPU time (``time.process_time``)."""
+    if name not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {name!r}")
+    return CLOCKS[name]
+
+
+def sync(device: str) -> None:
+    """Wait for queued CUDA work, so that a timed block ends when its kernels do (no-op on CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def short_error(e: BaseException) -> str:
+    """``Type: first line of the message`` (at most 160 characters), for a table cell."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+
+
+def interleave(entries: Dict[str, Callable[[], float]], repeats: int, progress=None) -> Dict[str, List[float]]:
+    """Round-robin over ``entries`` (name -> timed block returning seconds), start rotating per round."""
+    names = list(entries)
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)] if names else []
+        for name in order:
+            times[name].append(entries[name]())
+        if progress is not None:
+            progress(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1]:.3f}" for n in names))
+    return times
+
+
+@dataclasses.dataclass
+class TimingRow:
+    """One norm (or norm/mode) in one configuration; times in seconds, ratios to the reference."""
+
+    table: str  # "train" or "inference"
+    arch: str
+    ims_per_batch: int
+    norm: str
+    median_s: Optional[float] = None  # per iteration (train) or per image (inference)
+    ratio: Optional[float] = None  # median over rounds of norm / reference in the same round
+    spread: Optional[float] = None  # (max - min) / median of the per-round times
+    ratio_spread: Optional[float] = None  # (max - min) / median of the per-round ratios
+    target: Optional[float] = None  # the target for the ratio, where there is one
+    meets_target: Optional[bool] = None
+    rounds: int = 0
+    skipped: Optional[str] = None  # "not available: ..." or why it could not be measured
+
+
+def target_key(name: str) -> str:
+    """The norm a row's name belongs to: ``"EvalNorm/learned"`` and ``"MABN (folded)"`` -> the norm."""
+    return name.split("/")[0].split(" ")[0]
+
+
+def summarize(rows: Dict[str, TimingRow], times: Dict[str, List[float]], reference: str,
+              targets: Dict[str, float]) -> None:
+    """Fill each row's median, spread, same-round ratio to ``reference`` and target check (in place)."""
+    ref = times.get(reference)
+    for key, row in rows.items():
+        t = times.get(key)
+        if row.skipped or not t:
+            continue
+        row.median_s = statistics.median(t)
+        row.spread = spread(t)
+        row.rounds = len(t)
+        if ref:
+            ratios = [a / b for a, b in zip(t, ref)]
+            row.ratio = statistics.median(ratios)
+            row.ratio_spread = spread(ratios)
+        base = target_key(key)
+        if base in targets:
+            row.target = targets[base]
+            row.meets_target = None if row.ratio is None else row.ratio <= row.target
