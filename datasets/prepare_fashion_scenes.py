@@ -7,17 +7,33 @@
         --image-size 192 --seed 3                                  # a custom data set
 
 Output: $DETECTRON2_DATASETS/fashion_scenes/<name>/{train,val}.json and images (default root:
-./datasets). After `import d2_bnstats` they are registered as <name>_train and <name>_val.
-The logic is in d2_bnstats.data.fashion_scenes.
+./datasets). After `import bnstats_lab` they are registered as <name>_train and <name>_val.
+The logic is in bnstats_lab.data.fashion_scenes.
 """
 import argparse
 import dataclasses
 import sys
 import time
 
-from d2_bnstats.data.fashion_mnist import FashionMNISTError
-from d2_bnstats.data.fashion_scenes import PRESETS, SceneSpec, SceneSplitSpec, build_fashion_scenes, is_built
-from d2_bnstats.data.register import fashion_scenes_root
+from bnstats_lab.data.fashion_mnist import FashionMNISTError
+from bnstats_lab.data.fashion_scenes import PRESETS, SceneSpec, SceneSplitSpec, build_fashion_scenes, is_built
+from bnstats_lab.data.register import fashion_scenes_root
+
+
+def _int_at_least(minimum):
+    """An argparse type: an integer >= ``minimum`` (a count of 0 would otherwise mean "the default")."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
 
 
 def parse_args(argv=None):
@@ -25,11 +41,12 @@ def parse_args(argv=None):
     p.add_argument("--name", default="fashion_scenes", help=f"data set name; presets: {', '.join(PRESETS)}")
     p.add_argument("--root", default=None, help="data sets root (default: $DETECTRON2_DATASETS or ./datasets)")
     p.add_argument("--fashion-mnist-dir", default=None, help="folder of the Fashion-MNIST IDX files")
-    p.add_argument("--num-train", type=int, help="training images (custom data sets, or to resize a preset)")
-    p.add_argument("--num-val", type=int, help="validation images")
-    p.add_argument("--image-size", type=int, help="square canvas side in pixels")
-    p.add_argument("--max-objects", type=int, help="items per scene at most")
-    p.add_argument("--seed", type=int, help="seed of the training split (validation uses seed + 1)")
+    positive = _int_at_least(1)
+    p.add_argument("--num-train", type=positive, help="training images (custom data sets, or to resize a preset)")
+    p.add_argument("--num-val", type=positive, help="validation images")
+    p.add_argument("--image-size", type=positive, help="square canvas side in pixels")
+    p.add_argument("--max-objects", type=positive, help="items per scene at most")
+    p.add_argument("--seed", type=_int_at_least(0), help="seed of the training split (validation uses seed + 1)")
     p.add_argument("--force", action="store_true", help="rebuild even if the data set is up to date")
     return p.parse_args(argv)
 
@@ -45,8 +62,8 @@ def spec_from_args(args) -> SceneSpec:
     train, val = base.splits["train"], base.splits["val"]
     seed = train.seed if args.seed is None else args.seed
     splits = {
-        "train": SceneSplitSpec(args.num_train or train.num_images, "train", seed),
-        "val": SceneSplitSpec(args.num_val or val.num_images, "test", seed + 1),
+        "train": SceneSplitSpec(train.num_images if args.num_train is None else args.num_train, "train", seed),
+        "val": SceneSplitSpec(val.num_images if args.num_val is None else args.num_val, "test", seed + 1),
     }
     changes = {"splits": splits}
     if args.image_size is not None:
