@@ -11,14 +11,28 @@ state, calibrated on --calibration-images training images (0: from the statistic
 what the source weights hold is written (an ImageNet backbone gives a backbone-only file).
 --compare-images reports the relative distance of the backbone features (source vs converted, in
 eval mode and with the converted model in training mode); --eval also COCO-evaluates both models
-on cfg.DATASETS.TEST. Trailing KEY VALUE pairs override the config.
+on cfg.DATASETS.TEST. Trailing KEY VALUE pairs override the config. --output and --report are
+written atomically and may not be --weights or the config file.
 (The work is done by d2_bnstats.d2.mabn_convert.convert_checkpoint.)
 """
+import argparse
 import json
 import sys
 
 import bnstats_lab  # noqa: F401  (registers the fashion-scenes data sets)
 from d2_bnstats.d2.train import argument_parser, load_config
+from d2_bnstats.outputs import OutputIsInputError, OutputWriteError, check_outputs, write_json
+
+
+def image_count(text: str) -> int:
+    """argparse type: a number of images, >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of images")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: give a number of images >= 0 (0: none)")
+    return value
 
 
 def parse_args(argv=None):
@@ -26,8 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--weights", required=True, help="source BN/FrozenBN weights (a path or detectron2:// URL)")
     p.add_argument("--output", required=True, help="converted checkpoint (.pth) to write")
     p.add_argument("--source-norm", default="FrozenBN", help="norm of the source model in place of MABN (default FrozenBN)")
-    p.add_argument("--calibration-images", type=int, default=64, help="training images to calibrate on (0: none)")
-    p.add_argument("--compare-images", type=int, default=8, help="images to measure feature distances on (0: none)")
+    p.add_argument("--calibration-images", type=image_count, default=64, help="training images to calibrate on (0: none)")
+    p.add_argument("--compare-images", type=image_count, default=8, help="images to measure feature distances on (0: none)")
     p.add_argument("--dataset", help="data set for calibration/comparison (default: the first of DATASETS.TRAIN)")
     p.add_argument("--eval", action="store_true", help="also COCO-evaluate source and converted model")
     p.add_argument("--report", help="write the numbers as JSON here")
@@ -40,6 +54,11 @@ def main(argv=None):
     from d2_bnstats.d2.mabn_convert import convert_checkpoint, source_config
 
     args = parse_args(argv)
+    try:
+        check_outputs({"--output": args.output, "--report": args.report},
+                      {"--weights": args.weights, "--config-file": args.config_file})
+    except OutputIsInputError as e:
+        raise SystemExit(f"convert_to_mabn: {e}")
     setup_logger(name="d2_bnstats")
     setup_logger(name="detectron2", abbrev_name="d2")
     cfg = load_config(args.config_file, list(args.opts or []) + ["MODEL.WEIGHTS", ""])  # the target need not exist yet
@@ -47,15 +66,17 @@ def main(argv=None):
         source_config(cfg, args.source_norm)
     except ValueError as e:
         raise SystemExit(f"{args.config_file}: {e}")
-    numbers = convert_checkpoint(
-        cfg, args.weights, args.output, source_norm=args.source_norm,
-        calibration_images=args.calibration_images, compare_images=args.compare_images,
-        dataset=args.dataset, evaluate=args.eval, author="d2_bnstats tools/convert_to_mabn.py",
-    )
-    print(json.dumps(numbers, indent=1))
-    if args.report:
-        with open(args.report, "w") as f:
-            json.dump(numbers, f, indent=1)
+    try:
+        numbers = convert_checkpoint(
+            cfg, args.weights, args.output, source_norm=args.source_norm,
+            calibration_images=args.calibration_images, compare_images=args.compare_images,
+            dataset=args.dataset, evaluate=args.eval, author="d2_bnstats tools/convert_to_mabn.py",
+        )
+        print(json.dumps(numbers, indent=1))
+        if args.report:
+            write_json(args.report, numbers)
+    except (OutputIsInputError, OutputWriteError) as e:
+        raise SystemExit(f"convert_to_mabn: {e}")
     return numbers
 
 

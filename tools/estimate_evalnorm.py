@@ -7,7 +7,9 @@
 
 Converts the model's BN layers to EvalNorm, estimates alpha_hat, beta_hat on training images with
 everything else frozen, writes the checkpoint (default OUTPUT_DIR/model_evalnorm.pth) and a config
-next to it that evaluates it, and prints the per-layer table. Then:
+next to it that evaluates it, and prints the per-layer table. Models whose norms keep other
+statistics (MABN, GhostBN, RoIShuffleBN, ...) are refused; so is an --output that would overwrite
+MODEL.WEIGHTS or the config file. Both files are written atomically. Then:
 
     python tools/train_net.py --eval-only --config-file OUTPUT_DIR/model_evalnorm.yaml
 
@@ -21,6 +23,7 @@ from detectron2.utils.logger import setup_logger
 
 from d2_bnstats.d2.evalnorm_offline import format_evalnorm_table, run_offline_estimation
 from d2_bnstats.d2.train import load_config
+from d2_bnstats.outputs import OutputIsInputError, OutputWriteError
 
 
 def parse_args(argv=None):
@@ -43,14 +46,18 @@ def main(argv=None):
     setup_logger(name="d2_bnstats")
     setup_logger(name="detectron2", abbrev_name="d2")
     cfg = load_config(args.config_file, args.opts)
-    result = run_offline_estimation(
-        cfg,
-        num_images=args.images,
-        lr=args.lr,
-        ims_per_batch=args.ims_per_batch,
-        include_frozen=args.include_frozen,
-        output=args.output,
-    )
+    try:
+        result = run_offline_estimation(
+            cfg,
+            num_images=args.images,
+            lr=args.lr,
+            ims_per_batch=args.ims_per_batch,
+            include_frozen=args.include_frozen,
+            output=args.output,
+            config_file=args.config_file,
+        )
+    except (OutputIsInputError, OutputWriteError) as e:
+        raise SystemExit(f"estimate_evalnorm: {e}")
     print(f"# EvalNorm offline estimation: {len(result['layers'])} layers, {result['iterations']} iterations")
     print(format_evalnorm_table(result["rows"]))
     first, last = result["history"][0], result["history"][-1]

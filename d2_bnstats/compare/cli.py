@@ -6,17 +6,27 @@ The flags are declared from tables (:data:`LAUNCH_OPTIONS`: detectron2's launch 
 (``--config-file C MODEL.WEIGHTS W --output O``), which detectron2's ``REMAINDER`` positional forbids.
 Defaults of the launch flags come from :func:`d2_bnstats.d2.train.argument_parser`, so they match
 ``tools/train_net.py`` (e.g. the per-user ``--dist-url`` port).
+
+The comparison's folder may be a training run's own (``--output output/run``): :func:`setup` saves
+its config as ``compare_config.yaml`` and logs to ``compare_log.txt``, never to the run's
+``config.yaml`` or ``log.txt`` as detectron2's ``default_setup`` would.
 """
 import argparse
 import copy
+import logging
 import os
 import re
 
+import torch
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
 
+from ..d2.datasets import check_datasets
 from ..d2.launch import launch
 from ..d2.train import argument_parser as train_argument_parser
-from ..d2.train import load_config, setup
+from ..d2.train import load_config
+from ..outputs import write_yaml
 from .comparison import compare
 from .plots import plot_paths
 from .registry import registered_strategies
@@ -99,10 +109,39 @@ def parse_args(argv=None):
     return args
 
 
+CONFIG_NAME = "compare_config.yaml"
+LOG_NAME = "compare_log.txt"
+LOGGERS = (("fvcore", None), ("detectron2", "d2"), ("d2_bnstats", "bnstats"))
+
+
+def setup(args):
+    """The set-up of ``tools/train_net.py`` (config loaded and checked, loggers, seed, data sets
+    checked) for a comparison writing into ``OUTPUT_DIR``, with files of its own names: the config
+    in ``compare_config.yaml``, the log in ``compare_log.txt`` (module docstring)."""
+    cfg = load_config(args.config_file, args.opts, world_size=comm.get_world_size())
+    cfg.freeze()
+    rank = comm.get_rank()
+    if comm.is_main_process():
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    for name, abbrev in LOGGERS:
+        setup_logger(os.path.join(cfg.OUTPUT_DIR, LOG_NAME), distributed_rank=rank, name=name, abbrev_name=abbrev)
+    logger = logging.getLogger("d2_bnstats.compare")
+    logger.info("Rank of current process: %d. World size: %d", rank, comm.get_world_size())
+    logger.info("Command line arguments: %s", args)
+    if comm.is_main_process():
+        path = write_yaml(os.path.join(cfg.OUTPUT_DIR, CONFIG_NAME), cfg.dump())
+        logger.info("Full config saved to %s", path)
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
+    if not args.eval_only:  # as detectron2's default_setup
+        torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+    check_datasets(cfg)
+    return cfg
+
+
 def main(args) -> dict:
     """One process's comparison (under :func:`run`'s launch); prints the tables on the main process."""
     output = args.output or os.path.join(load_config(args.config_file, args.opts).OUTPUT_DIR, "compare_bn_stats")
-    # detectron2's set-up writes config.yaml and log.txt into OUTPUT_DIR: the comparison's own folder
+    # OUTPUT_DIR = the comparison's folder: detectron2's evaluators write there
     args = copy.copy(args)
     args.opts = list(args.opts) + ["OUTPUT_DIR", output]
     cfg = setup(args)

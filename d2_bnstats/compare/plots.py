@@ -1,11 +1,12 @@
 """The comparison's figures (matplotlib, Agg): COCO AP per strategy (``ap.png``), the train–test
 discrepancy per layer in forward order (``discrepancy_layers.png``), and histograms of the normalized
-activations of chosen layers (``discrepancy_hist_<layer>.png``)."""
+activations of chosen layers (``discrepancy_hist_<layer>.png``); each written atomically."""
 import os
 from typing import Dict, Optional
 
 import torch
 
+from ..outputs import save_figure
 from .discrepancy import TRAIN_LABEL
 from .report import slug, strategy_names
 
@@ -53,7 +54,7 @@ def plot_ap(summary: dict, path: str) -> Optional[str]:
     fig.suptitle(f"{os.path.basename(summary['weights'])} on {dataset}"
                  + (f" (first {summary['max_images']} images)" if summary["max_images"] else ""), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -81,7 +82,7 @@ def plot_discrepancy_layers(report: dict, path: str) -> Optional[str]:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -102,7 +103,7 @@ def _histogram(plt, values: Dict[str, torch.Tensor], title: str, path: str) -> N
     ax.set_ylabel("density")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -1,11 +1,12 @@
 """The comparison's text and JSON output: the COCO table per test set, the discrepancy table, and
-``compare.md`` / ``compare.json``."""
-import json
+``compare.md`` / ``compare.json`` (written atomically)."""
 import math
 import os
 import re
 
 import torch
+
+from ..outputs import write_json, write_text
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -89,8 +90,6 @@ def write_text_and_json(summary: dict, output_dir: str) -> str:
     """Write ``compare.md`` (COCO and discrepancy tables) and ``compare.json`` (the summary);
     returns the text."""
     text = format_table(summary) + "\n\n" + format_discrepancy(summary["discrepancy"])
-    with open(os.path.join(output_dir, "compare.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(output_dir, "compare.json"), "w") as f:
-        json.dump(finite(summary), f, indent=1, default=json_default)
+    write_text(os.path.join(output_dir, "compare.md"), text + "\n")
+    write_json(os.path.join(output_dir, "compare.json"), finite(summary), indent=1, default=json_default)
     return text

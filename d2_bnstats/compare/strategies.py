@@ -26,7 +26,7 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from .. import batch_statistics, set_evalnorm_mode
-from ..d2.evalnorm_offline import convert_to_evalnorm, estimate_evalnorm
+from ..d2.evalnorm_offline import convert_to_evalnorm, estimate_evalnorm, refusal_reason
 from ..d2.population import PreciseBNRunner, default_precise_bn_loader_factory
 from ..layers.evalnorm import evalnorm_layers
 from ..layers.population_protocol import unwrap
@@ -181,6 +181,9 @@ class EvalNormOfflineStrategy(EvalNormStrategy):
     def unavailable(self, ctx):
         if model_has_evalnorm(ctx.model):
             return None
+        reason = refusal_reason(unwrap(ctx.model))  # statistics that are not BN's (MABN, GhostBN, ...)
+        if reason:
+            return reason
         if not any(isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) and m.track_running_stats
                    for m in unwrap(ctx.model).modules()):
             return "the model has neither EvalNorm layers nor trainable BN layers to convert"

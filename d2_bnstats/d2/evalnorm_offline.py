@@ -3,10 +3,16 @@
 EvalNorm paper, section 3.4 ("Offline estimation"): given a trained model, minimise the auxiliary
 loss L_aux over training data with everything else frozen. Here:
 
-1. :func:`convert_to_evalnorm` replaces the model's BatchNorm layers (``nn.BatchNorm2d`` and its
-   subclasses: detectron2's "BN", ``NaiveSyncBatchNorm``; ``nn.SyncBatchNorm``) by
+1. :func:`convert_to_evalnorm` replaces the model's BatchNorm layers by
    :class:`~d2_bnstats.layers.evalnorm.EvalNorm2d` with the same affine parameters and running
-   statistics. ``FrozenBatchNorm2d`` layers are left alone by default: a layer that was frozen in
+   statistics. Only layers whose running statistics are what EvalNorm assumes -- the moving average
+   of the mean and variance of the very batches the layer normalised with in training -- are
+   accepted: ``nn.BatchNorm2d`` (detectron2's "BN"), ``nn.SyncBatchNorm``, detectron2's
+   ``NaiveSyncBatchNorm`` and the plug-in's ``SyncBatchNorm2d`` (:data:`BATCH_STATISTICS_TYPES`,
+   exact types). Any other layer that keeps running statistics is refused, naming its type, even
+   when it subclasses ``nn.BatchNorm2d``: MABN's ``running_var`` is a second moment R, GhostBN and
+   RoIShuffleBN normalise with other groups than the batch the statistics describe.
+   ``FrozenBatchNorm2d`` layers are left alone by default: a layer that was frozen in
    training always normalised with its fixed statistics, so it has no train/test gap and the
    batch-normalised target of L_aux is not what the network saw. ``include_frozen=True`` converts
    them too (for a model whose BN layers were folded into FrozenBN *after* training).
@@ -21,17 +27,20 @@ loss L_aux over training data with everything else frozen. Here:
    bit).
 3. :func:`run_offline_estimation` does both from a detectron2 config and writes a checkpoint and
    a config for evaluating it (norm keys BN -> EvalNorm); ``tools/estimate_evalnorm.py`` is its CLI.
+   Before any work it refuses outputs that are its inputs (the weights, the config file) and checks
+   that the written config builds every converted layer as EvalNorm (otherwise the estimate would be
+   dropped when the checkpoint loads); both files are written atomically (:mod:`d2_bnstats.outputs`).
 """
 import contextlib
 import logging
 import math
 import os
-from typing import Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_train_loader
-from detectron2.layers import FrozenBatchNorm2d
+from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from detectron2.utils.events import EventStorage
 from tabulate import tabulate
 from torch import nn
@@ -39,6 +48,8 @@ from torch import nn
 from ..layers.evalnorm import EvalNorm2d, evalnorm_layers, evalnorm_state
 from ..layers.evalnorm_aux import AuxLossHook
 from ..layers.evalnorm_projection import attach_projection_hook
+from ..layers.sync_bn import SyncBatchNorm2d
+from ..outputs import check_outputs, save_torch, write_yaml
 from .build import build_model
 from .config import NORM_KEYS, get_config_value
 
@@ -54,16 +65,62 @@ BN_TO_EVALNORM = {
 }
 
 
+# layers whose running statistics are the moving average of the mean and variance of the batches
+# they normalised with in training (exact types: a subclass may keep something else, as MABN does)
+BATCH_STATISTICS_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, NaiveSyncBatchNorm, SyncBatchNorm2d)
+
+
 def _is_frozen_bn(module: nn.Module) -> bool:
     return isinstance(module, FrozenBatchNorm2d)
 
 
+def _bn_with_statistics(module: nn.Module) -> bool:
+    """A 2-d batch norm (any subclass) keeping running statistics, EvalNorm itself excluded."""
+    return (
+        isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm))
+        and not isinstance(module, EvalNorm2d)
+        and module.track_running_stats
+        and module.running_mean is not None
+    )
+
+
 def _convertible(module: nn.Module, include_frozen: bool) -> bool:
-    if isinstance(module, EvalNorm2d):
-        return False
-    if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
-        return module.track_running_stats and module.running_mean is not None
+    if type(module) in BATCH_STATISTICS_TYPES:
+        return _bn_with_statistics(module)
     return include_frozen and _is_frozen_bn(module)
+
+
+def _refused(module: nn.Module) -> bool:
+    """A batch-norm subclass whose running statistics do not mean what EvalNorm assumes."""
+    return _bn_with_statistics(module) and type(module) not in BATCH_STATISTICS_TYPES
+
+
+def refused_layers(model: nn.Module) -> Dict[str, List[str]]:
+    """{layer type: names} of the batch-norm layers of ``model`` whose running statistics EvalNorm
+    cannot start from (module docstring, step 1)."""
+    refused: Dict[str, List[str]] = {}
+    for name, module in model.named_modules():
+        if _refused(module):
+            refused.setdefault(type(module).__name__, []).append(name or "(the model itself)")
+    return refused
+
+
+def refusal_reason(model: nn.Module) -> Optional[str]:
+    """Why offline estimation refuses ``model`` (its layers of other statistics, by type), or None."""
+    refused = refused_layers(model)
+    return _refusal_message(refused) if refused else None
+
+
+def _refusal_message(refused: Dict[str, List[str]]) -> str:
+    kinds = "; ".join(
+        f"{kind} ({len(names)} layer{'s' if len(names) != 1 else ''}, e.g. {names[0]})" for kind, names in refused.items()
+    )
+    return (
+        f"cannot estimate EvalNorm for layers of type {kinds}: their running statistics are not the "
+        "moving average of the batch mean and variance they normalised with, which EvalNorm assumes. "
+        "Offline estimation accepts BN, SyncBN (torch's, detectron2's naive and the plug-in's) and, with "
+        "--include-frozen, FrozenBN; for other norms train with EvalNorm instead"
+    )
 
 
 def _to_evalnorm(module: nn.Module, layer_kwargs: dict) -> EvalNorm2d:
@@ -90,7 +147,11 @@ def _to_evalnorm(module: nn.Module, layer_kwargs: dict) -> EvalNorm2d:
 
 def convert_to_evalnorm(model: nn.Module, include_frozen: bool = False, **layer_kwargs) -> List[str]:
     """Replace BN layers of ``model`` in place by EvalNorm2d (see module docstring); returns the
-    names of the converted layers. ``layer_kwargs`` go to EvalNorm2d (e.g. ``mode``)."""
+    names of the converted layers. ``layer_kwargs`` go to EvalNorm2d (e.g. ``mode``). ValueError,
+    before anything is changed, if the model has layers whose statistics EvalNorm cannot use."""
+    reason = refusal_reason(model)
+    if reason:
+        raise ValueError(reason)
     converted = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
@@ -204,22 +265,64 @@ def format_evalnorm_table(model_or_rows) -> str:
     return tabulate(table, headers=["layer", "alpha_hat", "beta_hat", "B", "1/B^2"], tablefmt="github")
 
 
-def evalnorm_eval_config(cfg, weights: str):
-    """A copy of ``cfg`` that builds the converted model: BN-type norm keys -> EvalNorm names,
-    MODEL.WEIGHTS = ``weights``, BNSTATS.EVALNORM.MODE = "learned"."""
+def evalnorm_eval_config(cfg, weights: str, include_frozen: bool = False):
+    """A copy of ``cfg`` that builds the converted model: BN-type norm keys -> EvalNorm names (and
+    "FrozenBN" -> "EvalNorm" with ``include_frozen``), MODEL.WEIGHTS = ``weights``,
+    BNSTATS.EVALNORM.MODE = "learned"."""
+    names = dict(BN_TO_EVALNORM, **({"FrozenBN": "EvalNorm"} if include_frozen else {}))
     out = cfg.clone()
     out.defrost()
     for key in NORM_KEYS:
         value = get_config_value(out, key)
-        if isinstance(value, str) and value in BN_TO_EVALNORM:
+        if isinstance(value, str) and value in names:
             node = out
             *parents, leaf = key.split(".")
             for part in parents:
                 node = node[part]
-            node[leaf] = BN_TO_EVALNORM[value]
+            node[leaf] = names[value]
     out.MODEL.WEIGHTS = weights
     out.BNSTATS.EVALNORM.MODE = "learned"
     return out
+
+
+def check_eval_config_builds_evalnorm(eval_cfg, converted: List[str]) -> None:
+    """ValueError if the model of ``eval_cfg`` does not have an EvalNorm2d at every ``converted``
+    layer: loading the estimate into it would silently drop alpha_hat, beta_hat there."""
+    built = dict(build_model(eval_cfg).named_modules())
+    lost = [f"{name} ({type(built[name]).__name__ if name in built else 'absent'})"
+            for name in converted if not isinstance(built.get(name), EvalNorm2d)]
+    if lost:
+        raise ValueError(
+            f"the config written for evaluation would not build {len(lost)} converted layers as EvalNorm, "
+            f"e.g. {', '.join(lost[:3])}, so their estimate would be dropped at load. A frozen stage "
+            "(MODEL.BACKBONE.FREEZE_AT) is rebuilt as FrozenBN: leave its layers out (no --include-frozen) "
+            "or pass MODEL.BACKBONE.FREEZE_AT 0"
+        )
+
+
+def _output_paths(cfg, output: Optional[str], config_file: Optional[str]) -> Tuple[str, str]:
+    """(checkpoint, evaluation config) to write; refuses paths that are inputs or the same file."""
+    output = output or os.path.join(cfg.OUTPUT_DIR, "model_evalnorm.pth")
+    config_path = os.path.splitext(output)[0] + ".yaml"
+    check_outputs(
+        {"the output checkpoint": output, "the output config": config_path},
+        {"MODEL.WEIGHTS": cfg.MODEL.WEIGHTS, "the config file": config_file},
+    )
+    return output, config_path
+
+
+def _prepared_config(cfg, ims_per_batch: Optional[int], num_images: int):
+    if num_images < 1:
+        raise ValueError(f"the number of images must be >= 1, got {num_images}")
+    cfg = cfg.clone()
+    cfg.defrost()
+    if ims_per_batch is not None:
+        if ims_per_batch < 1:
+            raise ValueError(f"images per batch must be >= 1, got {ims_per_batch}")
+        cfg.SOLVER.IMS_PER_BATCH = int(ims_per_batch)
+    if not cfg.MODEL.WEIGHTS:
+        raise ValueError("MODEL.WEIGHTS is empty: give the trained model to estimate EvalNorm for (MODEL.WEIGHTS path)")
+    return cfg
 
 
 def run_offline_estimation(
@@ -229,25 +332,19 @@ def run_offline_estimation(
     ims_per_batch: Optional[int] = None,
     include_frozen: bool = False,
     output: Optional[str] = None,
+    config_file: Optional[str] = None,
 ) -> dict:
     """Load ``cfg.MODEL.WEIGHTS`` into ``cfg``'s model, convert its BN layers, estimate alpha_hat,
     beta_hat on ``num_images`` training images (batches of ``ims_per_batch``: the images per process
     used in training; default ``cfg.SOLVER.IMS_PER_BATCH``), and write ``output`` (default
     ``OUTPUT_DIR/model_evalnorm.pth``) plus ``<output>.yaml``, a config that evaluates it.
+    ``config_file``: the file ``cfg`` was read from, never overwritten (neither is MODEL.WEIGHTS).
 
     Returns {"checkpoint", "config", "layers", "rows", "history", "iterations"}.
     """
-    if num_images < 1:
-        raise ValueError(f"the number of images must be >= 1, got {num_images}")
-    cfg = cfg.clone()
-    cfg.defrost()
-    if ims_per_batch is not None:
-        if ims_per_batch < 1:
-            raise ValueError(f"images per batch must be >= 1, got {ims_per_batch}")
-        cfg.SOLVER.IMS_PER_BATCH = int(ims_per_batch)
+    cfg = _prepared_config(cfg, ims_per_batch, num_images)
     batch = cfg.SOLVER.IMS_PER_BATCH
-    if not cfg.MODEL.WEIGHTS:
-        raise ValueError("MODEL.WEIGHTS is empty: give the trained model to estimate EvalNorm for (MODEL.WEIGHTS path)")
+    output, config_path = _output_paths(cfg, output, config_file)
     model = build_model(cfg)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     converted = convert_to_evalnorm(model, include_frozen=include_frozen)
@@ -256,18 +353,15 @@ def run_offline_estimation(
             "the model has no BatchNorm layer to convert (norm keys: FrozenBN/GN/...?); "
             "pass include_frozen=True (--include-frozen) to convert FrozenBatchNorm2d layers"
         )
+    eval_cfg = evalnorm_eval_config(cfg, os.path.abspath(output), include_frozen=include_frozen)
+    check_eval_config_builds_evalnorm(eval_cfg, converted)
     iters = math.ceil(num_images / batch)
     logger.info("EvalNorm offline estimation: %d layers, %d iterations of %d images", len(converted), iters, batch)
     with EventStorage(0):  # detectron2's heads log to the storage in training mode
         history = estimate_evalnorm(model, build_detection_train_loader(cfg), iters, lr=lr)
-    output = output or os.path.join(cfg.OUTPUT_DIR, "model_evalnorm.pth")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     meta = {"source": cfg.MODEL.WEIGHTS, "images": iters * batch, "ims_per_batch": batch, "lr": lr, "layers": converted}
-    torch.save({"model": model.state_dict(), "evalnorm_offline": meta}, output)
-    config_path = os.path.splitext(output)[0] + ".yaml"
-    eval_cfg = evalnorm_eval_config(cfg, os.path.abspath(output))
-    with open(config_path, "w") as f:
-        f.write(eval_cfg.dump())
+    save_torch({"model": model.state_dict(), "evalnorm_offline": meta}, output)
+    write_yaml(config_path, eval_cfg.dump())
     return {
         "checkpoint": output,
         "config": config_path,

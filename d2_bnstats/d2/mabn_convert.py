@@ -17,12 +17,12 @@ a conv (see :mod:`d2_bnstats.layers.mabn_from_bn` for the algebra):
 
 :func:`convert_checkpoint` does it for a detectron2 config and checkpoint (the MABN config defines
 the target model; the source is the same config with every MABN norm key set to a BN-type norm) and
-writes the converted weights; ``tools/convert_to_mabn.py`` is its command line.
+writes the converted weights atomically (:mod:`d2_bnstats.outputs`), refusing an output that is the
+source weights file; ``tools/convert_to_mabn.py`` is its command line.
 """
 import itertools
 import json
 import logging
-import os
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
@@ -32,6 +32,7 @@ from torch import nn
 from ..layers.mabn import MABN2d
 from ..layers.mabn_from_bn import bn_to_mabn_parameters
 from ..layers.weight_centralization import WeightCentralizedConv2d, centralize, centralize_conv_weight_
+from ..outputs import check_outputs, save_torch
 from .norms.mabn import NORMS as MABN_NORMS
 from .norms.mabn import convs_feeding_mabn
 
@@ -311,8 +312,7 @@ def save_converted(model: nn.Module, report: dict, output: str, author: str = "d
     (``.pth``, no name-matching heuristics); returns how many were written."""
     state = model.state_dict()
     out = {k: state[k] for k in report["state_keys"]}
-    os.makedirs(os.path.dirname(os.path.abspath(output)) or ".", exist_ok=True)
-    torch.save({"model": out, "__author__": author, "matching_heuristics": False}, output)
+    save_torch({"model": out, "__author__": author, "matching_heuristics": False}, output)
     return len(out)
 
 
@@ -342,7 +342,13 @@ def convert_checkpoint(
     ``weights`` holds is written. Returns the numbers (counts, distances, evaluation results).
     """
     from .build import build_model
+    from .weights import check_weights_file
 
+    for count, name in ((calibration_images, "calibration_images"), (compare_images, "compare_images")):
+        if count < 0:
+            raise ValueError(f"{name} = {count!r}: give a number of images >= 0 (0: none)")
+    check_outputs({"output": output}, {"weights": weights})
+    check_weights_file(weights, label="weights")
     source_cfg, _ = source_config(cfg, source_norm)
     source = build_model(source_cfg)
     loaded = load_weights(source, weights)

@@ -8,7 +8,6 @@ runs it at the end of training when ``BNSTATS.CHECK_REPLICAS`` is true and write
 ``OUTPUT_DIR/replica_check.json``.
 """
 import hashlib
-import json
 import logging
 import os
 from typing import Dict
@@ -17,6 +16,8 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 from torch import nn
+
+from ..outputs import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,4 @@ class ReplicaCheck(HookBase):
             else:
                 logger.info("all %d %s are identical on the %d processes", result[kind], kind, result["world_size"])
         if comm.is_main_process() and self.output_dir:
-            os.makedirs(self.output_dir, exist_ok=True)
-            with open(os.path.join(self.output_dir, "replica_check.json"), "w") as f:
-                json.dump(result, f, indent=1)
+            write_json(os.path.join(self.output_dir, "replica_check.json"), result)

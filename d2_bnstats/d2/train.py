@@ -17,11 +17,12 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .config import check_batch_config, check_norm_keys, resolve_device
+from .datasets import check_datasets
 from .launch import launch
 from .plugin import add_bnstats_config, check_bnstats_config
 from .population import prepare_for_evaluation
 from .trainer import Trainer
-from .weights import missing_weights_message
+from .weights import check_weights_file
 
 logger = logging.getLogger("d2_bnstats")
 
@@ -52,14 +53,13 @@ def load_config(config_file: str, opts=(), world_size: int = 1):
 
 def check_config(cfg, world_size: int = 1) -> None:
     """The checks of :func:`load_config` on a built config (cfg must be mutable): device fallback,
-    norm names, total batch over ``world_size`` processes, every BNSTATS value, MODEL.WEIGHTS file exists."""
+    norm names, total batch over ``world_size`` processes, every BNSTATS value, MODEL.WEIGHTS file exists
+    and is a checkpoint (its header: see :mod:`d2_bnstats.d2.weights`)."""
     resolve_device(cfg)
     check_norm_keys(cfg)
     check_batch_config(cfg, world_size)
     check_bnstats_config(cfg)
-    weights = cfg.MODEL.WEIGHTS
-    if weights and "://" not in weights and not os.path.isfile(weights):
-        raise FileNotFoundError(missing_weights_message(weights))
+    check_weights_file(cfg.MODEL.WEIGHTS)
 
 
 def setup(args):
@@ -67,6 +67,8 @@ def setup(args):
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2_bnstats", abbrev_name="bnstats")
+    # here, not in check_config: loading a config must not need its data sets built; a run does
+    check_datasets(cfg)
     return cfg
 
 

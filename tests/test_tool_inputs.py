@@ -1,0 +1,155 @@
+"""Inputs the offline tools must refuse, with a message that names what is wrong.
+
+- EvalNorm's offline estimation accepts only layers whose running statistics are the moving average
+  of the batch mean and variance (BN, SyncBN of torch, detectron2 and the plug-in, FrozenBN on request)
+  and refuses MABN, GhostBN, RoIShuffleBN by type, before anything changes; it refuses a conversion whose
+  evaluation config would rebuild converted layers as something else (the estimate dropped at load);
+- a MODEL.WEIGHTS file that is empty, truncated or not a checkpoint stops the config checks naming
+  the file; real checkpoints of every format detectron2 reads pass;
+- ``convert_to_mabn.py --calibration-images -1`` is an argument error naming the flag.
+"""
+import importlib.util
+import os
+import pickle
+
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import DefaultTrainer
+from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
+from torch import nn
+
+from d2_bnstats.d2.evalnorm_offline import convert_to_evalnorm, run_offline_estimation
+from d2_bnstats.d2.train import load_config
+from d2_bnstats.layers.evalnorm import EvalNorm2d
+from d2_bnstats.layers.ghost_bn import GhostBatchNorm2d
+from d2_bnstats.layers.mabn import MABN2d
+from d2_bnstats.layers.roi_shuffle import RoIShuffleBatchNorm2d
+from d2_bnstats.layers.sync_bn import SyncBatchNorm2d
+
+from .conftest import REPO, tiny_opts
+
+BN_CPU = os.path.join(REPO, "configs", "cpu", "frcnn_r18_bn_2img.yaml")
+MABN_CPU = os.path.join(REPO, "configs", "cpu", "frcnn_r18_mabn_2img.yaml")
+SMALL = {"MODEL.FPN.OUT_CHANNELS": 32, "MODEL.ROI_BOX_HEAD.FC_DIM": 64, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 32}
+
+
+def small_opts(output_dir, **extra):
+    return tiny_opts(output_dir, **{**SMALL, **extra})
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def net(norm):
+    return nn.Sequential(nn.Conv2d(3, 8, 1), norm(8), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+
+
+# ------------------------------------------------------------------------------ EvalNorm's inputs
+@pytest.mark.parametrize("norm", [GhostBatchNorm2d, RoIShuffleBatchNorm2d, MABN2d])
+def test_layers_with_other_statistics_are_refused_by_type_and_nothing_is_converted(norm):
+    model = net(norm)
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=f"{norm.__name__} \\(1 layer, e.g. 1\\)"):
+        convert_to_evalnorm(model)
+    assert [type(m) for m in model.modules()] == before  # not even the plain BN at index 4
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d, nn.SyncBatchNorm, NaiveSyncBatchNorm, SyncBatchNorm2d])
+def test_batch_norms_of_batch_statistics_are_converted(norm):
+    model = net(norm)
+    assert convert_to_evalnorm(model) == ["1", "4"]
+    assert isinstance(model[1], EvalNorm2d) and isinstance(model[4], EvalNorm2d)
+    frozen = net(FrozenBatchNorm2d)
+    assert convert_to_evalnorm(frozen) == ["4"] and isinstance(frozen[1], FrozenBatchNorm2d)
+    assert convert_to_evalnorm(net(FrozenBatchNorm2d), include_frozen=True) == ["1", "4"]
+
+
+def test_estimate_evalnorm_refuses_an_mabn_model_and_writes_nothing(datasets_root, tmp_path):
+    opts = small_opts(tmp_path)
+    model = DefaultTrainer.build_model(load_config(MABN_CPU, opts))
+    weights = str(tmp_path / "mabn.pth")
+    torch.save({"model": model.state_dict()}, weights)
+    out = tmp_path / "estimated" / "model_evalnorm.pth"
+    tool = load_tool("estimate_evalnorm")
+    with pytest.raises(ValueError, match="MABN2d \\(32 layers") as info:
+        tool.main(["--config-file", MABN_CPU, "--images", "2", "--ims-per-batch", "2", "--output", str(out)]
+                  + opts + ["MODEL.WEIGHTS", weights])
+    assert "e.g. backbone." in str(info.value)  # a layer's name
+    assert not out.exists() and not out.with_suffix(".yaml").exists()
+
+
+def test_estimation_whose_config_would_drop_the_estimate_is_refused_before_it_runs(datasets_root, tmp_path):
+    # frozen stages converted on request, but the config rebuilds them as FrozenBN from FREEZE_AT
+    opts = small_opts(tmp_path, **{"MODEL.BACKBONE.FREEZE_AT": 2})
+    weights = str(tmp_path / "bn.pth")
+    torch.save({"model": DefaultTrainer.build_model(load_config(BN_CPU, opts)).state_dict()}, weights)
+    cfg = load_config(BN_CPU, opts + ["MODEL.WEIGHTS", weights])
+    out = tmp_path / "en.pth"
+    with pytest.raises(ValueError, match="would not build 5 converted layers as EvalNorm") as info:
+        run_offline_estimation(cfg, num_images=2, ims_per_batch=2, include_frozen=True, output=str(out))
+    assert "backbone.bottom_up.stem.conv1.norm (FrozenBatchNorm2d)" in str(info.value)
+    assert "FREEZE_AT" in str(info.value) and not out.exists()
+
+
+# ------------------------------------------------------------------------------ MODEL.WEIGHTS
+def _torch_zip(path):
+    torch.save({"model": {"w": torch.ones(4096)}}, path)
+
+
+def _bad_files(tmp_path):
+    good = tmp_path / "good.pth"
+    _torch_zip(good)
+    pkl = pickle.dumps({"model": {"w": list(range(2000))}}, protocol=2)
+    files = {
+        "empty.pth": (b"", "empty"),
+        "garbage.pth": (b"\x00\x01 not a checkpoint at all" * 10, "starts with"),
+        "config.pth": (open(BN_CPU, "rb").read(), "starts with b'# BN"),
+        "lfs.pth": (b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 12\n", "Git LFS pointer"),
+        "truncated.pth": (good.read_bytes()[: good.stat().st_size // 2], "truncated zip archive"),
+        "truncated.pkl": (pkl[: len(pkl) // 2], "ends early"),
+    }
+    for name, (data, _) in files.items():
+        (tmp_path / name).write_bytes(data)
+    return {str(tmp_path / name): why for name, (_, why) in files.items()}
+
+
+def test_weights_that_are_not_a_checkpoint_are_named_at_config_load(tmp_path):
+    for path, why in _bad_files(tmp_path).items():
+        with pytest.raises(ValueError) as info:
+            load_config(BN_CPU, tiny_opts(tmp_path, **{"MODEL.WEIGHTS": path}))
+        message = str(info.value)
+        assert f"MODEL.WEIGHTS = {path!r} is not a checkpoint" in message and why in message, message
+
+
+def test_checkpoints_of_every_format_detectron2_reads_pass_the_check(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    paths = {"zip.pth": lambda p: torch.save({"model": model.state_dict()}, p),
+             "legacy.pth": lambda p: torch.save({"model": model.state_dict()}, p, _use_new_zipfile_serialization=False),
+             "checkpointer": lambda p: DetectionCheckpointer(model, save_dir=str(tmp_path)).save("checkpointer")}
+    for protocol in (0, 2, pickle.HIGHEST_PROTOCOL):  # model-zoo .pkl files: numpy arrays in pickles
+        paths[f"zoo{protocol}.pkl"] = lambda p, protocol=protocol: open(p, "wb").write(pickle.dumps(
+            {"model": {k: v.numpy() for k, v in model.state_dict().items()}, "__author__": "x"}, protocol=protocol))
+    for name, write in paths.items():
+        path = str(tmp_path / name) if name != "checkpointer" else str(tmp_path / "checkpointer.pth")
+        write(path)
+        load_config(BN_CPU, tiny_opts(tmp_path, **{"MODEL.WEIGHTS": path}))  # no error
+        DetectionCheckpointer(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))).load(path)  # and it loads
+
+
+# ------------------------------------------------------------------------------ convert_to_mabn's counts
+@pytest.mark.parametrize("flag", ["--calibration-images", "--compare-images"])
+def test_a_negative_number_of_images_is_an_argument_error_naming_the_flag(flag, datasets_root, tmp_path, capsys):
+    weights = str(tmp_path / "w.pth")
+    torch.save({"model": {}}, weights)  # a checkpoint: the images are what is wrong
+    tool = load_tool("convert_to_mabn")
+    with pytest.raises(SystemExit) as info:
+        tool.main(["--config", MABN_CPU, "--weights", weights, "--output", str(tmp_path / "o.pth"),
+                   "--calibration-images", "0", "--compare-images", "0", flag, "-1"] + tiny_opts(tmp_path))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and ">= 0" in err
