@@ -11,6 +11,8 @@ import dataclasses
 import os
 from typing import List
 
+from d2_bnstats.outputs import write_text
+
 from .config_describe import describe_file, load_config_unchecked
 from .config_leaves import is_generated_file, render_leaf
 from .config_matrix import EXTERNAL, FAMILIES, cells
@@ -110,9 +112,7 @@ def generate(root: str, write: bool = True) -> Report:
         current = open(path).read() if os.path.exists(path) else None
         if current != text:
             if write:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "w") as f:
-                    f.write(text)
+                write_text(path, text)
                 report.written.append(rel)
             else:
                 report.problems.append(f"{rel} is {'missing' if current is None else 'out of date'}")
@@ -140,8 +140,7 @@ def generate(root: str, write: bool = True) -> Report:
     else:
         if new_text != text:
             if write:
-                with open(readme, "w") as f:
-                    f.write(new_text)
+                write_text(readme, new_text)
                 report.written.append("configs/README.md")
             else:
                 report.problems.append("configs/README.md: the table is out of date")

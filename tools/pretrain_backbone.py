@@ -12,13 +12,13 @@ checkpoint that MODEL.WEIGHTS loads like an ImageNet one.
 The logic is in bnstats_lab.pretrain; docs/configs.md describes the recipe and the checkpoint format.
 """
 import argparse
-import json
 import logging
 import sys
 
 import torch
 
 import bnstats_lab  # noqa: F401  (registers the norms)
+from d2_bnstats.outputs import write_json
 from bnstats_lab.pretrain import DEFAULT_CONFIG, PretrainOptions, default_checkpoint_path, pretrain
 
 
@@ -95,8 +95,7 @@ def main(argv=None):
     summary = pretrain(options, output)
     print(f"Fashion-MNIST test accuracy: {summary['test_accuracy']:.4f}  ->  {output}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
+        write_json(args.json, summary, indent=2)
     return 0
 
 

@@ -13,10 +13,11 @@ BN statistic loaded (FrozenBN or trainable BN alike), and only the layers ImageN
 (FPN, RPN, RoI heads) reported missing. The classifier layer and ``num_batches_tracked`` counters
 are not exported (a counter missing from a checkpoint is filled in silently by torch's BN).
 """
-import os
 import pickle
 
 from torch import nn
+
+from d2_bnstats.outputs import save_pickle
 
 AUTHOR = "bnstats_lab.pretrain (ResNet backbone pre-trained on Fashion-MNIST)"
 
@@ -31,12 +32,7 @@ def export_backbone(backbone: nn.Module, path: str, info: dict) -> dict:
         if not k.endswith("num_batches_tracked")
     }
     payload = {"model": state, "__author__": AUTHOR, "matching_heuristics": True, "pretrain": dict(info)}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        pickle.dump(payload, f)
-    os.replace(tmp, path)  # never leave a half-written checkpoint under the final name
+    save_pickle(payload, path)  # atomic: never a half-written checkpoint under the final name
     return state
 
 
