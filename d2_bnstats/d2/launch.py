@@ -4,10 +4,22 @@ detectron2's ``launch`` spawns one process per GPU. Older versions (the 2022 sna
 CUDA is available and hard-code NCCL; newer ones fall back to gloo. This wrapper delegates to
 detectron2 whenever CUDA is available and otherwise runs the same recipe with gloo, so that
 ``--num-gpus 2`` on a CPU machine means "2 processes", on every detectron2 version.
+
+Workers end with their launcher: killed with SIGKILL, a launcher cannot stop its workers itself.
+torch's ``spawn`` asks Linux to send each worker SIGINT when the launcher ends, which is not
+enough: a run started in the background (``nohup``, ``&`` in a script) ignores SIGINT and its
+workers would train on, and a worker that does get KeyboardInterrupt can take well over 10 s to
+exit. Each worker therefore watches the launcher itself (:func:`exit_with_parent`) and ends, with
+the processes it started, as soon as the launcher does.
 """
+import functools
 import inspect
 import logging
+import multiprocessing
 import os
+import socket
+import threading
+import time
 from datetime import timedelta
 
 import torch
@@ -34,29 +46,73 @@ def launch(
         raise ValueError(
             f"--num-gpus and --num-machines must be >= 1, got {num_gpus_per_machine} and {num_machines}"
         )
+    launcher_pid = os.getpid()
     if torch.cuda.is_available():
         kwargs = dict(num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url, args=args)
         if "timeout" in inspect.signature(d2_launch).parameters:  # older detectron2 has no timeout
             kwargs["timeout"] = timeout
-        return d2_launch(main_func, num_gpus_per_machine, **kwargs)
+        guarded = functools.partial(_run_tied_to_launcher, launcher_pid, main_func)
+        return d2_launch(guarded, num_gpus_per_machine, **kwargs)
     world_size = num_machines * num_gpus_per_machine
     if world_size == 1:
         return main_func(*args)
     if dist_url is None or dist_url == "auto":
         if num_machines != 1:
             raise ValueError("dist_url='auto' only works on one machine; pass --dist-url tcp://HOST:PORT")
-        from detectron2.engine.launch import _find_free_port
-
-        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+        dist_url = f"tcp://127.0.0.1:{_free_port()}"
     mp.spawn(
         _cpu_worker,
         nprocs=num_gpus_per_machine,
-        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
+        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout, launcher_pid),
         daemon=False,
     )
 
 
-def _cpu_worker(local_rank, main_func, world_size, per_machine, machine_rank, dist_url, args, timeout):
+def _free_port() -> int:
+    # the port may be taken again before the workers bind it; detectron2 accepts the same race
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _run_tied_to_launcher(launcher_pid, main_func, *args):
+    """``main_func(*args)``, in a worker that ends with its launcher (detectron2 calls it in the
+    launcher itself for a single process: then there is nothing to watch)."""
+    if os.getpid() != launcher_pid:
+        exit_with_parent(launcher_pid)
+    return main_func(*args)
+
+
+def exit_with_parent(parent_pid: int, poll_interval: float = 0.5) -> None:
+    """End this process, and the processes it started with multiprocessing (data-loader workers),
+    as soon as its parent process ``parent_pid`` ends.
+
+    A daemon thread waits on multiprocessing's pipe to the parent, which closes when the parent
+    ends (in a process not started by multiprocessing: polls the parent id, which changes when the
+    parent ends, on POSIX). It then kills the children first: a data-loader worker still starting
+    up would not notice that its parent has gone (torch's worker watchdog compares with the parent
+    id it sees once started).
+    """
+    parent = multiprocessing.parent_process()
+
+    def watch():
+        if parent is not None:
+            parent.join()  # returns when the pipe to the parent closes
+        while parent is None and os.getppid() == parent_pid:
+            time.sleep(poll_interval)
+        for child in multiprocessing.active_children():
+            child.kill()
+        # no logging: its locks may be held by the main thread, which is not coming back
+        os.write(2, f"process {os.getpid()}: its launcher (pid {parent_pid}) has ended; exiting\n".encode())
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()
+
+
+def _cpu_worker(
+    local_rank, main_func, world_size, per_machine, machine_rank, dist_url, args, timeout, launcher_pid
+):
+    exit_with_parent(launcher_pid)
     global_rank = machine_rank * per_machine + local_rank
     # Share the cores between the processes instead of oversubscribing them.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_machine))

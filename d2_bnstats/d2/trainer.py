@@ -13,9 +13,16 @@ Differences from ``DefaultTrainer``, each for a reason:
   ``BNSTATS.FROZEN_BN`` adds FrozenBN late in training; ``BNSTATS.TEST_BATCH_STATS`` evaluates with
   the statistics of k-image test batches;
 - ``BNSTATS.INIT`` is applied after ``MODEL.WEIGHTS`` is loaded for a new run (re-initialised
-  statistics, d2_bnstats/d2/weights.py).
+  statistics, d2_bnstats/d2/weights.py);
+- checkpoints hold the optimizer, LR-scheduler and (with AMP) grad-scaler state on every detectron2
+  version, so that ``--resume`` continues the run where it stopped: detectron2 versions whose
+  trainer ``state_dict`` leaves one of them out (the 2022 snapshot saves neither the optimizer nor
+  the grad scaler) get it as a checkpointable of the trainer's ``DetectionCheckpointer``, under the
+  key older detectron2 versions used (``optimizer``, ``scheduler``, ``grad_scaler``). Whatever
+  detectron2 already saves is not saved twice (:func:`checkpoint_training_state`).
 """
 import contextlib
+import logging
 
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine import defaults as d2_defaults
@@ -26,6 +33,8 @@ from .evaluation import build_coco_evaluator
 from .population import build_batched_test_loader, build_population_hooks, evaluation_statistics, test_batch_stats_enabled
 from .replicas import ReplicaCheck
 from .weights import after_loading_weights
+
+logger = logging.getLogger(__name__)
 
 
 def _model_device_type(model) -> str:
@@ -51,12 +60,89 @@ def cpu_aware_ddp():
         d2_defaults.create_ddp_model = original
 
 
+@contextlib.contextmanager
+def recording_step_trainers(built: list):
+    """Within the block, each ``SimpleTrainer``/``AMPTrainer`` that ``DefaultTrainer`` builds is
+    appended to ``built``: detectron2 keeps it only in a private attribute, and its grad scaler is
+    part of the training state."""
+    names = [name for name in ("SimpleTrainer", "AMPTrainer") if hasattr(d2_defaults, name)]
+    originals = {name: getattr(d2_defaults, name) for name in names}
+
+    def recording(cls):
+        def build(*args, **kwargs):
+            step_trainer = cls(*args, **kwargs)
+            built.append(step_trainer)
+            return step_trainer
+
+        return build
+
+    for name, cls in originals.items():
+        setattr(d2_defaults, name, recording(cls))
+    try:
+        yield
+    finally:
+        for name, cls in originals.items():
+            setattr(d2_defaults, name, cls)
+
+
+def _same_state(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):  # tensors compare elementwise
+        return False
+
+
+def _holds(saved, state) -> bool:
+    """Whether ``state`` is ``saved`` or a value of a dict nested in it."""
+    if _same_state(saved, state):
+        return True
+    return isinstance(saved, dict) and any(_holds(v, state) for v in saved.values())
+
+
+def checkpoint_training_state(checkpointer, trainer_state, objects: dict) -> list:
+    """Make ``checkpointer`` save and load each of ``objects`` (key → object with ``state_dict`` and
+    ``load_state_dict``) that detectron2 does not already save, and return the keys added.
+
+    Feature detection instead of version numbers: an object is saved already when it is one of the
+    checkpointer's checkpointables (early detectron2 versions passed ``optimizer=``, ``scheduler=``)
+    or when its state is part of ``trainer_state``, the trainer's own ``state_dict()`` taken right
+    after construction (newer detectron2 nests the optimizer and grad scaler there; its LR-scheduler
+    hook saves the scheduler). An object with an empty state (a disabled grad scaler) has nothing
+    to save.
+    """
+    added = []
+    for key, obj in objects.items():
+        if obj is None or not hasattr(obj, "state_dict") or not hasattr(obj, "load_state_dict"):
+            continue
+        if any(held is obj for held in checkpointer.checkpointables.values()):
+            continue
+        state = obj.state_dict()
+        if not state or _holds(trainer_state, state):
+            continue
+        if key in checkpointer.checkpointables:
+            raise KeyError(f"cannot checkpoint the {key} state: the checkpointer already uses the key {key!r}")
+        checkpointer.add_checkpointable(key, obj)
+        added.append(key)
+    return added
+
+
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` for d2_bnstats configs (see module docstring)."""
 
     def __init__(self, cfg):
-        with cpu_aware_ddp():
+        step_trainers = []
+        with cpu_aware_ddp(), recording_step_trainers(step_trainers):
             super().__init__(cfg)
+        grad_scaler = getattr(step_trainers[-1], "grad_scaler", None) if step_trainers else None
+        trainer_state = self.state_dict() if hasattr(self, "state_dict") else {}
+        training_state = {
+            "optimizer": self.optimizer,
+            "scheduler": getattr(self, "scheduler", None),
+            "grad_scaler": grad_scaler,
+        }
+        added = checkpoint_training_state(self.checkpointer, trainer_state, training_state)
+        if added:
+            logger.info("checkpoints also hold: %s (this detectron2's trainer does not save them)", ", ".join(added))
 
     def resume_or_load(self, resume=True):
         """detectron2's, then ``BNSTATS.INIT`` (e.g. reset statistics) unless the run resumed."""
