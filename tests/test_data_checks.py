@@ -267,6 +267,22 @@ def test_mapper_error_names_the_file_from_a_loader_worker(tmp_path):
         next(iter(loader))
 
 
+def test_trainer_loaders_name_the_file(tmp_path):
+    """The Trainer's own train and test loaders wrap detectron2's mapper: the error names the file."""
+    from d2_bnstats import add_bnstats_config
+    from d2_bnstats.d2.trainer import Trainer
+
+    _, path = truncated_jpeg_dict(tmp_path)
+    cfg = get_cfg()
+    add_bnstats_config(cfg)
+    cfg.merge_from_list(["DATASETS.TRAIN", "('truncated_jpeg_train',)", "DATALOADER.NUM_WORKERS", "0",
+                         "SOLVER.IMS_PER_BATCH", "1", "INPUT.MIN_SIZE_TEST", "32", "INPUT.MIN_SIZE_TRAIN", "(32,)"])
+    with pytest.raises(DatasetError, match=re.escape(path)):
+        next(iter(Trainer.build_train_loader(cfg)))
+    with pytest.raises(DatasetError, match=re.escape(path)):
+        next(iter(Trainer.build_test_loader(cfg, "truncated_jpeg_train")))
+
+
 # --- building fashion-scenes -----------------------------------------------------------------
 
 

@@ -24,11 +24,13 @@ Differences from ``DefaultTrainer``, each for a reason:
 import contextlib
 import logging
 
+from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 
 from .config import bnstats_node
+from .datasets import FileNamingMapper
 from .evaluation import build_coco_evaluator
 from .population import build_batched_test_loader, build_population_hooks, evaluation_statistics, test_batch_stats_enabled
 from .replicas import ReplicaCheck
@@ -181,12 +183,17 @@ class Trainer(DefaultTrainer):
         return ret
 
     @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's loader; an image that fails to load names its file and image id."""
+        return build_detection_train_loader(cfg, mapper=FileNamingMapper(DatasetMapper(cfg, is_train=True)))
+
+    @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         if test_batch_stats_enabled(cfg):
             return build_batched_test_loader(
                 cfg, dataset_name, cfg.BNSTATS.TEST_BATCH_STATS.IMS_PER_BATCH, trainer_cls=super(Trainer, cls)
             )
-        return super().build_test_loader(cfg, dataset_name)
+        return build_detection_test_loader(cfg, dataset_name, mapper=FileNamingMapper(DatasetMapper(cfg, is_train=False)))
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
