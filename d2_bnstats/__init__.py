@@ -11,6 +11,8 @@ _plugin.install()  # before anything below imports a module that registers names
 
 from .d2.build import configure_norm, model_transforms, register_model_transform, unregister_model_transform
 from .d2.config import NORM_KEYS, check_norm_keys
+from .d2 import lazy
+from .d2.lazy import build_lazy_model, configure_lazy_norms, prepare_model
 from .d2.mabn_convert import convert_to_mabn
 from .d2.plugin import add_bnstats_config, check_bnstats_config
 from .layers.evalnorm import EvalNorm2d, set_evalnorm_mode
@@ -43,8 +45,10 @@ __all__ = [
     "attach_step_hook",
     "available_norms",
     "batch_statistics",
+    "build_lazy_model",
     "check_bnstats_config",
     "check_norm_keys",
+    "configure_lazy_norms",
     "configure_norm",
     "ConfiguredNorm",
     "convert_to_mabn",
@@ -52,12 +56,14 @@ __all__ = [
     "freeze_batch_statistics",
     "get_norm",
     "GhostBatchNorm2d",
+    "lazy",
     "MABN2d",
     "model_transforms",
     "NORM_KEYS",
     "PerLevelNorm",
     "population_layers",
     "precise_bn",
+    "prepare_model",
     "register_model_transform",
     "register_norm",
     "registered_norms",

@@ -307,3 +307,39 @@ def test_prepare_rejects_non_positive_counts(flag, value, message, capsys):
     # a positive count is taken as given
     spec = prepare.spec_from_args(prepare.parse_args(["--name", "my_scenes", "--num-train", "1", "--num-val", "2"]))
     assert (spec.splits["train"].num_images, spec.splits["val"].num_images) == (1, 2)
+
+
+# --- data from the command line, and missing builtin data ------------------------------------
+
+
+def test_register_coco_from_the_command_line_trains_on_own_data(tmp_path):
+    """`--register-coco NAME JSON IMAGE_ROOT` registers a user's COCO-format set (checked) for training."""
+    json_file, root = write_coco(str(tmp_path), num_images=2)
+    name = "cli_coco_train"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    args = argument_parser().parse_args(
+        ["--config", FRCNN_BN, "--register-coco", name, json_file, root]
+        + tiny_opts(tmp_path / "out", max_iter=1, **{"DATASETS.TRAIN": f"('{name}',)", "DATASETS.TEST": "()",
+                                                    "MODEL.ROI_HEADS.NUM_CLASSES": "1"})
+    )
+    main(args)
+    assert name in DatasetCatalog.list() and [d["image_id"] for d in DatasetCatalog.get(name)] == [1, 2]
+    assert os.path.isfile(tmp_path / "out" / "model_final.pth")
+    with pytest.raises(DatasetError, match="JSON .*does not exist"):
+        main(argument_parser().parse_args(["--config", FRCNN_BN, "--register-coco", "other", str(tmp_path / "no.json"), root]))
+
+
+def test_missing_builtin_data_names_the_files_and_where_detectron2_looked(tmp_path, monkeypatch):
+    from d2_bnstats.d2.train import load_config
+
+    monkeypatch.chdir(tmp_path)  # detectron2's builtin paths are relative: ./datasets/coco/... does not exist here
+    cfg = load_config(FRCNN_BN, ["DATASETS.TRAIN", "('coco_2017_train',)", "DATASETS.TEST", "('coco_2017_val',)"])
+    meta = MetadataCatalog.get("coco_2017_train")
+    with pytest.raises(DatasetError) as e:
+        check_datasets(cfg)
+    message = str(e.value)
+    assert "DATASETS.TRAIN" in message and "coco_2017_train" in message and meta.json_file in message
+    assert "DETECTRON2_DATASETS" in message and "--register-coco" in message
+    assert "make data" in message  # the lab's hint (tests import bnstats_lab)

@@ -20,6 +20,7 @@ import json
 import sys
 
 import bnstats_lab  # noqa: F401  (registers the fashion-scenes data sets)
+from d2_bnstats.d2.datasets import register_coco_from_args
 from d2_bnstats.d2.train import argument_parser, load_config
 from d2_bnstats.outputs import OutputIsInputError, OutputWriteError, check_outputs, write_json
 
@@ -61,6 +62,7 @@ def main(argv=None):
         raise SystemExit(f"convert_to_mabn: {e}")
     setup_logger(name="d2_bnstats")
     setup_logger(name="detectron2", abbrev_name="d2")
+    register_coco_from_args(args.register_coco)  # calibration images may come from such a data set
     cfg = load_config(args.config_file, list(args.opts or []) + ["MODEL.WEIGHTS", ""])  # the target need not exist yet
     try:
         source_config(cfg, args.source_norm)

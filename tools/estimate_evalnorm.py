@@ -22,6 +22,7 @@ import bnstats_lab  # noqa: F401  (registers the norms and data sets)
 from detectron2.utils.logger import setup_logger
 
 from d2_bnstats.d2.evalnorm_offline import format_evalnorm_table, run_offline_estimation
+from d2_bnstats.d2.datasets import add_register_coco_argument, register_coco_from_args
 from d2_bnstats.d2.train import load_config
 from d2_bnstats.outputs import OutputIsInputError, OutputWriteError
 
@@ -37,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--include-frozen", action="store_true",
                    help="also convert FrozenBatchNorm2d layers (only for BN folded into FrozenBN after training)")
     p.add_argument("--output", default=None, help="checkpoint to write (default OUTPUT_DIR/model_evalnorm.pth)")
+    add_register_coco_argument(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides, e.g. MODEL.WEIGHTS path")
     return p.parse_args(argv)
 
@@ -45,6 +47,7 @@ def main(argv=None):
     args = parse_args(argv)
     setup_logger(name="d2_bnstats")
     setup_logger(name="detectron2", abbrev_name="d2")
+    register_coco_from_args(args.register_coco)
     cfg = load_config(args.config_file, args.opts)
     try:
         result = run_offline_estimation(

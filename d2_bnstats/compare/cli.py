@@ -25,6 +25,7 @@ from detectron2.utils.logger import setup_logger
 from ..d2.datasets import check_datasets
 from ..d2.launch import launch
 from ..d2.train import argument_parser as train_argument_parser
+from ..d2.datasets import add_register_coco_argument, register_coco_from_args
 from ..d2.train import load_config
 from ..outputs import write_yaml
 from .comparison import compare
@@ -82,6 +83,7 @@ def argument_parser() -> argparse.ArgumentParser:
         parser.add_argument(*flags, **kwargs)
     for flags, kwargs in TOOL_OPTIONS:
         parser.add_argument(*flags, **kwargs)
+    add_register_coco_argument(parser)
     parser.add_argument("opts", nargs="*", default=None, help=OPTS_HELP)
     return parser
 
@@ -118,6 +120,7 @@ def setup(args):
     """The set-up of ``tools/train_net.py`` (config loaded and checked, loggers, seed, data sets
     checked) for a comparison writing into ``OUTPUT_DIR``, with files of its own names: the config
     in ``compare_config.yaml``, the log in ``compare_log.txt`` (module docstring)."""
+    register_coco_from_args(args.register_coco)
     cfg = load_config(args.config_file, args.opts, world_size=comm.get_world_size())
     cfg.freeze()
     rank = comm.get_rank()

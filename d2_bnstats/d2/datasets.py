@@ -45,7 +45,7 @@ import math
 import os
 import random
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
@@ -306,7 +306,67 @@ def check_datasets(cfg, check_all_images: Optional[bool] = None) -> None:
             if isinstance(loader, CheckedCocoLoader):
                 loader.check(check_all_images)
             else:
-                logger.debug(f"{key}: {name!r} is not a checked COCO registration; its files are not checked ahead")
+                check_files_exist(key, name)
+
+
+# Said after a missing data set's files (set by an experiment package for the data sets it builds).
+MISSING_DATA_HINTS: List[str] = []
+
+
+def check_files_exist(key: str, name: str) -> None:
+    """For data sets registered otherwise (detectron2's builtin catalog: COCO, LVIS, ...), whose loaders
+    read their files only when called: the annotation file and image folder named in their metadata
+    exist, or a :class:`DatasetError` says which, where detectron2 looked and how to get them."""
+    metadata = MetadataCatalog.get(name)
+    missing = [
+        (what, path) for what, path in (("annotations", metadata.get("json_file", None)),
+                                        ("images", metadata.get("image_root", None)))
+        if path and not os.path.exists(path)
+    ]
+    if not missing:
+        logger.debug(f"{key}: {name!r} is not a checked COCO registration; its files exist, not checked ahead")
+        return
+    root = os.environ.get("DETECTRON2_DATASETS")
+    looked = (f"$DETECTRON2_DATASETS = {root}" if root else
+              f"$DETECTRON2_DATASETS is not set, so detectron2 looked under ./datasets (from {os.getcwd()})")
+    raise DatasetError(
+        f"{key} names {name!r}, whose files are missing: "
+        + ", ".join(f"{what} {path}" for what, path in missing)
+        + f". {looked}. Point DETECTRON2_DATASETS at a folder with detectron2's layout (coco/annotations/,"
+        " coco/train2017/, coco/val2017/: see detectron2's datasets/README.md), or register your own COCO-format"
+        " data with --register-coco NAME JSON IMAGE_ROOT and name it in DATASETS.TRAIN/TEST."
+        + "".join(" " + hint for hint in MISSING_DATA_HINTS)
+    )
+
+
+def add_register_coco_argument(parser) -> None:
+    """``--register-coco NAME JSON IMAGE_ROOT`` (repeatable) on a tool's argument parser."""
+    parser.add_argument(
+        "--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format data set (checked before training) under NAME, for DATASETS.TRAIN/TEST; "
+             "repeatable",
+    )
+
+
+def register_coco_from_args(specs: Sequence[Sequence[str]]) -> List[str]:
+    """Register each ``(name, json_file, image_root)`` of ``--register-coco`` with the checked
+    registration (a name registered again with the same files is left as it is); returns the names."""
+    names = []
+    for name, json_file, image_root in specs or ():
+        for what, path, exists in (("JSON", json_file, os.path.isfile), ("IMAGE_ROOT", image_root, os.path.isdir)):
+            if not exists(path):
+                raise DatasetError(f"--register-coco {name}: {what} {path} does not exist")
+        if name in DatasetCatalog.list():
+            known = MetadataCatalog.get(name)
+            if (known.get("json_file", None), known.get("image_root", None)) == (json_file, image_root):
+                names.append(name)
+                continue
+            raise DatasetError(
+                f"--register-coco {name}: the name is taken by another data set; choose another NAME"
+            )
+        register_checked_coco_instances(name, json_file, image_root)
+        names.append(name)
+    return names
 
 
 class FileNamingMapper:

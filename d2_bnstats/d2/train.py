@@ -17,7 +17,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .config import check_batch_config, check_norm_keys, resolve_device
-from .datasets import check_datasets
+from .datasets import add_register_coco_argument, check_datasets, register_coco_from_args
 from .launch import launch
 from .plugin import add_bnstats_config, check_bnstats_config
 from .population import prepare_for_evaluation
@@ -32,6 +32,7 @@ def argument_parser(epilog=None):
     parser.add_argument(
         "--config", dest="config_file", metavar="FILE", help="alias of --config-file"
     )
+    add_register_coco_argument(parser)
     return parser
 
 
@@ -63,6 +64,7 @@ def check_config(cfg, world_size: int = 1) -> None:
 
 
 def setup(args):
+    register_coco_from_args(getattr(args, "register_coco", ()))  # in every process: launch spawns them
     cfg = load_config(args.config_file, args.opts, world_size=comm.get_world_size())
     cfg.freeze()
     default_setup(cfg, args)
