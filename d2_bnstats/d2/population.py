@@ -164,6 +164,12 @@ class PreciseBNRunner:
             "%s: updated %d layers in %.1f s%s", label, len(report.updated), report.seconds,
             f"; {len(skipped)} layers saw no data and kept their statistics: {', '.join(skipped)}" if skipped else "",
         )
+        nonfinite = getattr(report, "nonfinite", None)
+        if nonfinite:
+            logger.warning(
+                "%s: left out %d layer calls with non-finite statistics (%s)", label, sum(nonfinite.values()),
+                ", ".join(f"{name}: {n}" for name, n in sorted(nonfinite.items())),
+            )
         self.reports.append(report)
         return report
 

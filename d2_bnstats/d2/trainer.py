@@ -34,6 +34,7 @@ from .datasets import FileNamingMapper
 from .evaluation import build_coco_evaluator
 from .population import build_batched_test_loader, build_population_hooks, evaluation_statistics, test_batch_stats_enabled
 from .replicas import ReplicaCheck
+from .statistics_health import StatisticsHealthHook
 from .weights import after_loading_weights
 
 logger = logging.getLogger(__name__)
@@ -177,6 +178,9 @@ class Trainer(DefaultTrainer):
                 (i for i, h in enumerate(ret) if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))), len(ret)
             )
         ret[position:position] = ours
+        # before the writers, so the skip counts go out with the same step's metrics
+        writer = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)), len(ret))
+        ret.insert(writer, StatisticsHealthHook())
         bnstats = bnstats_node(cfg)
         if bnstats is not None and bnstats.get("CHECK_REPLICAS", False):
             ret.append(ReplicaCheck(cfg.OUTPUT_DIR))

@@ -57,6 +57,12 @@ Conventions (documented choices)
   *writes* running_var from biased moments (the synchronised training path) it uses the shared
   running-statistics update of :mod:`d2_bnstats.layers.moments` (unbiased with n / (n - 1), n the
   global count; a global batch without values changes nothing, ``num_batches_tracked`` included).
+- A training batch whose statistics are not finite (a NaN or Inf in the input) leaves the running
+  statistics and ``num_batches_tracked`` as they were and is counted in ``nonfinite_skips``, in both
+  the plain and the synchronised path; the output is BN's all the same
+  (:func:`~d2_bnstats.layers.moments.guarded_batch_norm`, ``commit_running_stats``).
+- sigma2_i, mu_i are computed in one pass shifted by a value of each map
+  (:func:`~d2_bnstats.layers.moments.per_sample_moments`), accurate at any mean/std ratio.
 - alpha_hat, beta_hat are 0-dim parameters kept in [0, 1] by projection: after every optimiser
   step they are clamped back into [0, 1] by a hook that
   :func:`~d2_bnstats.layers.evalnorm_projection.attach_projection_hook` attaches to a model (the
@@ -83,7 +89,7 @@ Conventions (documented choices)
   input's dtype.
 
 Model-level helpers here: :func:`evalnorm_layers`, :func:`set_evalnorm_mode`,
-:func:`evalnorm_state`. Length (~470 lines): this docstring (the maths and the documented
+:func:`evalnorm_state`. Length (~490 lines): this docstring (the maths and the documented
 conventions) is a fifth of it, the rest is the one layer class with its checkpoint handling and
 its training and evaluation forwards; the formulas, the loss-dict hook and the [0, 1] projection
 are modules of their own (evalnorm_math, evalnorm_aux, evalnorm_projection).
@@ -100,9 +106,11 @@ from torch import nn
 
 from .evalnorm_math import Number, aux_loss, aux_subset, evalnorm_moments, unit_interval
 from .moments import (
+    add_skip_counter,
     batch_moments_from_samples,
     empty_output,
     global_moments,
+    guarded_batch_norm,
     per_sample_moments,
     unbiased_variance,
     update_running_stats,
@@ -177,6 +185,7 @@ class EvalNorm2d(nn.BatchNorm2d):
         self.fixed_alpha: Optional[float] = None
         self.fixed_beta: Optional[float] = None
         self.batch_size: Optional[float] = None
+        add_skip_counter(self)
         self.set_mode(mode, alpha=alpha, beta=beta, batch_size=batch_size)
 
     # ---------------------------------------------------------------------------- configuration
@@ -320,7 +329,7 @@ class EvalNorm2d(nn.BatchNorm2d):
                     self._record_aux((self.alpha_hat.float() + self.beta_hat.float()) * 0.0)
                 return out
         else:
-            out = super().forward(x)  # exactly nn.BatchNorm2d (num_batches_tracked, momentum, stats)
+            out = guarded_batch_norm(self, x)  # nn.BatchNorm2d's output, its update when finite
             if self.track_running_stats:
                 self._record_batch_size(float(x.shape[0]))
             batch = None

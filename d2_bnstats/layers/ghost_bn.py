@@ -22,7 +22,8 @@ had been a separate BN batch, weighted by their number of values
     running_mean ← (1 − m) running_mean + m μ_agg,   running_var ← (1 − m) running_var + m σ²_agg
 
 i.e. the mean of the sub-batch means and of their unbiased variances. With one sub-batch this is
-exactly ``nn.BatchNorm2d``'s update. (It is not the variance of the whole batch: what a sample sees
+exactly ``nn.BatchNorm2d``'s update. A batch whose statistics are not finite updates nothing (the
+skip is counted in ``nonfinite_skips``; :func:`~d2_bnstats.layers.moments.commit_running_stats`). (It is not the variance of the whole batch: what a sample sees
 in training is its sub-batch's statistics, and the within-sub-batch variance is their consistent
 population counterpart.) Evaluation uses the running statistics, as BN.
 """
@@ -32,7 +33,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
-from .moments import Moments, aggregate_group_statistics, empty_output, update_running_stats
+from .moments import Moments, add_skip_counter, aggregate_group_statistics, empty_output, guarded_batch_norm, update_running_stats
 
 
 def even_split_sizes(total: int, parts: int) -> List[int]:
@@ -113,6 +114,7 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         if not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
             raise ValueError(f"virtual_batch_size must be a positive integer (samples per sub-batch), got {virtual_batch_size!r}")
         self.virtual_batch_size = virtual_batch_size
+        add_skip_counter(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -122,7 +124,7 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
             return empty_output(x, self.weight, self.bias)
         sizes = ghost_split_sizes(x.shape[0], self.virtual_batch_size)
         if len(sizes) == 1:
-            return super().forward(x)
+            return guarded_batch_norm(self, x)
         return normalise_and_track(self, x, sizes)
 
     def extra_repr(self):

@@ -46,7 +46,11 @@ Differences from the authors' code (github.com/megvii-model/MABN), each delibera
   same step.
 * An empty input (0 RoIs) returns an empty output, gives zero gradients to γ and b, and records
   nothing: buffers, R and t are untouched. A step's entry that is not finite (e.g. an overflowing
-  fp16 step) is replaced by the previous entry instead of poisoning the SMA and R forever.
+  fp16 step) is replaced by the previous entry instead of poisoning the SMA and R forever, and the
+  step is counted in ``nonfinite_skips`` (the counter every statistics layer of the package keeps,
+  :func:`d2_bnstats.layers.moments.count_skips`). This is MABN's own guard, not the shared
+  ``commit_running_stats``: the ring buffers keep the previous entry per channel and t advances
+  (t is the step schedule, not a count of updates).
 * No host synchronization: t is a Python integer mirrored in the ``num_batches_tracked`` buffer, so
   the schedule never reads a tensor on the host; all statistics stay on the device.
 * Any per-process batch size (1, odd) and any spatial size; statistics in float32 (float64 inputs
@@ -67,7 +71,7 @@ from torch import nn
 from .mabn_autograd import MABNFunction, accumulation_dtype, channel_view
 from .mabn_from_bn import bn_to_mabn_parameters, map_bn_state
 from .mabn_step import attach_step_hook, clear_pending, end_step, mark_pending, set_optimizer_step_hook
-from .moments import empty_output, world_size
+from .moments import add_skip_counter, count_skips, empty_output, world_size
 
 __all__ = [
     "MABN_BUFFERS",
@@ -156,6 +160,7 @@ class MABN2d(nn.BatchNorm2d):
         self.register_buffer("pending_count", torch.zeros((), **factory))
         self._steps = 0  # t: host-side mirror of num_batches_tracked, so the schedule needs no sync
         self._has_pending = False
+        add_skip_counter(self)
 
     # torch's convention (weight of the new value), derived from ``decay``
     @property
@@ -243,6 +248,7 @@ class MABN2d(nn.BatchNorm2d):
         psi = self.pending_psi / denominator
         chi2_ok = valid & torch.isfinite(chi2)
         psi_ok = valid & torch.isfinite(psi)
+        count_skips(self, valid & ~(chi2_ok & psi_ok).all())
         new_chi2 = torch.where(chi2_ok, chi2, self.chi2_buffer[prev])
         new_psi = torch.where(psi_ok, psi, self.psi_buffer[prev])
         self.chi2_buffer[slot] = new_chi2

@@ -36,7 +36,19 @@ summed over the groups of every process with ``sync`` (one all-reduce of 2C + 1 
 new value, running ← (1 − m)·running + m·batch, with the batch's mean and unbiased variance;
 ``num_batches_tracked`` counts the updates; ``momentum=None`` is the cumulative average (m =
 1 / num_batches_tracked after the increment). A batch with no value leaves the running statistics
-*and* ``num_batches_tracked`` untouched (torch would raise).
+*and* ``num_batches_tracked`` untouched (torch would raise). :func:`guarded_batch_norm` is
+``nn.BatchNorm2d``'s own training forward (the same ``F.batch_norm`` call, so the same output) for
+the layers that are plain BN in some configuration.
+
+**Non-finite batches** (:func:`commit_running_stats`, the one guard behind both): an update is
+computed into new tensors and committed only if every new value is finite; otherwise the running
+statistics and ``num_batches_tracked`` keep their values and the layer's counter
+``nonfinite_skips`` (a 0-dim int64 tensor attribute, not a buffer, so checkpoints and state dicts
+are unchanged) grows by one. With finite running statistics this is exactly "the batch statistics
+were not finite" (one NaN/Inf input poisons the mean and variance of its channel); a layer whose
+running statistics are already non-finite (e.g. loaded so) counts a skip at every update. The
+decision is a tensor (``torch.where``), so there is no host synchronisation; the forward output is
+unchanged (a non-finite batch still gives a non-finite output and loss).
 
 **Empty input** (:func:`empty_output`): training on zero values (an empty RoI batch) gives an empty
 output still connected to the input and the affine parameters, so every gradient exists (zero).
@@ -47,6 +59,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from fvcore.nn.distributed import differentiable_all_gather
 from torch import nn
 
@@ -95,13 +108,23 @@ def local_moments(x: torch.Tensor, channel_dim: int = 1) -> Moments:
     return Moments(x.new_tensor(float(count), dtype=dtype), mean, var)
 
 
+# On CPU, torch's fused BN statistics kernel (one call, exact: it accumulates in double) is faster than
+# the three calls of the shifted sums below this many values; above, its scalar loops are slower.
+FUSED_STATISTICS_MAX_NUMEL = 1 << 15
+
+
 def per_sample_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean and biased variance of ``x`` (N, C, H, W) over H, W: two [N, C] tensors in float32
-    (float64 for double input), without gradient.
+    (float64 for double input), without gradient, accurate at any mean/std ratio.
 
-    Two vectorised reductions (sum and L2 norm, accumulated in float32) instead of
-    ``torch.var_mean``, which is 3-5x slower on CPU; variance = E[x^2] - mean^2, clamped at 0.
-    Its absolute error is about 1e-7 E[x^2].
+    Shifted sums: with s the first value of each sample and channel and d = x − s, the sum and the
+    L2 norm of d (vectorised reductions, 3-5x faster than ``torch.var_mean`` on CPU) give
+    mean = s + E[d] and variance = E[d²] − E[d]², clamped at 0. The shift is a value of the same map,
+    so |E[d]| is of the order of the map's own standard deviation and nothing cancels however large
+    the mean: the variance stays within ~5e-6 (relative) of float64 at mean/std up to 1e4, where
+    E[x²] − mean² (the unshifted sums) had lost it entirely. Small float inputs on CPU (at most
+    :data:`FUSED_STATISTICS_MAX_NUMEL` values) use torch's BN statistics kernel on the
+    (1, N·C, H, W) view instead, which is exact and one call.
     """
     dtype = torch.promote_types(x.dtype, torch.float32)
     n, c, h, w = x.shape
@@ -110,11 +133,18 @@ def per_sample_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         zeros = torch.zeros(n, c, dtype=dtype, device=x.device)
         return zeros, zeros.clone()
     with torch.no_grad():
-        total = x.sum(dim=(2, 3), dtype=dtype)
-        sq = torch.linalg.vector_norm(x, ord=2, dim=(2, 3), dtype=dtype)
-        mean = total / hw
-        var = (sq * sq / hw - mean * mean).clamp_(min=0)
-    return mean, var
+        if x.device.type == "cpu" and x.dtype == dtype and x.numel() <= FUSED_STATISTICS_MAX_NUMEL:
+            mean, var = torch.batch_norm_update_stats(x.reshape(1, n * c, h, w), None, None, 0.0)
+            return mean.view(n, c), var.view(n, c)
+        flat = x.reshape(n, c, hw)
+        if flat.dtype != dtype:
+            flat = flat.to(dtype)
+        shift = flat[:, :, 0]
+        d = flat - shift.unsqueeze(2)
+        m = d.sum(dim=2) / hw
+        sq = torch.linalg.vector_norm(d, ord=2, dim=2)
+        var = (sq * sq / hw - m * m).clamp_(min=0)
+    return shift + m, var
 
 
 def batch_moments_from_samples(mean_i: torch.Tensor, var_i: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -233,23 +263,97 @@ def aggregate_group_statistics(groups: Moments, sync: bool = False) -> Tuple[tor
 # running statistics and empty inputs
 
 
+SKIP_COUNTER = "nonfinite_skips"
+
+
+def add_skip_counter(module: nn.Module) -> None:
+    """Give ``module`` its counter of skipped non-finite updates (0). A plain attribute holding a 0-dim
+    int64 tensor, replaced at each count: not in state dicts (checkpoints keep their keys), not a
+    buffer (replica checks and DDP broadcasts see the same tensors as before), and put back by
+    PreciseBN's ``preserved_state`` like every rebound attribute."""
+    setattr(module, SKIP_COUNTER, torch.zeros((), dtype=torch.int64))
+
+
+def count_skips(module: nn.Module, skipped: torch.Tensor) -> None:
+    """Add the 0-dim bool ``skipped`` to ``module``'s counter (created if missing). A CPU counter
+    combined with a CUDA ``skipped`` gives a CUDA counter, so the counter follows the statistics'
+    device without a host synchronisation."""
+    counter = getattr(module, SKIP_COUNTER, None)
+    if counter is None:
+        counter = torch.zeros((), dtype=torch.int64)
+    # a plain attribute: written directly, as Module.__setattr__'s checks cost more than the count
+    vars(module)[SKIP_COUNTER] = counter + skipped
+
+
+def nonfinite_marker(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """0 if every value of the vectors ``a`` and ``b`` (same length) is finite, else NaN: the dot
+    product of a − a with b, since x − x is 0 for finite x and NaN otherwise, and 0·y is NaN for
+    y = ±Inf. Exact (no sum that could overflow), two small kernels and no Python scalar (wrapping
+    one costs more than the kernels here)."""
+    return torch.dot(a - a, b)
+
+
+def all_finite(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor: every value of the vectors ``a`` and ``b`` is finite."""
+    return ~nonfinite_marker(a, b).isnan()
+
+
+def commit_running_stats(bn: nn.Module, new_mean: torch.Tensor, new_var: torch.Tensor, has_values: Optional[torch.Tensor] = None) -> None:
+    """Make ``new_mean``/``new_var`` (the running statistics' dtype) the running statistics of ``bn``
+    and count the update in ``num_batches_tracked``, unless a new value is not finite: then nothing
+    changes but the skip counter (see the module docstring). ``has_values`` (0-dim bool): False for a
+    batch without values, which is neither applied nor counted as a skip. No host synchronisation;
+    nothing here needs a gradient (the arguments are statistics)."""
+    skipped = nonfinite_marker(new_mean, new_var).isnan()
+    ok = ~skipped
+    if has_values is not None:
+        ok = ok & has_values
+        skipped = skipped & has_values
+    torch.where(ok, new_mean, bn.running_mean, out=bn.running_mean)
+    torch.where(ok, new_var, bn.running_var, out=bn.running_var)
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(ok)
+    count_skips(bn, skipped)
+
+
 def update_running_stats(bn: nn.Module, count: torch.Tensor, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
     """Update the running statistics of ``bn`` (a BatchNorm) with torch's conventions from a batch of ``count`` values
     (mean ``mean``, unbiased variance ``unbiased_var``); see the module docstring.
 
-    Nothing changes when the count is 0; no host synchronisation (the count is used as a tensor).
+    Nothing changes when the count is 0, nor (but the skip counter) when the result is not finite;
+    no host synchronisation (the count is used as a tensor).
     """
     if not bn.track_running_stats or bn.running_mean is None:
         return
     with torch.no_grad():
-        valid = (count > 0).to(bn.running_mean.dtype)
-        bn.num_batches_tracked.add_(valid.to(bn.num_batches_tracked.dtype))
-        if bn.momentum is None:  # cumulative moving average, as torch
-            factor = valid / bn.num_batches_tracked.clamp(min=1).to(valid.dtype)
+        has_values = count > 0
+        valid = has_values.to(bn.running_mean.dtype)
+        if bn.momentum is None:  # cumulative moving average, as torch: 1 / the count after this batch
+            tracked = bn.num_batches_tracked + has_values.to(bn.num_batches_tracked.dtype)
+            factor = valid / tracked.clamp(min=1).to(valid.dtype)
         else:
             factor = valid * bn.momentum
-        bn.running_mean.add_(factor * (mean.to(bn.running_mean.dtype) - bn.running_mean))
-        bn.running_var.add_(factor * (unbiased_var.to(bn.running_var.dtype) - bn.running_var))
+        new_mean = bn.running_mean + factor * (mean.to(bn.running_mean.dtype) - bn.running_mean)
+        new_var = bn.running_var + factor * (unbiased_var.to(bn.running_var.dtype) - bn.running_var)
+        commit_running_stats(bn, new_mean, new_var, has_values)
+
+
+def guarded_batch_norm(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What ``nn.BatchNorm2d.forward`` returns for ``bn`` in training mode, bit for bit (the same
+    ``F.batch_norm`` call), with its running-statistics update guarded: torch updates copies of the
+    running statistics, committed by :func:`commit_running_stats`. The copies, not the buffers, are
+    what autograd saves, so committing in place does not disturb the backward pass."""
+    if not bn.track_running_stats or bn.running_mean is None:
+        return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    tracked = bn.num_batches_tracked
+    if bn.momentum is not None:
+        factor = bn.momentum
+    else:  # torch's cumulative average reads the count on the host too
+        factor = 1.0 / (float(tracked) + 1.0) if tracked is not None else 0.0
+    new_mean, new_var = bn.running_mean.clone(), bn.running_var.clone()
+    out = F.batch_norm(x, new_mean, new_var, bn.weight, bn.bias, True, factor, bn.eps)
+    commit_running_stats(bn, new_mean, new_var)
+    return out
 
 
 def empty_output(x: torch.Tensor, weight, bias) -> torch.Tensor:

@@ -16,7 +16,10 @@ fvcore's ``update_bn_stats`` does that per batch.) The sums Σn, Σn·m, Σn·(v
 and, with several processes, summed over processes once at the end, so every process gets the
 statistics of the union of all processes' data, bit-identical on every process. A layer called
 several times per forward (a shared head) accumulates every call; a layer that saw no value (N = 0)
-keeps its statistics. (For torch's own BatchNorm{1,2,3}d the per-call moments are read from the
+keeps its statistics. A call whose mean or variance is not finite (a NaN or Inf in the layer's
+input) is left out of the sums and counted (``LayerStatistics.nonfinite_calls``,
+``PreciseBNReport.nonfinite``, summed over processes); decided with tensors, no host synchronisation
+per call. (For torch's own BatchNorm{1,2,3}d the per-call moments are read from the
 layer's running buffers, updated with momentum 1 during the pass, instead of reducing the input a
 second time; other layers' inputs are reduced by a forward pre-hook.) Everything else is left as it
 was: parameters are never written (no gradient is taken), every registered buffer and every plain module attribute is restored after the
@@ -31,13 +34,13 @@ import contextlib
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from .moments import all_reduce_sum, bessel_correction, moments_from_power_sums, power_sums, shifted_moments
+from .moments import all_finite, all_reduce_sum, bessel_correction, moments_from_power_sums, power_sums, shifted_moments
 from .population_protocol import layer_input, population_layers, set_population_statistics, unwrap
 
 
@@ -108,13 +111,14 @@ _MISSING = object()
 
 
 class _Accumulator:
-    """Σn, Σn·m, Σn·(v+m²) of one layer's inputs, float64."""
+    """Σn, Σn·m, Σn·(v+m²) of one layer's inputs, float64, and the number of non-finite calls left out."""
 
     def __init__(self):
         self.count = None
         self.sum = None
         self.sum_sq = None
-        self.shift = None  # the first call's channel means, for shifted_moments
+        self.nonfinite = None  # calls whose moments were not finite (float64, 0-dim)
+        self.shift = None  # channel means of the first call (refreshed where not finite), for shifted_moments
         self.calls = 0
         self.empty_calls = 0
 
@@ -122,6 +126,7 @@ class _Accumulator:
         self.count = torch.zeros((), dtype=torch.float64, device=device)
         self.sum = torch.zeros(channels, dtype=torch.float64, device=device)
         self.sum_sq = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.float64, device=device)
 
     def add(self, x: torch.Tensor) -> None:
         """Add the moments of a layer input (channels on dim 1)."""
@@ -133,7 +138,10 @@ class _Accumulator:
             return
         if self.shift is None:
             self.shift = x.detach().float().mean([d for d in range(x.dim()) if d != _channel_dim(x)])
-        n, mean, var = shifted_moments(x, self.shift)
+        # a shift from a non-finite call would make every later call non-finite: use 0 there until a
+        # finite call provides its mean
+        n, mean, var = shifted_moments(x, torch.nan_to_num(self.shift, nan=0.0, posinf=0.0, neginf=0.0))
+        self.shift = torch.where(torch.isfinite(self.shift), self.shift, mean.to(self.shift.dtype))
         self._add(torch.tensor(float(n), dtype=torch.float64, device=mean.device), mean, var)
 
     def add_moments(self, n: int, mean: torch.Tensor, var: torch.Tensor) -> None:
@@ -145,9 +153,11 @@ class _Accumulator:
 
     def _add(self, n, mean, var) -> None:
         n, total, total_sq = power_sums(n, mean, var)
-        self.count += n
-        self.sum += total
-        self.sum_sq += total_sq
+        ok = all_finite(total, total_sq)
+        self.count += torch.where(ok, n, 0.0)
+        self.sum += torch.where(ok, total, 0.0)
+        self.sum_sq += torch.where(ok, total_sq, 0.0)
+        self.nonfinite += (~ok).to(self.nonfinite.dtype)
 
 
 @dataclass
@@ -162,6 +172,7 @@ class LayerStatistics:
     mean: Optional[torch.Tensor] = None
     var: Optional[torch.Tensor] = None
     updated: bool = False
+    nonfinite_calls: int = 0  # calls left out because their statistics were not finite (all processes)
 
 
 @dataclass
@@ -176,8 +187,13 @@ class PreciseBNReport:
 
     @property
     def skipped(self) -> List[str]:
-        """Layers that saw no value (N = 0) and kept their statistics."""
+        """Layers that saw no (finite) value, N = 0, and kept their statistics."""
         return [s.name for s in self.layers if not s.updated]
+
+    @property
+    def nonfinite(self) -> Dict[str, int]:
+        """{layer: calls left out because their statistics were not finite}, for layers with any."""
+        return {s.name: s.nonfinite_calls for s in self.layers if s.nonfinite_calls}
 
     def __getitem__(self, name: str) -> LayerStatistics:
         for s in self.layers:
@@ -222,16 +238,21 @@ def _post_hook_read_running(accumulator: _Accumulator):
             return
         n = x.numel() // x.shape[_channel_dim(x)]
         accumulator.add_moments(n, module.running_mean, module.running_var / bessel_correction(n))
+        _reset_running(module)  # with momentum 1 torch still keeps 0·old: a NaN batch would poison the next
 
     return hook
+
+
+def _reset_running(module: nn.Module) -> None:
+    with torch.no_grad():
+        module.running_mean.zero_()
+        module.running_var.fill_(1.0)
 
 
 def _attach(module: nn.Module, accumulator: _Accumulator):
     if _reads_running_statistics(module):
         module.momentum = 1.0  # restored with the module's other attributes after the pass
-        with torch.no_grad():  # torch computes (1 - m)·old + m·new: a NaN/inf old value would survive
-            module.running_mean.zero_()
-            module.running_var.fill_(1.0)
+        _reset_running(module)  # torch computes (1 - m)·old + m·new: a NaN/inf old value would survive
         return module.register_forward_hook(_post_hook_read_running(accumulator))
     return module.register_forward_pre_hook(_pre_hook_accumulate(accumulator))
 
@@ -293,17 +314,14 @@ def precise_bn(
 
 
 def _finish(layers, accumulators, report: PreciseBNReport, sync: bool) -> None:
-    # Every process packs [N, Σn·m, Σn·(v+m²)] of every layer into one float64 vector; one all-reduce.
+    # Every process packs [N, Σn·m, Σn·(v+m²), non-finite calls] of every layer into one float64
+    # vector; one all-reduce.
     parts, shapes = [], []
     for (name, module), acc in zip(layers, accumulators):
         if acc.sum is None:  # never called on this process: channels from the layer itself
-            channels = _num_channels(module)
-            device = _module_device(module)
-            acc.count = torch.zeros((), dtype=torch.float64, device=device)
-            acc.sum = torch.zeros(channels, dtype=torch.float64, device=device)
-            acc.sum_sq = torch.zeros(channels, dtype=torch.float64, device=device)
+            acc._init(_num_channels(module), _module_device(module))
         shapes.append(acc.sum.numel())
-        parts += [acc.count.reshape(1), acc.sum, acc.sum_sq]
+        parts += [acc.count.reshape(1), acc.sum, acc.sum_sq, acc.nonfinite.reshape(1)]
     if not parts:
         return
     device = parts[0].device
@@ -315,8 +333,9 @@ def _finish(layers, accumulators, report: PreciseBNReport, sync: bool) -> None:
         count = flat[offset]
         total = flat[offset + 1 : offset + 1 + channels]
         total_sq = flat[offset + 1 + channels : offset + 1 + 2 * channels]
-        offset += 1 + 2 * channels
-        stats = LayerStatistics(name, float(count), acc.calls)
+        nonfinite = flat[offset + 1 + 2 * channels]
+        offset += 2 + 2 * channels
+        stats = LayerStatistics(name, float(count), acc.calls, nonfinite_calls=int(nonfinite))
         if float(count) > 0:
             mean, var = moments_from_power_sums(count, total, total_sq)
             stats.mean, stats.var = mean.float(), var.float()

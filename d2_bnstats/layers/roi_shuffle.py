@@ -34,7 +34,8 @@ un-permutes. With K = 1 it is plain BN.
 Running statistics: updated once per forward from the statistics of the splits (or groups), as in
 :mod:`d2_bnstats.layers.ghost_bn`: the count-weighted mean of their means and of their unbiased
 variances (each split a separate BN batch), all-reduced so that every process holds the same values;
-not updated when the global batch is empty. Evaluation (or ``training=False``) is plain BN with the
+not updated when the global batch is empty, nor when the statistics are not finite (counted in
+``nonfinite_skips``; :func:`~d2_bnstats.layers.moments.commit_running_stats`). Evaluation (or ``training=False``) is plain BN with the
 running (population) statistics and communicates nothing, so processes may evaluate different
 numbers of images. With ``track_running_stats=False`` and no running buffers, evaluation uses the
 statistics of the local input, unshuffled.
@@ -51,7 +52,15 @@ import torch.distributed as dist
 from torch import nn
 
 from .ghost_bn import batch_norm_with_moments, even_split_sizes, normalise_and_track
-from .moments import Moments, aggregate_group_statistics, empty_output, update_running_stats, world_size
+from .moments import (
+    Moments,
+    add_skip_counter,
+    aggregate_group_statistics,
+    empty_output,
+    guarded_batch_norm,
+    update_running_stats,
+    world_size,
+)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -149,6 +158,7 @@ class RoIShuffleBatchNorm2d(nn.BatchNorm2d):
         self.num_groups = num_groups
         # the permutation of the last training forward (global row order, identical on every process)
         self.last_permutation = None
+        add_skip_counter(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -161,7 +171,7 @@ class RoIShuffleBatchNorm2d(nn.BatchNorm2d):
             return empty_output(x, self.weight, self.bias)
         groups = min(self.num_groups, n)
         if groups == 1:
-            return super().forward(x)
+            return guarded_batch_norm(self, x)
         perm = torch.randperm(n, device=x.device)
         self.last_permutation = perm
         if n % groups:

@@ -22,11 +22,14 @@ fused passes over x instead of the ~8 of the autograd graph). Weight and bias gr
 
 Running statistics follow torch's conventions (``momentum`` weights the new value, ``running_var``
 is the unbiased variance σ²·n/(n − 1) of the *global* batch), so every process holds the same running
-statistics. They are updated once per forward and not at all when the global batch is empty.
+statistics. They are updated once per forward and not at all when the global batch is empty, nor
+when the batch statistics are not finite (the update is skipped and counted in ``nonfinite_skips``:
+:func:`~d2_bnstats.layers.moments.commit_running_stats`).
 
 Without an initialised process group, with one process, with ``sync=False`` or in evaluation mode the
-layer is exactly ``nn.BatchNorm2d`` (same code path), except that an empty input in training mode
-leaves the running statistics *and* ``num_batches_tracked`` untouched.
+layer is exactly ``nn.BatchNorm2d`` (the same ``F.batch_norm`` call, so the same output), except that
+in training mode an empty input leaves the running statistics *and* ``num_batches_tracked``
+untouched and so does a non-finite batch (:func:`~d2_bnstats.layers.moments.guarded_batch_norm`).
 
 Differences from ``torch.nn.SyncBatchNorm``: works on CPU with gloo (and any backend with
 ``all_gather``), needs no process group in one process, accepts empty inputs, is a subclass of
@@ -39,7 +42,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .moments import all_reduce_sum, empty_output, global_moments, unbiased_variance, update_running_stats, world_size
+from .moments import (
+    add_skip_counter,
+    all_reduce_sum,
+    empty_output,
+    global_moments,
+    guarded_batch_norm,
+    unbiased_variance,
+    update_running_stats,
+    world_size,
+)
 
 
 class _GlobalBatchNorm(torch.autograd.Function):
@@ -95,13 +107,16 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, sync=True, **kwargs):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats, **kwargs)
         self.sync = sync
+        add_skip_counter(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not self.sync or world_size() == 1:
-            if self.training and x.numel() == 0:
-                return empty_output(x, self.weight, self.bias)
+        if not self.training:
             return super().forward(x)
         self._check_input_dim(x)
+        if not self.sync or world_size() == 1:
+            if x.numel() == 0:
+                return empty_output(x, self.weight, self.bias)
+            return guarded_batch_norm(self, x)
         with torch.no_grad():
             moments = global_moments(x.detach(), channel_dim=1, sync=True)
         y = _GlobalBatchNorm.apply(x, self.weight, self.bias, moments.mean, moments.var, moments.count, self.eps)

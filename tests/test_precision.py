@@ -1,0 +1,90 @@
+"""EvalNorm's per-sample moments and its alpha = beta = 1 output stay accurate in float32 at large
+mean/std ratios (1 to 1e4), against float64 references: ``torch.var_mean`` of the same float32 input
+in float64, and instance normalization computed in float64."""
+import pytest
+import torch
+
+from d2_bnstats.layers.evalnorm import EvalNorm2d
+from d2_bnstats.layers.moments import FUSED_STATISTICS_MAX_NUMEL, per_sample_moments
+
+RATIOS = (1.0, 1e2, 1e3, 1e4)
+# both ways of computing them on CPU: torch's fused statistics kernel up to FUSED_STATISTICS_MAX_NUMEL
+# values, shifted sums above (and on every other device)
+SHAPES = {
+    "backbone, fused": (2, 8, 16, 16),
+    "head, fused": (64, 8, 7, 7),
+    "backbone, shifted sums": (2, 8, 64, 64),
+    "head, shifted sums": (256, 8, 7, 7),
+}
+
+
+def test_the_shapes_cover_both_ways():
+    sizes = [torch.Size(s).numel() for s in SHAPES.values()]
+    assert min(sizes) <= FUSED_STATISTICS_MAX_NUMEL < max(sizes)
+
+
+def maps(shape, ratio, seed=0):
+    """float32 maps whose mean (per sample and channel, between ratio and 1.5 ratio) is ``ratio``
+    times their standard deviation (between 0.5 and 1.5)."""
+    g = torch.Generator().manual_seed(seed)
+    n, c = shape[:2]
+    mean = ratio * (1 + 0.5 * torch.rand(n, c, 1, 1, generator=g, dtype=torch.float64))
+    std = 0.5 + torch.rand(n, c, 1, 1, generator=g, dtype=torch.float64)
+    return (mean + std * torch.randn(shape, generator=g, dtype=torch.float64)).float()
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_per_sample_moments_match_float64_at_any_mean_to_std_ratio(shape, ratio):
+    x = maps(shape, ratio)
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=(2, 3), correction=0)
+    mean, var = per_sample_moments(x)
+    assert mean.dtype == var.dtype == torch.float32
+    # the variance to float32 precision, whatever the ratio (E[x²] − μ² lost it beyond ~1e2)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=0)
+    # the mean to float32 rounding of the mean itself
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=4e-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [SHAPES["backbone, fused"], SHAPES["backbone, shifted sums"]], ids=["fused", "shifted sums"])
+def test_per_sample_moments_in_float64_for_double_input(shape):
+    x = maps(shape, 1e4).double()
+    ref_var, ref_mean = torch.var_mean(x, dim=(2, 3), correction=0)
+    mean, var = per_sample_moments(x)
+    assert var.dtype == torch.float64
+    torch.testing.assert_close(var, ref_var, rtol=1e-9, atol=0)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-13, atol=0)
+
+
+def instance_norm_float64(x, layer):
+    x = x.double()
+    var, mean = torch.var_mean(x, dim=(2, 3), correction=0, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + layer.eps)
+    return y * layer.weight.double()[:, None, None] + layer.bias.double()[:, None, None]
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("shape", ["backbone, fused", "backbone, shifted sums"])
+@pytest.mark.parametrize("path", ["no_grad", "channels_last", "with_grad"])
+def test_evalnorm_alpha_beta_one_is_instance_norm_in_float64(path, shape, ratio):
+    """alpha = beta = 1: mu_hat = mu_i, sigma2_hat = sigma2_i (instance normalization). The error
+    allowed is what float32 carries: the inputs' own rounding (~6e-8 of the mean, so 1e-6 x ratio)
+    plus float32 accumulation over a map (5e-5)."""
+    x = maps(SHAPES[shape], ratio, seed=1)
+    layer = EvalNorm2d(x.shape[1], mode="fixed", alpha=1.0, beta=1.0).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        layer.weight.copy_(0.5 + torch.rand(x.shape[1], generator=g))
+        layer.bias.copy_(torch.rand(x.shape[1], generator=g) - 0.5)
+        layer.running_mean.fill_(0.3 * ratio)  # population statistics far from the samples: unused at alpha = beta = 1
+        layer.running_var.fill_(2.0)
+    ref = instance_norm_float64(x, layer)
+    if path == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    if path == "with_grad":
+        x.requires_grad_(True)
+        y = layer(x)
+    else:
+        with torch.no_grad():
+            y = layer(x)
+    torch.testing.assert_close(y.detach().double(), ref, rtol=0, atol=1e-6 * ratio + 5e-5)
