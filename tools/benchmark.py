@@ -7,6 +7,8 @@ forwards, linear fit). Prints markdown tables, writes JSON and a PNG plot.
     python tools/benchmark.py --tiny                   # smoke run: tiny sizes, < 60 s
     python tools/benchmark.py --archs frcnn --ims-per-batch 2 --norms BN GN --no-memory --no-precise-bn
     python tools/benchmark.py --precise-bn-images 100 1000 10000   # the full PreciseBN sizes (~1 h more)
+    python tools/benchmark.py --device cuda --archs frcnn_r50 --ims-per-batch 2 \
+        --norms BN FrozenBN EvalNorm MABN GN GhostBN --no-precise-bn   # on a GPU (synthetic 800 px images)
 
 Norms that are not registered in this installation are reported as "not available". The logic is
 in the package bnstats_lab.benchmark (method: the docstring of its module e2e).
@@ -38,8 +40,9 @@ def build_settings(args) -> BenchmarkSettings:
         if len(args.opts) % 2:
             raise SystemExit(f"config overrides must come as KEY VALUE pairs, got {args.opts}")
         s = dataclasses.replace(s, opts=tuple(s.opts) + tuple(args.opts))
-    return dataclasses.replace(s, clock=args.clock, memory=not args.no_memory, inference=not args.no_inference,
-                               precise_bn=not args.no_precise_bn)
+    clock = args.clock or ("wall" if args.device.startswith("cuda") else "cpu")
+    return dataclasses.replace(s, clock=clock, memory=not args.no_memory, inference=not args.no_inference,
+                               precise_bn=not args.no_precise_bn, device=args.device)
 
 
 def main(argv=None):
@@ -60,8 +63,11 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-inference", action="store_true")
     p.add_argument("--no-precise-bn", action="store_true")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="cpu",
-                   help="this process's CPU time (default; steady on a shared machine) or wall time")
+    p.add_argument("--clock", choices=("wall", "cpu"), default=None,
+                   help="this process's CPU time (default on CPU; steady on a shared machine) or wall time "
+                        "(default and required on CUDA)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda[:N]: MODEL.DEVICE of every model (see docs/benchmarks.md, GPU)")
     p.add_argument("--threads", type=int, help="torch threads (default 1)")
     p.add_argument("--output", default="output/bench", help="folder for results.json and ratios.png")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides for every model")
@@ -69,6 +75,13 @@ def main(argv=None):
     for name in args.norms or ():
         if not isinstance(name, str) or not name:
             p.error(f"--norms: bad norm name {name!r}")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error(f"--device {args.device}: torch sees no CUDA device")
+        if args.clock == "cpu":
+            p.error("--clock cpu cannot time GPU work; on CUDA the wall clock is used")
     settings = build_settings(args)
     result = run_benchmark(settings, progress=lambda m: print(m, file=sys.stderr, flush=True))
     os.makedirs(args.output, exist_ok=True)

@@ -4,6 +4,7 @@
     python tools/benchmark_norms.py                        # all norms, backbone and head shapes
     python tools/benchmark_norms.py --norms BN EvalNorm --repeats 9 --json out.json
     python tools/benchmark_norms.py --quick                # tiny shapes (smoke run)
+    python tools/benchmark_norms.py --device cuda --r50    # on the GPU, R-50-FPN shapes at 800 px, 2 images
 
 The logic is in bnstats_lab.benchmark.layers.
 """
@@ -17,7 +18,7 @@ import sys
 import torch
 
 import d2_bnstats
-from bnstats_lab.benchmark.layers import BACKBONE_SHAPES, HEAD_SHAPES, QUICK_SHAPES, benchmark_norms, format_table
+from bnstats_lab.benchmark.layers import BACKBONE_SHAPES, HEAD_SHAPES, QUICK_SHAPES, R50_SHAPES, benchmark_norms, format_table
 
 
 def parse_shape(text):
@@ -33,6 +34,8 @@ def main(argv=None):
     p.add_argument("--norms", nargs="+", help=f"norm names (default: all: {', '.join(d2_bnstats.available_norms())})")
     p.add_argument("--shapes", nargs="+", type=parse_shape, help="NxCxHxW shapes (default: backbone and head shapes)")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions (smoke run)")
+    p.add_argument("--r50", action="store_true", help="R-50-FPN shapes at 800 px, 2 images (the GPU models)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: layers and tensors on that device")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -41,18 +44,30 @@ def main(argv=None):
     if args.norms:
         for name in args.norms:
             d2_bnstats.registry.check_norm_name(name, where="--norms")
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = args.shapes or (QUICK_SHAPES if args.quick else BACKBONE_SHAPES + HEAD_SHAPES)
+    default_shapes = R50_SHAPES if args.r50 else BACKBONE_SHAPES + HEAD_SHAPES
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else default_shapes)
     repeats, iters = (2, 2) if args.quick else (args.repeats, args.iters)
-    rows = benchmark_norms(args.norms, shapes, repeats=repeats, iters=iters, progress=lambda m: print(m, file=sys.stderr))
-    print(f"# per-layer benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    rows = benchmark_norms(args.norms, shapes, repeats=repeats, iters=iters, progress=lambda m: print(m, file=sys.stderr),
+                           device=args.device)
+    where = f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    if cuda:
+        where = f"{torch.cuda.get_device_name(torch.device(args.device))}, CUDA {torch.version.cuda}, cuDNN benchmark on"
+    print(f"# per-layer benchmark: torch {torch.__version__}, {where}")
     print(format_table(rows))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        record = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "rows": [dataclasses.asdict(r) for r in rows]}
+        if cuda:
+            record.update(device=args.device, gpu=torch.cuda.get_device_name(torch.device(args.device)),
+                          cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
         with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+            json.dump(record, f, indent=1)
     return 0
 
 

@@ -29,6 +29,13 @@ module; this one holds the settings and runs them all (:func:`run_benchmark`):
   n, with a least-squares line through (n, seconds) and its R^2 (linear growth: R^2 close to 1,
   intercept small). This reuses :func:`bnstats_lab.benchmark.precise_bn.benchmark_precise_bn`.
 
+**On a GPU** (``device="cuda"``, ``tools/benchmark.py --device cuda``): the models are built on the
+device, cuDNN's autotuner is on, timed blocks synchronise before and after and use the wall clock,
+peak memory is the CUDA allocator's (:func:`.memory.benchmark_cuda_memory`, one norm at a time in
+this process), the GPU targets apply (:data:`.models.GPU_TRAIN_TARGETS`, ...) and the result also
+holds the synchronising CUDA calls of one training iteration per norm (``host_syncs``). The GPU model
+is ``frcnn_r50`` (:mod:`.models`), on synthetic batches.
+
 A norm name that is not registered in this installation (e.g. a third-party norm whose plug-in is
 not imported) is reported as not available (``skipped``), not an error; so is a norm whose model
 fails to build or train (the reason is kept). Tables and plot: :mod:`.report`.
@@ -41,16 +48,21 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from .inference import benchmark_inference
-from .memory import benchmark_memory
+from .memory import benchmark_cuda_memory, benchmark_memory
 from .models import (
     EVALNORM_MODES,
+    GPU_INFERENCE_TARGETS,
+    GPU_MEMORY_TARGET,
+    GPU_TRAIN_TARGETS,
     INFERENCE_REFERENCE,
     INFERENCE_TARGETS,
     PRECISE_BN_TARGET,
+    SYNTHETIC_ARCHS,
     TRAIN_NORMS,
     TRAIN_TARGETS,
 )
 from .precise_bn_scaling import benchmark_precise_bn_scaling
+from .timing import is_cuda, prepare_device
 from .training import benchmark_training
 
 
@@ -76,6 +88,7 @@ class BenchmarkSettings:
     clock: str = "cpu"  # this process's CPU time; with 1 thread = wall time on an idle machine, steady on a busy one
     threads: Optional[int] = 1  # torch threads: 1 (several threads on a loaded machine spin: 8x slower, noisy)
     opts: Tuple[str, ...] = ()
+    device: str = "cpu"  # MODEL.DEVICE of every model; "cuda": see the module docstring
 
 
 TINY = dict(archs=("frcnn",), ims_per_batch=(2,), repeats=2, iters=1, warmup=1, num_batches=1, memory_iters=1,
@@ -87,37 +100,69 @@ TINY = dict(archs=("frcnn",), ims_per_batch=(2,), repeats=2, iters=1, warmup=1, 
                   "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"))
 
 
-def _machine() -> dict:
+def _machine(device: str = "cpu") -> dict:
     import platform
 
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    if is_cuda(device):
+        machine.update(gpu=torch.cuda.get_device_name(torch.device(device)), cuda=torch.version.cuda,
+                       cudnn=torch.backends.cudnn.version(), cudnn_benchmark=torch.backends.cudnn.benchmark)
+    return machine
+
+
+def _targets(settings: BenchmarkSettings) -> dict:
+    if is_cuda(settings.device):
+        return {"train": GPU_TRAIN_TARGETS, "inference": GPU_INFERENCE_TARGETS, "memory": GPU_MEMORY_TARGET,
+                "precise_bn": PRECISE_BN_TARGET}
+    return {"train": TRAIN_TARGETS, "inference": INFERENCE_TARGETS, "precise_bn": PRECISE_BN_TARGET}
+
+
+def _arch_opts(settings: BenchmarkSettings, arch: str) -> list:
+    """The overrides of ``arch``'s models: the settings' and the device (the CPU configs say "cpu"
+    already; the R-50 config leaves detectron2's default, "cuda")."""
+    opts = list(settings.opts)
+    if settings.device != "cpu" or arch in SYNTHETIC_ARCHS:
+        opts += ["MODEL.DEVICE", settings.device]
+    return opts
+
+
+def _run_memory(settings: BenchmarkSettings, arch: str, ipb: int, opts: list, progress) -> list:
+    norms = settings.memory_norms or settings.norms
+    if is_cuda(settings.device):
+        return benchmark_cuda_memory(arch, ipb, norms, settings.memory_iters, min(settings.num_batches, settings.memory_iters),
+                                     opts, progress)
+    return benchmark_memory(arch, ipb, norms, settings.memory_iters, min(settings.num_batches, settings.memory_iters),
+                            opts, settings.threads, progress)
 
 
 def _run_arch(settings: BenchmarkSettings, arch: str, out: dict, progress) -> None:
     """Training (and memory) at every batch size, then inference, of one architecture, into ``out``."""
-    opts = list(settings.opts)
+    opts = _arch_opts(settings, arch)
+    targets = _targets(settings)
     for ipb in settings.ims_per_batch:
+        syncs = {} if is_cuda(settings.device) else None
         rows = benchmark_training(arch, ipb, settings.norms, settings.repeats, settings.iters, settings.warmup,
-                                  settings.num_batches, opts, settings.clock, progress)
+                                  settings.num_batches, opts, settings.clock, progress, targets["train"], syncs)
         out["train"] += [dataclasses.asdict(r) for r in rows]
+        if syncs is not None:
+            out.setdefault("host_syncs", []).extend(
+                {"arch": arch, "ims_per_batch": ipb, "norm": n, "per_iteration": c} for n, c in syncs.items())
         if settings.memory:
-            mem = benchmark_memory(arch, ipb, settings.memory_norms or settings.norms, settings.memory_iters,
-                                   min(settings.num_batches, settings.memory_iters), opts, settings.threads, progress)
-            out["memory"] += [dataclasses.asdict(r) for r in mem]
+            out["memory"] += [dataclasses.asdict(r) for r in _run_memory(settings, arch, ipb, opts, progress)]
     if settings.inference:
         inf_norms = [INFERENCE_REFERENCE] + [n for n in settings.norms if n != INFERENCE_REFERENCE]
         rows = benchmark_inference(arch, inf_norms, EVALNORM_MODES, settings.repeats, settings.inference_images,
                                    train_steps=settings.warmup, ims_per_batch=min(settings.ims_per_batch),
-                                   opts=opts, clock=settings.clock, progress=progress)
+                                   opts=opts, clock=settings.clock, progress=progress, targets=targets["inference"])
         out["inference"] += [dataclasses.asdict(r) for r in rows]
 
 
 def _run_precise_bn(settings: BenchmarkSettings, progress) -> dict:
     rows, fit_p, fit_f = benchmark_precise_bn_scaling(
         settings.archs[0], min(settings.ims_per_batch), settings.precise_bn_images,
-        pool_batches=max(1, settings.num_batches), repeats=settings.precise_bn_repeats, opts=list(settings.opts),
+        pool_batches=max(1, settings.num_batches), repeats=settings.precise_bn_repeats, opts=_arch_opts(settings, settings.archs[0]),
         clock=settings.clock, progress=progress)
     return {
         "arch": settings.archs[0], "ims_per_batch": min(settings.ims_per_batch),
@@ -131,11 +176,14 @@ def run_benchmark(settings: BenchmarkSettings, progress: Optional[Callable[[str]
     """Everything the settings ask for; returns a JSON-ready dict (see :func:`.report.format_report`)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    if is_cuda(settings.device) and settings.clock != "wall":
+        raise ValueError("on CUDA the benchmark times with the wall clock (clock='wall'): CPU time does not see the GPU")
+    prepare_device(settings.device)
     start = time.perf_counter()
     out = {
-        "machine": _machine(),
+        "machine": _machine(settings.device),
         "settings": dataclasses.asdict(settings),
-        "targets": {"train": TRAIN_TARGETS, "inference": INFERENCE_TARGETS, "precise_bn": PRECISE_BN_TARGET},
+        "targets": _targets(settings),
         "train": [], "memory": [], "inference": [], "precise_bn": None,
     }
     for arch in settings.archs:

@@ -22,6 +22,7 @@ from .models import (
     INFERENCE_NORMS,
     INFERENCE_REFERENCE,
     INFERENCE_TARGETS,
+    SYNTHETIC_ARCHS,
     build_trainer,
     load_batches,
     load_bench_config,
@@ -108,7 +109,7 @@ def _inference_blocks(arch, norms, evalnorm_modes, num_images, train_steps, ims_
         try:
             cfg = load_bench_config(arch, ims_per_batch, norm, "inference", opts)
             if batches is None:  # the same batches and images for every norm
-                batches = load_batches(cfg, max(1, train_steps))
+                batches = load_batches(cfg, max(1, train_steps), synthetic=arch in SYNTHETIC_ARCHS)
                 inputs = _inference_inputs(batches, num_images)
             trainer = build_trainer(cfg, batches)
             for _ in range(train_steps):
@@ -133,8 +134,10 @@ def benchmark_inference(
     opts: Sequence[str] = (),
     clock: str = "wall",
     progress: Optional[Callable[[str], None]] = None,
+    targets: Optional[Dict[str, float]] = None,
 ) -> List[TimingRow]:
-    """Seconds per image of each norm (and EvalNorm mode) in eval mode, ratio to FrozenBN."""
+    """Seconds per image of each norm (and EvalNorm mode) in eval mode, ratio to FrozenBN
+    (``targets``: default :data:`~.models.INFERENCE_TARGETS`)."""
     from detectron2.utils.events import EventStorage
 
     if INFERENCE_REFERENCE not in norms:
@@ -148,5 +151,5 @@ def benchmark_inference(
         for run in entries.values():  # warm-up
             run()
         times = interleave(entries, repeats, progress)
-    summarize(rows, times, INFERENCE_REFERENCE, INFERENCE_TARGETS)
+    summarize(rows, times, INFERENCE_REFERENCE, INFERENCE_TARGETS if targets is None else targets)
     return list(rows.values())

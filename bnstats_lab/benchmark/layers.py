@@ -2,11 +2,16 @@
 ``FrozenBatchNorm2d`` (inference) measured in the same run.
 
 Timings interleave the norms within each repetition so that drift of the machine (other load,
-frequency changes) affects all of them alike; each figure is the median over repetitions.
+frequency changes) affects all of them alike; each figure is the median over repetitions. On CUDA
+(``device="cuda"``) the layers and tensors live on the GPU, cuDNN's autotuner is on and each block of
+``iters`` calls is timed with CUDA events after the warm-up (:func:`.timing.time_block`).
+
+Shape sets: :data:`BACKBONE_SHAPES` + :data:`HEAD_SHAPES` (the CPU-sized models), :data:`R50_SHAPES`
+(Faster R-CNN R-50-FPN at 800 x 1067 px, 2 images: the inputs of the norms of each ResNet stage, of
+FPN and of the 4conv1fc box head with 512 RoIs per image), :data:`QUICK_SHAPES` (smoke runs).
 """
 import dataclasses
 import statistics
-import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -15,13 +20,20 @@ from torch import nn
 
 from d2_bnstats.registry import available_norms, get_norm
 
-from .timing import spread
+from .timing import prepare_device, spread, time_block
 
 Shape = Tuple[int, int, int, int]
 
 BACKBONE_SHAPES: Tuple[Shape, ...] = ((2, 64, 128, 128), (1, 256, 64, 64), (8, 128, 64, 64), (2, 256, 32, 32))
 HEAD_SHAPES: Tuple[Shape, ...] = ((512, 256, 7, 7), (1024, 256, 7, 7))
 QUICK_SHAPES: Tuple[Shape, ...] = ((2, 32, 8, 8), (16, 32, 3, 3))
+# 800 x 1067 input, 2 images, padded to 800 x 1088 (FPN's size divisibility 32): the bottleneck
+# width and the output of res2 (stride 4; the stem's and FPN's 256-channel maps at stride 4 are the
+# same sizes), res3 (8), res4 (16), res5 (32); the box head's 1024 RoIs of 7 x 7.
+R50_SHAPES: Tuple[Shape, ...] = (
+    (2, 64, 200, 272), (2, 256, 200, 272), (2, 128, 100, 136), (2, 512, 100, 136),
+    (2, 256, 50, 68), (2, 1024, 50, 68), (2, 512, 25, 34), (2, 2048, 25, 34), (1024, 256, 7, 7),
+)
 BN_REFERENCE = "nn.BatchNorm2d"
 FROZEN_REFERENCE = "FrozenBatchNorm2d"
 
@@ -51,21 +63,18 @@ def _builders(names: Sequence[str]) -> Dict[str, Callable[[int], nn.Module]]:
 
 def _time_train(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, iters: int) -> float:
     module.train()
-    start = time.perf_counter()
-    for _ in range(iters):
-        inp = x.detach().requires_grad_(True)
-        out = module(inp)
+
+    def step():
+        out = module(x.detach().requires_grad_(True))
         out.backward(grad)
-    return (time.perf_counter() - start) * 1000 / iters
+
+    return time_block(step, iters, str(x.device)) * 1000
 
 
 @torch.no_grad()
 def _time_eval(module: nn.Module, x: torch.Tensor, iters: int) -> float:
     module.eval()
-    start = time.perf_counter()
-    for _ in range(iters):
-        module(x)
-    return (time.perf_counter() - start) * 1000 / iters
+    return time_block(lambda: module(x), iters, str(x.device)) * 1000
 
 
 def benchmark_norms(
@@ -75,21 +84,24 @@ def benchmark_norms(
     iters: int = 10,
     warmup: int = 3,
     progress: Optional[Callable[[str], None]] = None,
+    device: str = "cpu",
 ) -> List[LayerTiming]:
-    """Time every norm in ``names`` (default: all available) at each shape; see module docstring."""
+    """Time every norm in ``names`` (default: all available) at each shape on ``device``; see module docstring."""
     names = list(available_norms() if names is None else names)
     builders = _builders(names)
+    prepare_device(device)
     rows: List[LayerTiming] = []
     for shape in shapes:
         n, c, h, w = shape
-        x = torch.randn(n, c, h, w)
-        grad = torch.randn(n, c, h, w)
+        x = torch.randn(n, c, h, w).to(device)
+        grad = torch.randn(n, c, h, w).to(device)
         modules, skipped = {}, {}
         for name, build in builders.items():
             try:
                 module = build(c)
                 if module is None:
                     raise ValueError("builds no layer")
+                module = module.to(device)
                 if name != FROZEN_REFERENCE:  # FrozenBN has no training mode to time
                     _time_train(module, x, grad, warmup)
                 _time_eval(module, x, warmup)

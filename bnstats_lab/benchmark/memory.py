@@ -11,6 +11,12 @@ resident set counts pages the allocator keeps after freeing (glibc arenas, torch
 off by default), so it is an upper bound of the tensors alive at the peak, and it is page-granular
 and read once at the end; ratios between norms in the same configuration are meaningful, absolute
 MiB are not a GPU figure.
+
+On CUDA (:func:`benchmark_cuda_memory`) the figure is the allocator's: in this process, one norm at a
+time, ``torch.cuda.max_memory_allocated`` above what was allocated before the model was built, over
+``iters`` training iterations after ``warmup`` ones (so cuDNN's autotuning workspaces stay out):
+parameters, gradients, optimizer state, activations and temporaries of training, the model's and its
+batches' device copies included. The model is deleted and the cache emptied before the next norm.
 """
 import dataclasses
 import json
@@ -22,7 +28,15 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .models import TRAIN_NORMS, TRAIN_REFERENCE, build_trainer, load_batches, load_bench_config, unavailable_reason
+from .models import (
+    SYNTHETIC_ARCHS,
+    TRAIN_NORMS,
+    TRAIN_REFERENCE,
+    build_trainer,
+    load_batches,
+    load_bench_config,
+    unavailable_reason,
+)
 
 RESULT_PREFIX = "MEMORY_RESULT "
 WORKER_MODULE = "bnstats_lab.benchmark.memory"  # this module, also when it runs as __main__
@@ -54,7 +68,7 @@ def measure_training_memory(arch: str, ims_per_batch: int, norm: str, iters: int
     from detectron2.utils.events import EventStorage
 
     cfg = load_bench_config(arch, ims_per_batch, norm, "train", opts)
-    batches = load_batches(cfg, num_batches)
+    batches = load_batches(cfg, num_batches, synthetic=arch in SYNTHETIC_ARCHS)
     trainer = build_trainer(cfg, batches)
     baseline_kib = _status_kib("VmRSS")
     reset = _reset_peak() and baseline_kib is not None and _status_kib("VmHWM") is not None
@@ -135,6 +149,70 @@ def benchmark_memory(
         row.training_mib, row.peak_mib, row.method = result["training_mib"], result["peak_mib"], result["method"]
         if progress is not None:
             progress(f"memory {arch} {ims_per_batch} img/batch {norm}: +{row.training_mib:.0f} MiB (peak {row.peak_mib:.0f} MiB)")
+    bn = next((r.training_mib for r in rows if r.norm == TRAIN_REFERENCE), None)
+    for r in rows:
+        if r.training_mib is not None and bn:
+            r.ratio = r.training_mib / bn
+    return rows
+
+
+def measure_cuda_training_memory(arch: str, ims_per_batch: int, norm: str, iters: int, num_batches: int,
+                                 opts: Sequence[str] = (), warmup: int = 1) -> dict:
+    """In this process, on the config's CUDA device: the allocator's training peak of one norm's model
+    above what was allocated before it was built (see the module docstring)."""
+    from detectron2.utils.events import EventStorage
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    cfg = load_bench_config(arch, ims_per_batch, norm, "train", opts)
+    batches = load_batches(cfg, num_batches, synthetic=arch in SYNTHETIC_ARCHS)
+    trainer = build_trainer(cfg, batches)
+    with EventStorage(0):
+        for _ in range(warmup):
+            trainer.run_step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(iters):
+            trainer.run_step()
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del trainer
+    torch.cuda.empty_cache()
+    mib = 1024.0 ** 2
+    return {"peak_mib": peak / mib, "training_mib": (peak - before) / mib,
+            "method": "CUDA max_memory_allocated during training - memory_allocated before the model"}
+
+
+def benchmark_cuda_memory(
+    arch: str = "frcnn",
+    ims_per_batch: int = 2,
+    norms: Sequence[str] = TRAIN_NORMS,
+    iters: int = 3,
+    num_batches: int = 2,
+    opts: Sequence[str] = (),
+    progress: Optional[Callable[[str], None]] = None,
+) -> List[MemoryRow]:
+    """Training peak GPU memory of each norm, one norm at a time in this process; ratio to BN."""
+    if TRAIN_REFERENCE not in norms:
+        norms = [TRAIN_REFERENCE] + list(norms)
+    rows = []
+    for norm in norms:
+        row = MemoryRow(arch, ims_per_batch, norm)
+        rows.append(row)
+        row.skipped = unavailable_reason(norm)
+        if row.skipped:
+            continue
+        try:
+            result = measure_cuda_training_memory(arch, ims_per_batch, norm, iters, num_batches, opts)
+        except Exception as e:
+            if norm == TRAIN_REFERENCE:
+                raise
+            row.skipped = f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+            continue
+        row.training_mib, row.peak_mib, row.method = result["training_mib"], result["peak_mib"], result["method"]
+        if progress is not None:
+            progress(f"GPU memory {arch} {ims_per_batch} img/batch {norm}: {row.training_mib:.0f} MiB")
     bn = next((r.training_mib for r in rows if r.norm == TRAIN_REFERENCE), None)
     for r in rows:
         if r.training_mib is not None and bn:

@@ -5,6 +5,10 @@ with the norm set the way a user sets it (config keys, :func:`norm_overrides`), 
 switched to detectron2's 4conv1fc so that a norm there is measured too, and a small constant
 learning rate. The training loader's batches are read into memory once (:func:`load_batches`) and
 cycled, so every norm sees the same images and data loading is never timed.
+
+The GPU model, ``frcnn_r50``: Faster R-CNN R-50-FPN from the random-init config (4conv1fc box head of
+its own), at 800 px with synthetic images (:mod:`.synthetic`: no COCO on the machine), the norm placed
+the same way; its targets are the GPU ones (:data:`GPU_TRAIN_TARGETS`, ...).
 """
 import itertools
 import os
@@ -18,6 +22,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ARCH_CONFIGS = {
     "frcnn": os.path.join("configs", "cpu", "frcnn_r18_bn_2img.yaml"),
     "mrcnn": os.path.join("configs", "cpu", "mrcnn_r18_bn_2img.yaml"),
+    "frcnn_r50": os.path.join("configs", "frcnn_r50_bn_2img_scratch.yaml"),
+}
+# Architectures trained on synthetic batches (their data set is not on the machine), with the input
+# size fixed to 800 px (no multi-scale training: every iteration does the same work).
+SYNTHETIC_ARCHS: Dict[str, Tuple[str, ...]] = {
+    "frcnn_r50": ("INPUT.MIN_SIZE_TRAIN", "(800,)", "INPUT.MAX_SIZE_TRAIN", "1333",
+                  "INPUT.MIN_SIZE_TEST", "800", "INPUT.MAX_SIZE_TEST", "1333"),
 }
 TRAIN_NORMS: Tuple[str, ...] = ("BN", "EvalNorm", "MABN", "SyncBN", "GhostBN", "GN", "FrozenBN")
 INFERENCE_NORMS: Tuple[str, ...] = ("FrozenBN", "BN", "EvalNorm", "MABN", "SyncBN", "GhostBN", "GN")
@@ -39,6 +50,12 @@ BENCH_OPTS: Tuple[str, ...] = ("SOLVER.BASE_LR", "0.001", "DATALOADER.NUM_WORKER
 TRAIN_TARGETS: Dict[str, float] = {"EvalNorm": 1.10, "MABN": 1.15, "SyncBN": 1.02}
 INFERENCE_TARGETS: Dict[str, float] = {"EvalNorm": 1.10, "MABN": 1.02}
 PRECISE_BN_TARGET = 1.2
+# On a GPU (one run of frcnn_r50, ratios in that run): training to BN, inference to FrozenBN, and
+# the training peak memory of every norm to BN's.
+GPU_NORMS: Tuple[str, ...] = ("BN", "FrozenBN", "EvalNorm", "MABN", "GN", "GhostBN")
+GPU_TRAIN_TARGETS: Dict[str, float] = {"EvalNorm": 1.05, "MABN": 1.10, "GhostBN": 1.10, "RoIShuffleBN": 1.10}
+GPU_INFERENCE_TARGETS: Dict[str, float] = {"EvalNorm": 1.05, "MABN": 1.02}
+GPU_MEMORY_TARGET = 1.10
 
 
 def norm_overrides(norm: str, mask: bool, placement: str = "train") -> List[str]:
@@ -68,7 +85,9 @@ def load_bench_config(arch: str, ims_per_batch: int, norm: str, placement: str =
         if arch not in ARCH_CONFIGS:
             raise ValueError(f"unknown architecture {arch!r}; accepted: {', '.join(ARCH_CONFIGS)}")
         config_file = os.path.join(REPO, ARCH_CONFIGS[arch])
-    all_opts = list(BOX_HEAD_OPTS) + list(BENCH_OPTS) + ["SOLVER.IMS_PER_BATCH", str(ims_per_batch)]
+    # the R-50 random-init config has the 4conv1fc head already, at its standard width
+    head = list(SYNTHETIC_ARCHS[arch]) if arch in SYNTHETIC_ARCHS else list(BOX_HEAD_OPTS)
+    all_opts = head + list(BENCH_OPTS) + ["SOLVER.IMS_PER_BATCH", str(ims_per_batch)]
     all_opts += list(opts) + norm_overrides(norm, arch == "mrcnn", placement)
     if placement == "inference":
         all_opts += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
@@ -82,10 +101,15 @@ def unavailable_reason(norm: str) -> Optional[str]:
     return None
 
 
-def load_batches(cfg, num_batches: int) -> List[list]:
-    """``num_batches`` batches of the config's training loader, read into memory once."""
+def load_batches(cfg, num_batches: int, synthetic: bool = False) -> List[list]:
+    """``num_batches`` batches of the config's training loader, read into memory once (with
+    ``synthetic``: :func:`.synthetic.synthetic_batches`, no data set read)."""
     from detectron2.data import build_detection_train_loader
 
+    if synthetic:
+        from .synthetic import synthetic_batches
+
+        return synthetic_batches(cfg, num_batches)
     iterator = iter(build_detection_train_loader(cfg))
     return [next(iterator) for _ in range(num_batches)]
 

@@ -11,7 +11,7 @@ import math
 import statistics
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from .models import TRAIN_REFERENCE, build_trainer, load_batches, load_bench_config
+from .models import SYNTHETIC_ARCHS, TRAIN_REFERENCE, build_trainer, load_batches, load_bench_config
 from .precise_bn import benchmark_precise_bn
 
 
@@ -70,7 +70,7 @@ def benchmark_precise_bn_scaling(
     from detectron2.utils.events import EventStorage
 
     cfg = load_bench_config(arch, ims_per_batch, TRAIN_REFERENCE, "train", opts)
-    pool = load_batches(cfg, pool_batches)
+    pool = load_batches(cfg, pool_batches, synthetic=arch in SYNTHETIC_ARCHS)
     trainer = build_trainer(cfg, pool)
     with EventStorage(0):
         trainer.run_step()

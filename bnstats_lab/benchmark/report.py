@@ -31,7 +31,9 @@ def _timing_tables(result: dict, tabulate) -> List[str]:
                               headers=["model", "img/batch", "norm", "s/iter", "/ BN", "spread", "target", "note"],
                               tablefmt="github"))
     if result["memory"]:
-        parts.append("### Training peak memory (fresh process per norm), ratio to BN")
+        on_gpu = any(str(r.get("method") or "").startswith("CUDA") for r in result["memory"])
+        parts.append("### Training peak GPU memory (CUDA allocator, one norm at a time), ratio to BN" if on_gpu
+                     else "### Training peak memory (fresh process per norm), ratio to BN")
         parts.append(tabulate([[r["arch"], r["ims_per_batch"], r["norm"], _fmt(r["training_mib"], "{:.0f}"),
                                 _fmt(r["peak_mib"], "{:.0f}"), _fmt(r["ratio"], "{:.2f}x"), r["skipped"] or ""]
                                for r in result["memory"]],
@@ -69,7 +71,14 @@ def format_report(result: dict) -> str:
     parts = [f"Machine: {m['processor']}, {m['cpus']} CPUs, torch {m['torch']}, {m['threads']} threads; "
              f"load average at start {m.get('load_average_at_start')}; clock: {result['settings']['clock']}; "
              f"{result.get('seconds', 0):.0f} s in all."]
+    if m.get("gpu"):
+        parts.append(f"GPU: {m['gpu']}, CUDA {m.get('cuda')}, cuDNN {m.get('cudnn')} "
+                     f"(benchmark mode {'on' if m.get('cudnn_benchmark') else 'off'}).")
     parts += _timing_tables(result, tabulate)
+    if result.get("host_syncs"):
+        parts.append("### Synchronising CUDA calls per training iteration (detectron2's and the norm's)")
+        parts.append(tabulate([[r["arch"], r["ims_per_batch"], r["norm"], r["per_iteration"]] for r in result["host_syncs"]],
+                              headers=["model", "img/batch", "norm", "syncs / iteration"], tablefmt="github"))
     pb = result.get("precise_bn")
     if pb:
         parts += _precise_bn_tables(pb, tabulate)
@@ -125,10 +134,12 @@ def plot_report(result: dict, path: str) -> Optional[str]:
     except ImportError:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
+    targets = result.get("targets") or {}
     if result["train"]:
-        _ratio_bars(axes[0], result["train"], "training s/iter", TRAIN_REFERENCE, TRAIN_TARGETS)
+        _ratio_bars(axes[0], result["train"], "training s/iter", TRAIN_REFERENCE, targets.get("train", TRAIN_TARGETS))
     if result["inference"]:
-        _ratio_bars(axes[1], result["inference"], "inference s/image", INFERENCE_REFERENCE, INFERENCE_TARGETS)
+        _ratio_bars(axes[1], result["inference"], "inference s/image", INFERENCE_REFERENCE,
+                    targets.get("inference", INFERENCE_TARGETS))
     _precise_bn_panel(axes[2], result.get("precise_bn"))
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -5,10 +5,14 @@ Each norm gets its own model and optimizer (:mod:`.models`) and a detectron2
 iterations per norm, each of ``repeats`` rounds times ``iters`` iterations of every norm in turn
 (:func:`~.timing.interleave`); a norm's figure is the median over rounds of the mean iteration time of
 the round, its ratio the median over rounds of (norm / BN in the same round) (:func:`~.timing.summarize`).
+On CUDA the blocks synchronise before and after (wall clock), and ``host_syncs``, if given a dict,
+receives the number of synchronising CUDA calls of one training iteration per norm
+(:func:`~.timing.count_host_syncs`: detectron2's own, e.g. one per logged loss, and any a norm adds).
 """
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .models import (
+    SYNTHETIC_ARCHS,
     TRAIN_NORMS,
     TRAIN_REFERENCE,
     TRAIN_TARGETS,
@@ -17,7 +21,7 @@ from .models import (
     load_bench_config,
     unavailable_reason,
 )
-from .timing import TimingRow, clock_for, interleave, short_error, summarize, sync
+from .timing import TimingRow, clock_for, count_host_syncs, interleave, is_cuda, short_error, summarize, sync
 
 
 def _trainers(arch: str, ims_per_batch: int, norms: Sequence[str], rows: Dict[str, TimingRow], warmup: int,
@@ -33,7 +37,7 @@ def _trainers(arch: str, ims_per_batch: int, norms: Sequence[str], rows: Dict[st
         try:
             cfg = load_bench_config(arch, ims_per_batch, norm, "train", opts)
             if batches is None:  # the same batches for every norm
-                batches = load_batches(cfg, num_batches)
+                batches = load_batches(cfg, num_batches, synthetic=arch in SYNTHETIC_ARCHS)
             trainer = build_trainer(cfg, batches)
             for _ in range(warmup):
                 trainer.run_step()
@@ -70,8 +74,11 @@ def benchmark_training(
     opts: Sequence[str] = (),
     clock: str = "wall",
     progress: Optional[Callable[[str], None]] = None,
+    targets: Optional[Dict[str, float]] = None,
+    host_syncs: Optional[Dict[str, int]] = None,
 ) -> List[TimingRow]:
-    """Seconds per training iteration of each norm, ratio to BN; see the module docstring."""
+    """Seconds per training iteration of each norm, ratio to BN; see the module docstring.
+    ``targets``: norm -> target ratio (default :data:`~.models.TRAIN_TARGETS`)."""
     from detectron2.utils.events import EventStorage
 
     if TRAIN_REFERENCE not in norms:
@@ -84,5 +91,9 @@ def benchmark_training(
             progress(f"training {arch} {ims_per_batch} img/batch: {len(trainers)} norms, {repeats} rounds x {iters} iterations")
         entries = {n: _timed_steps(trainer, device, iters, now) for n, (trainer, device) in trainers.items()}
         times = interleave(entries, repeats, progress)
-    summarize(rows, times, TRAIN_REFERENCE, TRAIN_TARGETS)
+        if host_syncs is not None:
+            for n, (trainer, device) in trainers.items():
+                if is_cuda(device):
+                    host_syncs[n] = count_host_syncs(trainer.run_step)
+    summarize(rows, times, TRAIN_REFERENCE, TRAIN_TARGETS if targets is None else targets)
     return list(rows.values())

@@ -56,7 +56,8 @@ def affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.T
     """x · scale + shift per channel (one fused pass for float32/float64)."""
     if x.dtype == scale.dtype == shift.dtype and x.dtype in (torch.float32, torch.float64) and x.numel() > 0:
         ones, zeros = scale.new_ones(scale.shape), scale.new_zeros(scale.shape)
-        return F.batch_norm(x, zeros, ones, scale, shift, False, 0.0, 0.0)
+        # eps > 0 (older torch refuses 0); with var 1, 1/sqrt(1 + 1e-30) is exactly 1 in float32/64
+        return F.batch_norm(x, zeros, ones, scale, shift, False, 0.0, 1e-30)
     return x * channel_view(scale, x).to(x.dtype) + channel_view(shift, x).to(x.dtype)
 
 

@@ -90,7 +90,8 @@ class _GlobalBatchNorm(torch.autograd.Function):
             # per-channel affine of x (an inference-mode batch_norm) plus one in-place addcmul
             b = -scale * invstd * mean_gx
             c = scale * (invstd * mean_gx * mean - mean_g)
-            grad_x = F.batch_norm(x, torch.zeros_like(b), torch.ones_like(b), b, c, False, 0.0, 0.0)
+            # eps > 0 (older torch refuses 0); with var 1, 1/sqrt(1 + 1e-30) is exactly 1 in float32/64
+            grad_x = F.batch_norm(x, torch.zeros_like(b), torch.ones_like(b), b, c, False, 0.0, 1e-30)
             grad_x.addcmul_(grad, scale.to(x.dtype).reshape((1, -1) + (1,) * (x.dim() - 2)))
         grad_weight = local[channels:].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = local[:channels].to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
