@@ -11,6 +11,8 @@ _plugin.install()  # before anything below imports a module that registers names
 
 from .d2.build import configure_norm, model_transforms, register_model_transform, unregister_model_transform
 from .d2.config import NORM_KEYS, check_norm_keys
+from .d2 import deploy
+from .d2.deploy import convert_for_deployment, fold_norms_into_convs, to_frozen
 from .d2 import lazy
 from .d2.lazy import build_lazy_model, configure_lazy_norms, prepare_model
 from .d2.mabn_convert import convert_to_mabn
@@ -51,8 +53,11 @@ __all__ = [
     "configure_lazy_norms",
     "configure_norm",
     "ConfiguredNorm",
+    "convert_for_deployment",
     "convert_to_mabn",
+    "deploy",
     "EvalNorm2d",
+    "fold_norms_into_convs",
     "freeze_batch_statistics",
     "get_norm",
     "GhostBatchNorm2d",
@@ -70,6 +75,7 @@ __all__ = [
     "RoIShuffleBatchNorm2d",
     "set_evalnorm_mode",
     "SyncBatchNorm2d",
+    "to_frozen",
     "unfreeze_batch_statistics",
     "UnknownNormError",
     "unregister_model_transform",
