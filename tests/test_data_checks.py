@@ -205,13 +205,20 @@ def config_with(train=(), test=()):
     return cfg
 
 
-def test_check_datasets_checks_train_and_test_splits(tmp_path, datasets_root, records):
+def test_check_datasets_checks_train_and_test_splits(tmp_path, datasets_root, records, monkeypatch):
     train_json, train_root = write_coco(str(tmp_path), name="train")
     val_json, val_root = write_coco(str(tmp_path), name="val")
     register("checked_train", train_json, train_root)
     register("checked_val", val_json, val_root)
+    # detectron2's builtin paths are relative to the working directory: give coco_2017_val its files
+    monkeypatch.chdir(tmp_path)
+    meta = MetadataCatalog.get("coco_2017_val")
+    os.makedirs(os.path.dirname(meta.json_file), exist_ok=True)
+    open(meta.json_file, "w").close()
+    os.makedirs(meta.image_root, exist_ok=True)
     check_datasets(config_with(["checked_train", "fashion_scenes_tiny_train"], ["checked_val", "coco_2017_val"]))
-    # detectron2's builtin entries are lazy (files not needed until loaded): skipped, at debug level
+    # detectron2's builtin entries are lazy (contents not needed until loaded): only their files' presence
+    # is checked, at debug level
     assert any("'coco_2017_val'" in m and "not a checked" in m for m in records)
     os.remove(os.path.join(val_root, "002.png"))
     with pytest.raises(DatasetError, match=re.escape(os.path.join(val_root, "002.png"))):
