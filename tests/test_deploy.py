@@ -6,7 +6,8 @@ running statistics) stays, the input model is never changed. Model level, on the
 R-CNN R-18 of configs/cpu (random weights; γ, β drawn at random, then PreciseBN gives every
 BN-type layer the population statistics of a few synthetic training batches): the converted and the
 folded model give the eager model's detections, and so does the model traced with detectron2's
-TracingAdapter; the tool writes a loadable TorchScript file and nothing partial.
+TracingAdapter; the tool writes a loadable TorchScript file and nothing partial. (One file over 400
+lines: the conversion, tracing, export and tool tests share the prepared models, built once per session.)
 """
 import functools
 import importlib.util
