@@ -31,20 +31,16 @@ logger = logging.getLogger(__name__)
 def reset_norm_statistics(model: nn.Module) -> int:
     """Reset the running statistics of every norm layer that has them; returns how many.
 
-    A layer qualifies when it is a torch ``_NormBase`` tracking running statistics (BatchNorm and
-    its subclasses: BN, SyncBN, EvalNorm, ...) -- reset with torch's ``reset_running_stats()``
-    (mean 0, variance 1, ``num_batches_tracked`` 0) -- or any other module that defines
-    ``reset_running_stats()`` (a layer keeping other statistics resets them its own way).
-    FrozenBN (no such method) and GN (no statistics) are left alone; parameters are never touched.
+    A layer qualifies when it defines ``reset_running_stats()`` and does not say it keeps no
+    statistics (``track_running_stats`` False): torch's BatchNorm family (BN, SyncBN, EvalNorm, ...:
+    mean 0, variance 1, ``num_batches_tracked`` 0) and any other layer that resets its statistics its
+    own way. FrozenBN (no such method) and GN (no statistics) are left alone; parameters are never touched.
     """
     count = 0
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase):
-            if module.track_running_stats:
-                module.reset_running_stats()
-                count += 1
-        elif callable(getattr(module, "reset_running_stats", None)):
-            module.reset_running_stats()
+        reset = getattr(module, "reset_running_stats", None)
+        if callable(reset) and getattr(module, "track_running_stats", True):
+            reset()
             count += 1
     return count
 
