@@ -5,6 +5,7 @@
     python datasets/prepare_fashion_scenes.py --name fashion_scenes_tiny
     python datasets/prepare_fashion_scenes.py --name my_scenes --num-train 500 --num-val 100 \
         --image-size 192 --seed 3                                  # a custom data set
+    python datasets/prepare_fashion_scenes.py --name scenes_d1 --diversity 1   # the same scenes, varied appearance
 
 Output: $DETECTRON2_DATASETS/fashion_scenes/<name>/{train,val}.json and images (default root:
 ./datasets). After `import bnstats_lab` they are registered as <name>_train and <name>_val.
@@ -16,7 +17,14 @@ import sys
 import time
 
 from bnstats_lab.data.fashion_mnist import FashionMNISTError
-from bnstats_lab.data.fashion_scenes import PRESETS, SceneSpec, SceneSplitSpec, build_fashion_scenes, is_built
+from bnstats_lab.data.fashion_scenes import (
+    PRESETS,
+    SceneSpec,
+    SceneSplitSpec,
+    build_fashion_scenes,
+    is_built,
+    pixel_statistics,
+)
 from bnstats_lab.data.register import fashion_scenes_root
 
 
@@ -36,6 +44,19 @@ def _int_at_least(minimum):
     return parse
 
 
+def _non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+_non_negative_float.__name__ = "number"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", default="fashion_scenes", help=f"data set name; presets: {', '.join(PRESETS)}")
@@ -47,17 +68,19 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=positive, help="square canvas side in pixels")
     p.add_argument("--max-objects", type=positive, help="items per scene at most")
     p.add_argument("--seed", type=_int_at_least(0), help="seed of the training split (validation uses seed + 1)")
+    p.add_argument("--diversity", type=_non_negative_float, help="appearance variation level (0: none; 1: strong; "
+                   "see bnstats_lab/data/fashion_scenes.py)")
     p.add_argument("--force", action="store_true", help="rebuild even if the data set is up to date")
     return p.parse_args(argv)
 
 
 def spec_from_args(args) -> SceneSpec:
     base = PRESETS.get(args.name, PRESETS["fashion_scenes"])
-    custom = [args.num_train, args.num_val, args.image_size, args.max_objects, args.seed]
+    custom = [args.num_train, args.num_val, args.image_size, args.max_objects, args.seed, args.diversity]
     if args.name not in PRESETS and all(v is None for v in custom):
         raise SystemExit(
             f"{args.name!r} is not a preset ({', '.join(PRESETS)}); give at least one of --num-train, "
-            "--num-val, --image-size, --max-objects, --seed to define a custom data set"
+            "--num-val, --image-size, --max-objects, --seed, --diversity to define a custom data set"
         )
     train, val = base.splits["train"], base.splits["val"]
     seed = train.seed if args.seed is None else args.seed
@@ -73,6 +96,8 @@ def spec_from_args(args) -> SceneSpec:
             min_item_size=max(8, round(base.min_item_size * scale)),
             max_item_size=min(args.image_size, round(base.max_item_size * scale)),
         )
+    if args.diversity is not None:
+        changes["diversity"] = args.diversity
     if args.max_objects is not None:
         changes.update(max_objects=args.max_objects, min_objects=min(base.min_objects, args.max_objects))
     return dataclasses.replace(base, **changes)
@@ -103,6 +128,9 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{args.name}: built in {time.time() - start:.1f}s -> {folder}")
+    mean, std = pixel_statistics(folder, "train")
+    print(f"  pixel mean / std (RGB, training split) for MODEL.PIXEL_MEAN / PIXEL_STD: "
+          f"[{', '.join(f'{v:.1f}' for v in mean)}] / [{', '.join(f'{v:.1f}' for v in std)}]")
     return 0
 
 

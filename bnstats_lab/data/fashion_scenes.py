@@ -10,6 +10,21 @@ i))`` and written with fixed encoder settings, so the same spec gives the same b
 split starts with the images of a smaller one. Training scenes take items from the Fashion-MNIST
 training split and validation scenes from its test split, so no item is in both.
 
+Diversity (``SceneSpec.diversity``, default 0): COCO images differ far more from one another in
+brightness, contrast and colour than these scenes do, and that image-to-image variation is what makes
+the statistics of a 2-image batch differ from the population's. At level ``d > 0`` every scene is
+drawn with the same content (items, sizes, positions, colours: the same random draws) and then varied
+in appearance by draws from a separate random stream, each range scaled by ``d``:
+
+- background: its gradient and noise scaled by ``exp(d * U(-log 2, log 2))``;
+- items: each item's colour scaled by ``exp(d * U(-log 1.6, log 1.6))``;
+- image: contrast ``c = exp(d * U(-log 2.5, log 2.5))`` about the image mean, brightness
+  ``+ d * U(-40, 120)``, per-channel gain ``1 + d * U(-0.4, 0.4)``, then clipped to 0..255.
+
+At ``d = 1`` the image part is the photometric transform of a pilot in which EMA statistics fell
+behind EvalNorm by several AP at 2 images per batch. Level 0 draws nothing from the appearance
+stream, so its bytes are those of a data set built without the option.
+
 The output is COCO format: ``<root>/<name>/<split>.json`` with RLE instance masks and
 ``<root>/<name>/<split>/<id>.png``; ``spec.json`` beside them records how they were made.
 """
@@ -50,6 +65,7 @@ class SceneSpec:
     max_objects: int = 4
     min_item_size: int = 28  # side of the resized 28x28 item, pixels
     max_item_size: int = 64
+    diversity: float = 0.0  # appearance variation level (module docstring); 0 = none
 
     def __post_init__(self):
         if self.image_size < 32:
@@ -61,6 +77,8 @@ class SceneSpec:
                 "need 8 <= min_item_size <= max_item_size <= image_size, got "
                 f"{self.min_item_size}, {self.max_item_size}, {self.image_size}"
             )
+        if not (self.diversity >= 0 and np.isfinite(self.diversity)):
+            raise ValueError(f"diversity must be a finite number >= 0, got {self.diversity}")
         for name, split in self.splits.items():
             if split.num_images < 1:
                 raise ValueError(f"split {name!r} must have at least one image, got {split.num_images}")
@@ -68,7 +86,10 @@ class SceneSpec:
                 raise ValueError(f"split {name!r}: source must be 'train' or 'test', got {split.source!r}")
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not self.diversity:  # a level-0 spec reads and writes as it did before the option existed
+            del data["diversity"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "SceneSpec":
@@ -95,7 +116,15 @@ PRESETS: Dict[str, SceneSpec] = {
     "fashion_scenes_256": _preset(4000, 300, image_size=256, max_objects=6, min_item_size=32, max_item_size=112),
     # a few images for tests and smoke runs
     "fashion_scenes_tiny": _preset(16, 8),
+    # the default scenes with appearance variation (module docstring) at levels 0.5, 1 and 2
+    "fashion_scenes_d050": _preset(4000, 300, diversity=0.5),
+    "fashion_scenes_d100": _preset(4000, 300, diversity=1.0),
+    "fashion_scenes_d200": _preset(4000, 300, diversity=2.0),
 }
+
+# Second random stream of a scene (``default_rng((seed, i, APPEARANCE_STREAM))``): its appearance
+# draws, kept apart so that every diversity level shows the same content.
+APPEARANCE_STREAM = 1
 
 
 def class_names() -> List[str]:
@@ -122,15 +151,42 @@ def _place(rng, size: int, side: int, taken: List[Tuple[int, int, int, int]]) ->
     return None
 
 
-def compose_scene(rng: np.random.Generator, items: np.ndarray, labels: np.ndarray, spec: SceneSpec):
+def _scaled_uniform(rng: np.random.Generator, level: float, low: float, high: float, size=None):
+    """``level * U(low, high)``: a variation range scaled by the diversity level."""
+    return level * rng.uniform(low, high, size=size)
+
+
+def vary_image(rng: np.random.Generator, image: np.ndarray, level: float) -> np.ndarray:
+    """The image part of the appearance variation (module docstring), float32 [H, W, 3], unclipped."""
+    contrast = np.exp(_scaled_uniform(rng, level, -np.log(2.5), np.log(2.5)))
+    brightness = _scaled_uniform(rng, level, -40.0, 120.0)
+    gain = 1.0 + _scaled_uniform(rng, level, -0.4, 0.4, size=3)
+    mean = image.mean()
+    return ((image - mean) * contrast + mean + brightness) * gain.astype(np.float32)
+
+
+def compose_scene(
+    rng: np.random.Generator,
+    items: np.ndarray,
+    labels: np.ndarray,
+    spec: SceneSpec,
+    appearance_rng: Optional[np.random.Generator] = None,
+):
     """Draw one scene.
 
     Returns ``(image uint8 [H, W, 3] RGB, objects)``; each object is a dict with ``label``,
     ``mask`` (bool [H, W]), and how it was drawn: ``item`` (index into ``items``), ``x``, ``y``,
-    ``side`` (the pasted square) and ``colour``.
+    ``side`` (the pasted square) and ``colour`` (before any appearance variation). With
+    ``spec.diversity > 0`` the appearance draws come from ``appearance_rng``; ``rng`` makes the same
+    draws at every level.
     """
     size = spec.image_size
+    level = spec.diversity
+    if level > 0 and appearance_rng is None:
+        raise ValueError("a scene with diversity > 0 needs appearance_rng")
     canvas = _background(rng, size)
+    if level > 0:
+        canvas *= np.float32(np.exp(_scaled_uniform(appearance_rng, level, -np.log(2.0), np.log(2.0))))
     objects = []
     taken: List[Tuple[int, int, int, int]] = []
     count = int(rng.integers(spec.min_objects, spec.max_objects + 1))
@@ -150,12 +206,17 @@ def compose_scene(rng: np.random.Generator, items: np.ndarray, labels: np.ndarra
         taken.append((x, y, side, side))
         region = canvas[y : y + side, x : x + side]
         a = alpha[:, :, None]
-        region[:] = region * (1 - a) + colour * a
+        painted = colour
+        if level > 0:
+            painted = colour * np.float32(np.exp(_scaled_uniform(appearance_rng, level, -np.log(1.6), np.log(1.6))))
+        region[:] = region * (1 - a) + painted * a
         mask = np.zeros((size, size), dtype=bool)
         mask[y : y + side, x : x + side] = item_mask
         objects.append(
             {"label": int(labels[index]), "mask": mask, "item": index, "x": x, "y": y, "side": side, "colour": colour}
         )
+    if level > 0:
+        canvas = vary_image(appearance_rng, canvas, level)
     image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
     return image, objects
 
@@ -187,7 +248,8 @@ def build_split(
     images, annotations = [], []
     for i in range(split_spec.num_images):
         rng = np.random.default_rng((split_spec.seed, i))
-        pixels, objects = compose_scene(rng, items, labels, spec)
+        appearance_rng = np.random.default_rng((split_spec.seed, i, APPEARANCE_STREAM)) if spec.diversity else None
+        pixels, objects = compose_scene(rng, items, labels, spec, appearance_rng)
         file_name = f"{i:06d}.png"
         Image.fromarray(pixels).save(os.path.join(image_dir, file_name), format="PNG", compress_level=6)
         image_id = i + 1
@@ -261,6 +323,25 @@ def _split_progress(progress, split: str):
     if progress is None:
         return None
     return lambda done, total: progress(split, done, total)
+
+
+def pixel_statistics(folder: str, split: str, max_images: int = 500) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-channel pixel mean and standard deviation (RGB) over the first ``max_images`` images of a
+    built split: the values for ``MODEL.PIXEL_MEAN`` / ``MODEL.PIXEL_STD``."""
+    image_dir = os.path.join(folder, split)
+    names = sorted(n for n in os.listdir(image_dir) if n.endswith(".png"))[:max_images]
+    if not names:
+        raise ValueError(f"no images in {image_dir}")
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    count = 0
+    for name in names:
+        pixels = np.asarray(Image.open(os.path.join(image_dir, name)).convert("RGB"), dtype=np.float64).reshape(-1, 3)
+        total += pixels.sum(0)
+        total_sq += (pixels**2).sum(0)
+        count += len(pixels)
+    mean = total / count
+    return mean, np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
 
 
 def iter_built(root: str) -> Iterable[Tuple[str, SceneSpec]]:
