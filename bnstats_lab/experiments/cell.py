@@ -1,0 +1,183 @@
+"""One run of an experiment: train a cell once with a seed, evaluate the checkpoint under the
+cell's strategies, write the result record.
+
+Training is ``tools/train_net.py``'s library entry (:func:`d2_bnstats.d2.train.run`) with
+``--resume``: a run stopped part-way continues from its last checkpoint. Evaluation is the comparison
+tool's library entry (:func:`d2_bnstats.compare.run`); a finished comparison (``compare.json``
+newer than the final model) is reused. The record is written last, so it exists only for a complete
+run. The runner starts each run as its own process (``python -m bnstats_lab.experiments.cell``),
+so one run's failure or memory cannot touch the next.
+"""
+import argparse
+import glob
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional
+
+from .records import config_hash, now, source_version, write_record
+from .spec import Cell, Experiment
+
+logger = logging.getLogger("bnstats_lab.experiments")
+
+FINAL_MODEL = "model_final.pth"
+CHECKPOINT_PERIOD = 200  # iterations between checkpoints a stopped run resumes from
+LOSS_WINDOW = 20  # logged values whose median is the "final" loss
+
+
+def run_folder(work_root: str, experiment: str, cell: str, seed: int) -> str:
+    return os.path.join(work_root, experiment, cell, f"seed{seed}")
+
+
+def training_arguments(cell: Cell, seed: int, output_dir: str) -> List[str]:
+    return [
+        "--config-file", cell.config, "--resume", "--num-gpus", str(cell.num_processes),
+        *cell.overrides,
+        "SEED", str(seed), "OUTPUT_DIR", output_dir, "SOLVER.CHECKPOINT_PERIOD", str(CHECKPOINT_PERIOD),
+    ]  # fmt: skip
+
+
+def train(cell: Cell, seed: int, output_dir: str) -> Dict[str, object]:
+    """Train (or finish training) the cell; the training part of the record."""
+    from d2_bnstats.d2.train import argument_parser, run
+
+    final = os.path.join(output_dir, FINAL_MODEL)
+    resumed = os.path.isfile(os.path.join(output_dir, "last_checkpoint")) and not os.path.isfile(final)
+    start = time.perf_counter()
+    if not os.path.isfile(final):
+        run(argument_parser().parse_args(training_arguments(cell, seed, output_dir)))
+    seconds = time.perf_counter() - start
+    for path in glob.glob(os.path.join(output_dir, "model_[0-9]*.pth")):  # intermediate checkpoints
+        os.remove(path)
+    return dict(training_metrics(os.path.join(output_dir, "metrics.json")), seconds=round(seconds, 1), resumed=resumed)
+
+
+def training_metrics(metrics_path: str) -> Dict[str, object]:
+    """Iterations, median s/iter and the final losses (median of the last logged values) of a
+    detectron2 ``metrics.json`` (one JSON object per line)."""
+    rows = []
+    if os.path.isfile(metrics_path):
+        with open(metrics_path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:  # a line cut by a killed run
+                        continue
+    training_rows = [r for r in rows if "total_loss" in r]
+    if not training_rows:
+        return {"iterations": None, "s_per_iter": None, "final_losses": {}}
+    last = training_rows[-LOSS_WINDOW:]
+    loss_keys = sorted(k for k in last[-1] if k == "total_loss" or k.startswith("loss_"))
+    losses = {k: round(statistics.median(r[k] for r in last if k in r), 5) for k in loss_keys}
+    times = [r["time"] for r in training_rows if "time" in r]
+    return {
+        "iterations": training_rows[-1].get("iteration", -1) + 1,
+        "s_per_iter": round(statistics.median(times), 4) if times else None,
+        "final_losses": losses,
+    }
+
+
+def compare_arguments(cell: Cell, output_dir: str, compare_dir: str) -> List[str]:
+    return [
+        "--config-file", cell.config, "--output", compare_dir, "--strategies", *cell.strategies,
+        *cell.compare_options,
+        *cell.overrides, "MODEL.WEIGHTS", os.path.join(output_dir, FINAL_MODEL), "OUTPUT_DIR", output_dir,
+    ]  # fmt: skip
+
+
+def evaluate(cell: Cell, output_dir: str) -> dict:
+    """The comparison's summary (``compare.json``), run unless a finished one is newer than the model."""
+    from d2_bnstats.compare import parse_args, run
+
+    compare_dir = os.path.join(output_dir, "compare")
+    summary_path = os.path.join(compare_dir, "compare.json")
+    model_time = os.path.getmtime(os.path.join(output_dir, FINAL_MODEL))
+    if not (os.path.isfile(summary_path) and os.path.getmtime(summary_path) > model_time and
+            _same_strategies(summary_path, cell)):
+        run(parse_args(compare_arguments(cell, output_dir, compare_dir)))
+    with open(summary_path) as f:
+        return json.load(f)
+
+
+def _same_strategies(summary_path: str, cell: Cell) -> bool:
+    with open(summary_path) as f:
+        return len(json.load(f).get("strategies", [])) == len(cell.strategies)
+
+
+def strategy_entries(cell: Cell, summary: dict) -> List[dict]:
+    """The record's strategy list: the cell's spec strings with the comparison's COCO numbers (first
+    test set) and mean train–test discrepancy over layers."""
+    entries = []
+    layers = summary.get("discrepancy", {}).get("layers", [])
+    for spec, done in zip(cell.strategies, summary["strategies"]):
+        entry = {"strategy": spec, "label": done["name"], "description": done.get("description"),
+                 "available": done.get("available", True), "reason": done.get("reason"),
+                 "test_batch_size": done.get("test_batch_size")}
+        results = done.get("results") or {}
+        if results:
+            tasks = next(iter(results.values()))
+            for task in ("bbox", "segm"):
+                if tasks.get(task):
+                    entry[task] = {m: tasks[task][m] for m in ("AP", "AP50", "AP75") if m in tasks[task]}
+        values = [row["l1"].get(done["name"]) for row in layers if row.get("l1")]
+        values = [v for v in values if v is not None]
+        entry["discrepancy_l1"] = round(statistics.fmean(values), 6) if values else None
+        entries.append(entry)
+    return entries
+
+
+def recipe_hash(cell: Cell) -> str:
+    """Hash of the cell's full training config (the seed and output folder left out)."""
+    from d2_bnstats.d2.train import load_config
+
+    return config_hash(load_config(cell.config, cell.overrides).dump())
+
+
+def run_cell(experiment: Experiment, cell: Cell, seed: int, results_root: str, work_root: str, repo: str = ".") -> dict:
+    """Train, evaluate, write and return the record of ``cell`` with ``seed``."""
+    start = time.perf_counter()
+    output_dir = run_folder(work_root, experiment.name, cell.name, seed)
+    training = train(cell, seed, output_dir)
+    evaluation_start = time.perf_counter()
+    summary = evaluate(cell, output_dir)
+    record = {
+        "experiment": experiment.name, "cell": cell.name, "seed": seed, "factors": cell.factor_dict,
+        "config": cell.config, "overrides": list(cell.overrides), "config_hash": recipe_hash(cell),
+        **source_version(repo), "train": training,
+        "evaluation_seconds": round(time.perf_counter() - evaluation_start, 1),
+        "wall_seconds": round(time.perf_counter() - start, 1), "created": now(),
+        "strategies": strategy_entries(cell, summary),
+    }  # fmt: skip
+    write_record(results_root, record)
+    return record
+
+
+def parse_args(argv: Optional[List[str]] = None):
+    p = argparse.ArgumentParser(description="Run one (cell, seed) of a declared experiment.")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--cell", required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--results", default="results")
+    p.add_argument("--work", default="output/experiments")
+    p.add_argument("--catalog", default=None, help="module declaring EXPERIMENTS (default: the lab's catalog)")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import bnstats_lab  # noqa: F401  (data sets registered, weights hints)
+
+    from .catalog import load_experiments
+
+    args = parse_args(argv)
+    experiment = load_experiments(args.catalog)[args.experiment]
+    run_cell(experiment, experiment.cell(args.cell), args.seed, args.results, args.work)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""What an experiment is: a declared table of cells (config × overrides), seeds, and the
+inference-statistics strategies each trained checkpoint is evaluated under.
+
+A :class:`Cell` is one training recipe; with a seed it is one trained checkpoint, evaluated once per
+strategy with the comparison tool's library entry. ``factors`` describe the cell for the report's
+tables (setting, images per batch, scenes, norm, ...). Everything here is plain data, so an
+experiment's declaration reads as its protocol.
+"""
+import dataclasses
+import re
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+Factor = Union[str, int, float]
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One training recipe: ``config`` with ``overrides`` (``KEY VALUE`` pairs, as on the command
+    line); trained once per seed (``SEED`` is set by the runner) and evaluated under
+    ``strategies`` (comparison-tool specs, e.g. ``"precise_bn:500"``)."""
+
+    name: str
+    config: str
+    overrides: Tuple[str, ...] = ()
+    strategies: Tuple[str, ...] = ("ema",)
+    factors: Tuple[Tuple[str, Factor], ...] = ()
+    # comparison options: training images for PreciseBN / offline EvalNorm, discrepancy images
+    compare_options: Tuple[str, ...] = ()
+    num_processes: int = 1  # training processes (gloo on CPU): SyncBN over 2 processes × 1 image
+
+    def __post_init__(self):
+        if not _NAME.match(self.name):
+            raise ValueError(f"cell name {self.name!r}: use lower-case letters, digits, '_', '-', '.'")
+        if len(self.overrides) % 2:
+            raise ValueError(f"cell {self.name}: overrides must be KEY VALUE pairs, got {list(self.overrides)}")
+        if "SEED" in self.overrides[::2] or "OUTPUT_DIR" in self.overrides[::2]:
+            raise ValueError(f"cell {self.name}: SEED and OUTPUT_DIR are set by the runner, not by overrides")
+        if not self.strategies:
+            raise ValueError(f"cell {self.name}: give at least one strategy")
+        if self.num_processes < 1:
+            raise ValueError(f"cell {self.name}: num_processes must be >= 1, got {self.num_processes}")
+
+    @property
+    def factor_dict(self) -> Dict[str, Factor]:
+        return dict(self.factors)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """A named table of cells, each trained once per seed."""
+
+    name: str
+    description: str
+    cells: Tuple[Cell, ...]
+    seeds: Tuple[int, ...] = (0, 1, 2)
+    # files the cells need, each with the command that makes it (run by the runner when missing)
+    requires: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
+
+    def __post_init__(self):
+        if not _NAME.match(self.name):
+            raise ValueError(f"experiment name {self.name!r}: use lower-case letters, digits, '_', '-', '.'")
+        names = [c.name for c in self.cells]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"experiment {self.name}: cells declared twice: {duplicates}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"experiment {self.name}: seeds must be distinct and non-empty, got {self.seeds}")
+
+    def cell(self, name: str) -> Cell:
+        for cell in self.cells:
+            if cell.name == name:
+                return cell
+        raise KeyError(f"experiment {self.name} has no cell {name!r}; cells: {', '.join(c.name for c in self.cells)}")
+
+    def select(self, cells: Optional[Sequence[str]] = None, seeds: Optional[Sequence[int]] = None) -> List[Tuple[Cell, int]]:
+        """The (cell, seed) runs in order: seed-major, so that every cell has one seed before any has two."""
+        chosen = [self.cell(n) for n in cells] if cells else list(self.cells)
+        if seeds:
+            unknown = sorted(set(seeds) - set(self.seeds))
+            if unknown:
+                raise ValueError(f"experiment {self.name}: seeds {unknown} are not declared; declared: {list(self.seeds)}")
+        run_seeds = [s for s in self.seeds if not seeds or s in seeds]
+        return [(cell, seed) for seed in run_seeds for cell in chosen]
