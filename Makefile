@@ -9,7 +9,7 @@ DEMO_OPTS ?= SOLVER.MAX_ITER 800 SOLVER.STEPS "(560, 720)"
 DEMO_STRATEGIES ?= ema precise_bn:100 evalnorm_learned evalnorm_rule
 PYTEST_ARGS ?=
 
-.PHONY: env data demo test test-quick bench bench-smoke pretrain clean-env
+.PHONY: env data demo test test-quick bench bench-smoke pretrain results clean-env
 
 env:
 	@VENV=$(VENV) bash scripts/setup_env.sh
@@ -55,6 +55,13 @@ bench: data
 # The same at tiny sizes (under a minute): checks that the benchmark runs.
 bench-smoke: data
 	@$(PY) -W ignore tools/benchmark.py --tiny --output $(BENCH_OUTPUT)/smoke $(BENCH_ARGS)
+
+# The declared experiments (bnstats_lab/experiments/catalog.py; protocol in docs/results.md): runs every
+# (cell, seed) without a record under results/, resumable, then renders docs/results.md. Hours on 2 cores.
+EXPERIMENTS ?= levels e1
+EXPERIMENT_THREADS ?= 2
+results: data
+	@$(PY) -W ignore tools/run_experiments.py --experiment $(EXPERIMENTS) --threads $(EXPERIMENT_THREADS) --report
 
 clean-env:
 	rm -rf $(VENV)

@@ -68,9 +68,11 @@ def main(argv=None) -> int:
             return 2
         failed += [f"{name}/{run}" for run in summary.failed]
     if args.report:
-        from bnstats_lab.experiments.report import write_report
+        from bnstats_lab.experiments import report
 
-        print(write_report(args.results, args.report_output, args.figures))
+        report_args = ["--results", args.results, "--output", args.report_output, "--figures", args.figures]
+        if report.main(report_args + (["--catalog", args.catalog] if args.catalog else [])) != 0:
+            return 1
     return 1 if failed else 0
 
 

@@ -1,0 +1,147 @@
+"""The experiment runner: real trainings and comparisons of a tiny declared experiment
+(tests/data/experiment_catalog_tiny.py), each in its own process as the runner starts them.
+
+Checked: a record holds the comparison's own numbers and the training's metrics; a run with a
+record is skipped; a failed run leaves no record, is reported and does not stop the others; a
+stopped training resumes from its checkpoint; the declarations refuse bad tables."""
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from bnstats_lab.experiments.cell import LOSS_WINDOW, run_folder, training_metrics
+from bnstats_lab.experiments.catalog import default_experiments
+from bnstats_lab.experiments.records import flatten, iter_records, read_record, record_path
+from bnstats_lab.experiments.spec import Cell, Experiment
+
+from .conftest import REPO
+
+CATALOG = os.path.join(REPO, "tests", "data", "experiment_catalog_tiny.py")
+
+
+def run_tool(args, datasets_root, check=None):
+    env = dict(os.environ, DETECTRON2_DATASETS=datasets_root, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-W", "ignore", os.path.join(REPO, "tools", "run_experiments.py"),
+                           "--catalog", CATALOG, *args], cwd=REPO, env=env, capture_output=True, text=True)
+    if check is not None:
+        assert done.returncode == check, done.stdout + done.stderr
+    return done
+
+
+def metrics_rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.slow
+def test_runner_records_skips_and_reports_failures(tmp_path, datasets_root):
+    results, work = str(tmp_path / "results"), str(tmp_path / "work")
+    args = ["--experiment", "tiny", "--seeds", "0", "--results", results, "--work", work]
+    first = run_tool(args, datasets_root, check=1)  # the broken cell fails: exit 1, after the good one ran
+    assert "tiny: 1 done, 0 skipped, 1 failed: broken/seed0" in first.stdout
+    assert "not a registered data set" in first.stdout  # the end of the failed run's log is shown
+
+    assert not os.path.exists(record_path(results, "tiny", "broken", 0))
+    path = record_path(results, "tiny", "evalnorm", 0)
+    record = read_record(path)
+    assert (record["experiment"], record["cell"], record["seed"]) == ("tiny", "evalnorm", 0)
+    assert record["factors"] == {"images_per_batch": 2, "norm": "EvalNorm"}
+
+    # the record's numbers are the comparison tool's, strategy by strategy, in the cell's order
+    folder = run_folder(work, "tiny", "evalnorm", 0)
+    with open(os.path.join(folder, "compare", "compare.json")) as f:
+        compared = json.load(f)
+    assert [e["strategy"] for e in record["strategies"]] == ["ema", "evalnorm_learned", "batch_stats:2"]
+    for entry, done in zip(record["strategies"], compared["strategies"]):
+        coco = next(iter(done["results"].values()))["bbox"]
+        assert entry["bbox"] == {"AP": coco["AP"], "AP50": coco["AP50"], "AP75": coco["AP75"]}
+        l1 = [row["l1"][done["name"]] for row in compared["discrepancy"]["layers"]]
+        assert entry["discrepancy_l1"] == pytest.approx(statistics.fmean(l1), abs=1e-6)
+    rows = flatten(record)
+    assert [r["strategy"] for r in rows] == ["ema", "evalnorm_learned", "batch_stats:2"]
+    assert rows[0]["bbox_AP"] == record["strategies"][0]["bbox"]["AP"] and rows[0]["norm"] == "EvalNorm"
+
+    # training: the metrics detectron2 logged
+    logged = [r for r in metrics_rows(os.path.join(folder, "metrics.json")) if "total_loss" in r]
+    assert record["train"]["iterations"] == 3 == logged[-1]["iteration"] + 1
+    expected = statistics.median(r["total_loss"] for r in logged[-LOSS_WINDOW:])
+    assert record["train"]["final_losses"]["total_loss"] == pytest.approx(expected, abs=1e-5)
+    assert record["train"]["resumed"] is False
+    assert os.path.isfile(os.path.join(folder, "model_final.pth"))
+    assert len(record["config_hash"]) == 64 and record["commit"]
+
+    # second run: the recorded run is skipped (record untouched), the failed one is tried again
+    mtime = os.path.getmtime(path)
+    second = run_tool(args, datasets_root, check=1)
+    assert "tiny: 0 done, 1 skipped, 1 failed: broken/seed0" in second.stdout
+    assert os.path.getmtime(path) == mtime
+    dry = run_tool(args + ["--dry-run"], datasets_root, check=0)
+    assert "would run broken seed 0" in dry.stdout and "would run evalnorm" not in dry.stdout
+    assert [r["cell"] for r in iter_records(results)] == ["evalnorm"]
+
+
+@pytest.mark.slow
+def test_stopped_training_resumes_from_its_checkpoint(tmp_path, datasets_root):
+    """A run stopped after iteration 2 (checkpoint written) continues to the cell's 3 iterations."""
+    from d2_bnstats.d2.train import argument_parser, run
+
+    from .data.experiment_catalog_tiny import EXPERIMENTS, TINY
+
+    results, work = str(tmp_path / "results"), str(tmp_path / "work")
+    cell = EXPERIMENTS[0].cell("evalnorm")
+    folder = run_folder(work, "tiny", "evalnorm", 1)
+    partial = list(TINY) + ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", "1", "SEED", "1", "OUTPUT_DIR", folder]
+    run(argument_parser().parse_args(["--config-file", os.path.join(REPO, cell.config), *partial]))
+    # as if stopped after the checkpoint of iteration 2, before the end
+    os.remove(os.path.join(folder, "model_final.pth"))
+    with open(os.path.join(folder, "last_checkpoint"), "w") as f:
+        f.write("model_0000001.pth")
+
+    run_tool(["--experiment", "tiny", "--cells", "evalnorm", "--seeds", "1", "--results", results, "--work", work],
+             datasets_root, check=0)
+    record = read_record(record_path(results, "tiny", "evalnorm", 1))
+    assert record["train"]["resumed"] is True
+    iterations = [r["iteration"] for r in metrics_rows(os.path.join(folder, "metrics.json")) if "total_loss" in r]
+    assert iterations[-1] == 2 and record["train"]["iterations"] == 3
+    with open(os.path.join(folder, "run.log")) as f:
+        assert "model_0000001.pth" in f.read()  # loaded the stopped run's checkpoint, did not start over
+    assert not [n for n in os.listdir(folder) if n.startswith("model_0")]  # intermediate checkpoints removed
+
+
+def test_declarations_refuse_bad_tables():
+    with pytest.raises(ValueError, match="KEY VALUE pairs"):
+        Cell("a", "c.yaml", ("SOLVER.MAX_ITER",))
+    with pytest.raises(ValueError, match="set by the runner"):
+        Cell("a", "c.yaml", ("SEED", "3"))
+    with pytest.raises(ValueError, match="cells declared twice"):
+        Experiment("e", "", (Cell("a", "c.yaml"), Cell("a", "d.yaml")))
+    experiment = Experiment("e", "", (Cell("a", "c.yaml"), Cell("b", "c.yaml")), seeds=(0, 1))
+    assert [(c.name, s) for c, s in experiment.select()] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    with pytest.raises(ValueError, match="seeds \\[5\\] are not declared"):
+        experiment.select(seeds=[5])
+    with pytest.raises(KeyError, match="no cell 'z'"):
+        experiment.cell("z")
+
+
+def test_declared_experiments_name_existing_configs_and_strategies():
+    from d2_bnstats.compare.registry import registered_strategies
+
+    for experiment in default_experiments().values():
+        for cell in experiment.cells:
+            assert os.path.isfile(os.path.join(REPO, cell.config)), cell.config
+            for spec in cell.strategies:
+                assert spec.split(":")[0] in registered_strategies()
+
+
+def test_training_metrics_of_a_cut_metrics_file(tmp_path):
+    path = tmp_path / "metrics.json"
+    lines = [json.dumps({"iteration": i, "total_loss": float(10 - i), "loss_cls": 1.0, "time": 0.5 + i % 2})
+             for i in range(30)]
+    path.write_text("\n".join(lines) + '\n{"iteration": 30, "total_lo')  # a line cut by a killed run
+    metrics = training_metrics(str(path))
+    assert metrics["iterations"] == 30
+    assert metrics["final_losses"]["total_loss"] == statistics.median(float(10 - i) for i in range(10, 30))
+    assert metrics["s_per_iter"] == statistics.median(0.5 + i % 2 for i in range(30))

@@ -1,0 +1,406 @@
+"""The results report (bnstats_lab.experiments.report): statistics, verdicts, tables, figures, the page.
+
+Synthetic records with chosen AP values are written as JSON files; every mean, standard deviation
+and paired difference is recomputed here with the ``statistics`` module from the chosen values.
+No training.
+"""
+import json
+import os
+import statistics
+
+import pytest
+
+from bnstats_lab.experiments import report
+from bnstats_lab.experiments.catalog import load_experiments
+from bnstats_lab.experiments.claims import CLAIMS, Claim
+from bnstats_lab.experiments.spec import Cell, Experiment
+
+EXP = "ex"
+# cell -> factors; AP per strategy per seed (None: the strategy is unavailable on that seed)
+FACTORS = {
+    "scratch_2img": {"setting": "scratch", "images_per_batch": 2, "scenes": "d100", "diversity": 1.0},
+    "scratch_8img": {"setting": "scratch", "images_per_batch": 8, "scenes": "d100", "diversity": 1.0},
+    "finetune_2img": {"setting": "finetune", "images_per_batch": 2, "scenes": "d100", "diversity": 1.0},
+    "scratch_2img_plain": {"setting": "scratch", "images_per_batch": 2, "scenes": "default", "diversity": 0.0},
+}
+AP = {
+    # paired differences 1.0, 1.5, 0.5 with a large spread across seeds: pairing matters
+    "scratch_2img": {"ema": [20.0, 25.0, 30.0], "evalnorm_learned": [21.0, 26.5, 30.5],
+                     "precise_bn:500": [20.2, 24.0, 30.1]},
+    "scratch_8img": {"ema": [31.0, 32.0, 36.0], "evalnorm_learned": [31.5, 31.0, 36.2],
+                     "precise_bn:500": [31.0, 32.5, 36.0]},
+    # seed 1 has no evalnorm_learned: it drops out of the paired difference
+    "finetune_2img": {"ema": [10.0, 12.0, 17.0], "evalnorm_learned": [14.0, None, 20.0],
+                      "precise_bn:500": [10.5, 11.0, 17.5]},
+    "scratch_2img_plain": {"ema": [26.0], "evalnorm_learned": [26.4], "precise_bn:500": [26.1]},
+}
+DISCREPANCY = {"scratch_2img": [0.30, 0.34, 0.29], "scratch_8img": [0.11, 0.12, 0.10],
+               "finetune_2img": [0.25, 0.27, 0.26], "scratch_2img_plain": [0.05]}
+
+
+def make_record(experiment, cell, seed, factors, aps, discrepancy=None, segm=None, loss=None):
+    strategies = []
+    for name, ap in aps.items():
+        if ap is None:
+            strategies.append({"strategy": name, "description": name, "available": False,
+                               "reason": f"{name} does not apply", "test_batch_size": 1})
+            continue
+        entry = {"strategy": name, "description": name, "available": True, "reason": None, "test_batch_size": 1,
+                 "bbox": {"AP": ap, "AP50": ap + 20.0, "AP75": ap - 1.0},
+                 "discrepancy_l1": discrepancy if name == "ema" else None}
+        if segm is not None:
+            entry["segm"] = {"AP": segm[name], "AP50": segm[name] + 15.0, "AP75": segm[name] - 2.0}
+        strategies.append(entry)
+    return {"format": 1, "experiment": experiment, "cell": cell, "seed": seed, "factors": dict(factors),
+            "config": "configs/cpu/x.yaml", "overrides": [], "config_hash": "0" * 64, "commit": "abc123",
+            "dirty": False, "evaluation_seconds": 1.0, "wall_seconds": 2.0,
+            "train": {"iterations": 10, "final_losses": {} if loss is None else {"total_loss": loss}},
+            "created": "2026-01-01T00:00:00Z", "strategies": strategies}
+
+
+def write_record(root, record):
+    folder = os.path.join(root, record["experiment"], record["cell"])
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"seed{record['seed']}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, sort_keys=True)
+    return path
+
+
+@pytest.fixture
+def results(tmp_path):
+    root = str(tmp_path / "results")
+    for cell, per_strategy in AP.items():
+        for seed in range(len(per_strategy["ema"])):
+            aps = {name: values[seed] for name, values in per_strategy.items()}
+            write_record(root, make_record(EXP, cell, seed, FACTORS[cell], aps, DISCREPANCY[cell][seed]))
+    return root
+
+
+def ap(cell, strategy):
+    return [v for v in AP[cell][strategy] if v is not None]
+
+
+# ------------------------------------------------------------------------------------------ loading
+def test_load_records_reads_every_seed_file_sorted(results):
+    records = report.load_records(results)
+    assert [(r["cell"], r["seed"]) for r in records] == sorted(
+        (cell, seed) for cell in AP for seed in range(len(AP[cell]["ema"])))
+
+
+def test_rows_one_per_strategy_with_metrics(results):
+    records = report.load_records(results)
+    rows = report.rows(records)
+    assert len(rows) == sum(len(r["strategies"]) for r in records) == 30
+    row = next(r for r in rows if (r["cell"], r["seed"], r["strategy"]) == ("scratch_2img", 1, "evalnorm_learned"))
+    assert row["factors"] == FACTORS["scratch_2img"]
+    assert (row["bbox_AP"], row["bbox_AP50"], row["bbox_AP75"]) == (26.5, 46.5, 25.5)
+    assert row["segm_AP"] is None and row["available"] is True
+    missing = next(r for r in rows if (r["cell"], r["seed"], r["strategy"]) == ("finetune_2img", 1, "evalnorm_learned"))
+    assert missing["available"] is False and missing["bbox_AP"] is None and "does not apply" in missing["reason"]
+    ema = next(r for r in rows if (r["cell"], r["seed"], r["strategy"]) == ("scratch_8img", 2, "ema"))
+    assert ema["discrepancy_l1"] == DISCREPANCY["scratch_8img"][2]
+
+
+def test_rows_carry_mask_ap(tmp_path):
+    segm = {"ema": 18.0, "evalnorm_learned": 19.5}
+    record = make_record(EXP, "m", 0, {"setting": "scratch"}, {"ema": 20.0, "evalnorm_learned": 21.0}, segm=segm)
+    rows = {r["strategy"]: r for r in report.rows([record])}
+    assert rows["evalnorm_learned"]["segm_AP"] == 19.5 and rows["ema"]["segm_AP75"] == 16.0
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"format": 1, "experiment": EXP, "cell": "c", "seed": 0, "factors": {}}), "strategies"),
+    (json.dumps([1, 2]), "not a JSON object"),
+    (json.dumps({"format": 1, "experiment": EXP, "cell": "c", "seed": 0, "factors": {},
+                 "strategies": [{"strategy": "ema", "available": True}]}), "no numeric bbox AP"),
+])
+def test_malformed_record_raises_naming_the_file(results, content, expected):
+    folder = os.path.join(results, EXP, "c")
+    os.makedirs(folder)
+    bad = os.path.join(folder, "seed0.json")
+    with open(bad, "w") as f:
+        f.write(content)
+    with pytest.raises(report.RecordError) as info:
+        report.load_records(results)
+    assert bad in str(info.value) and expected in str(info.value)
+
+
+def test_record_in_the_wrong_folder_is_refused(results):
+    record = make_record(EXP, "scratch_2img", 7, FACTORS["scratch_2img"], {"ema": 1.0})
+    path = os.path.join(results, EXP, "scratch_8img", "seed7.json")
+    with open(path, "w") as f:
+        json.dump(record, f)
+    with pytest.raises(report.RecordError, match="belongs at") as info:
+        report.load_records(results)
+    assert path in str(info.value)
+
+
+# --------------------------------------------------------------------------------------- statistics
+def test_summarize_matches_statistics_module(results):
+    records = report.load_records(results)
+    summary = {(s["cell"], s["strategy"]): s for s in report.summarize(records, EXP)}
+    assert set(summary) == {(c, s) for c in AP for s in AP[c]}
+    for (cell, strategy), s in summary.items():
+        values = ap(cell, strategy)
+        assert s["n"] == len(values) and s["bbox"]["values"] == values
+        assert s["bbox"]["mean"] == pytest.approx(statistics.mean(values), abs=1e-12)
+        if len(values) > 1:
+            assert s["bbox"]["std"] == pytest.approx(statistics.stdev(values), abs=1e-12)
+        else:
+            assert s["bbox"]["std"] is None
+        assert s["segm"] is None
+    assert summary[("finetune_2img", "evalnorm_learned")]["n"] == 2
+    assert summary[("finetune_2img", "evalnorm_learned")]["seeds"] == [0, 2]
+    disc = summary[("scratch_2img", "ema")]["discrepancy_l1"]
+    assert disc["mean"] == pytest.approx(statistics.mean(DISCREPANCY["scratch_2img"]))
+    assert disc["std"] == pytest.approx(statistics.stdev(DISCREPANCY["scratch_2img"]))
+    # table order: settings in the config matrix's order, then images per batch, then the rest
+    cells = list(dict.fromkeys(s["cell"] for s in report.summarize(records, EXP)))
+    assert cells == ["scratch_2img", "scratch_2img_plain", "scratch_8img", "finetune_2img"]
+
+
+def test_paired_difference_is_per_seed(results):
+    records = report.load_records(results)
+    d = report.paired_difference(records, EXP, "scratch_2img", "evalnorm_learned", "ema")
+    diffs = [a - b for a, b in zip(AP["scratch_2img"]["evalnorm_learned"], AP["scratch_2img"]["ema"])]
+    assert d["n"] == 3 and d["seeds"] == [0, 1, 2] and d["values"] == pytest.approx(diffs)
+    assert d["mean"] == pytest.approx(statistics.mean(diffs)) and d["std"] == pytest.approx(statistics.stdev(diffs))
+    # pairing: the std of the differences (0.5) is far below the seeds' spread of either strategy (5)
+    assert d["std"] == pytest.approx(0.5) and statistics.stdev(AP["scratch_2img"]["ema"]) == pytest.approx(5.0)
+
+    d = report.paired_difference(records, EXP, "finetune_2img", "evalnorm_learned", "ema")
+    assert d["seeds"] == [0, 2] and d["values"] == pytest.approx([4.0, 3.0])
+    assert d["mean"] == pytest.approx(3.5) and d["std"] == pytest.approx(statistics.stdev([4.0, 3.0]))
+
+    d = report.paired_difference(records, EXP, "scratch_2img_plain", "evalnorm_learned", "ema")
+    assert d["n"] == 1 and d["std"] is None and d["mean"] == pytest.approx(0.4)
+    d = report.paired_difference(records, EXP, "no_such_cell", "evalnorm_learned", "ema")
+    assert d["n"] == 0 and d["mean"] is None
+    d = report.paired_difference(records, EXP, "scratch_2img", "ema", "ema", metric=("bbox", "AP75"))
+    assert d["values"] == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("mean, std, n, sign, expected", [
+    (1.0, 0.5, 3, +1, "holds"),
+    (-1.0, 0.5, 3, +1, "does not hold"),
+    (-1.0, 0.5, 3, -1, "holds"),
+    (1.0, 0.5, 3, -1, "does not hold"),
+    (0.4, 0.5, 3, +1, "inconclusive"),  # smaller than the seeds' spread
+    (0.5, 0.5, 3, +1, "inconclusive"),  # |mean| == std: not larger than the spread
+    (0.51, 0.5, 2, +1, "holds"),
+    (5.0, None, 1, +1, "inconclusive"),  # one seed: no spread
+    (5.0, 0.0, 1, +1, "inconclusive"),
+    (0.2, 0.5, 3, 0, "holds"),  # no difference claimed, none larger than the spread
+    (-0.5, 0.5, 3, 0, "holds"),
+    (1.0, 0.5, 3, 0, "does not hold"),
+    (0.0, 0.0, 1, 0, "inconclusive"),
+    (float("nan"), 0.5, 3, +1, "inconclusive"),
+])
+def test_verdict_rule(mean, std, n, sign, expected):
+    assert report.verdict(mean, std, n, sign) == expected
+
+
+def test_verdict_refuses_other_signs():
+    with pytest.raises(ValueError, match="expected_sign"):
+        report.verdict(1.0, 0.5, 3, 2)
+
+
+# ------------------------------------------------------------------------------------------- claims
+def claim(cid, factors, a="evalnorm_learned", b="ema", sign=+1):
+    return Claim(cid, "A. Author, Paper, 2020, Table 9", f"text of {cid}", EXP, factors, a, b, sign)
+
+
+def test_claims_measured_not_run_and_unavailable(results):
+    records = report.load_records(results)
+    claims = [
+        claim("c-2img", {"setting": "scratch", "images_per_batch": 2, "scenes": "d100"}),
+        claim("c-8img", {"images_per_batch": 8}, sign=0),
+        claim("c-missing", {"setting": "frozen"}),
+        claim("c-nostrategy", {"images_per_batch": 2, "scenes": "d100"}, a="batch_stats:2"),
+    ]
+    planned = [Experiment(EXP, "synthetic", (
+        Cell("frozen_2img", "x.yaml", factors=(("setting", "frozen"), ("images_per_batch", 2))),))]
+    rows = {r["claim"].id: r for r in report.evaluate_claims(records, claims)}
+    diffs = [a - b for a, b in zip(AP["scratch_2img"]["evalnorm_learned"], AP["scratch_2img"]["ema"])]
+    row = rows["c-2img"]
+    assert row["cell"] == "scratch_2img" and row["status"] == "measured"
+    assert row["verdict"] == report.verdict(statistics.mean(diffs), statistics.stdev(diffs), 3, +1) == "holds"
+    diffs8 = [a - b for a, b in zip(AP["scratch_8img"]["evalnorm_learned"], AP["scratch_8img"]["ema"])]
+    assert abs(statistics.mean(diffs8)) <= statistics.stdev(diffs8)  # the chosen values are within the spread
+    assert rows["c-8img"]["verdict"] == "holds"
+    assert rows["c-missing"]["status"] == "not run" and rows["c-missing"]["cell"] is None
+    assert rows["c-nostrategy"]["status"] == "not available"
+    assert "batch_stats:2 not evaluated" in rows["c-nostrategy"]["reason"]
+    # a declared cell without records is "not run", by name
+    rows = [r for r in report.evaluate_claims(records, claims, planned) if r["claim"].id == "c-missing"]
+    assert [(r["cell"], r["status"]) for r in rows] == [("frozen_2img", "not run")]
+    # a filter without the setting gives one row per matching cell
+    rows = [r for r in report.evaluate_claims(records, [claim("c-any", {"images_per_batch": 2, "scenes": "d100"})])]
+    assert sorted(r["cell"] for r in rows) == ["finetune_2img", "scratch_2img"]
+
+
+def test_declared_claims_match_declared_cells():
+    """Each claim of claims.py selects at least one cell of the lab's catalog that is evaluated under
+    both of its strategies: a filter with a misspelt factor value would otherwise stay "not run"."""
+    experiments = load_experiments()
+    assert len(CLAIMS) >= 6 and len({c.id for c in CLAIMS}) == len(CLAIMS)
+    for c in CLAIMS:
+        assert c.experiment in experiments, c.id
+        cells = [cell for cell in experiments[c.experiment].cells
+                 if c.matches(cell.factor_dict) and {c.strategy_a, c.strategy_b} <= set(cell.strategies)]
+        assert cells, f"claim {c.id}: no cell of {c.experiment} matches {dict(c.factors)} with both strategies"
+        assert any(word in c.paper for word in ("ICCV 2019", "2021")), c.id
+
+
+# -------------------------------------------------------------------------------------- convergence
+def test_convergence_check_on_the_batch_size_axis(results):
+    """An 8-image cell whose final loss exceeds 1.1x its 2-image counterpart's is unconverged: marked
+    in the tables, and a claim judged on it is inconclusive whatever its difference."""
+    losses = {"scratch_2img": [0.80, 0.90, 1.00], "scratch_8img": [1.10, 1.00, 0.90],
+              "finetune_2img": [0.5, 0.5, 0.5], "scratch_2img_plain": [0.7]}
+    for cell, per_strategy in AP.items():
+        for seed in range(len(per_strategy["ema"])):
+            aps = {name: values[seed] for name, values in per_strategy.items()}
+            write_record(results, make_record(EXP, cell, seed, FACTORS[cell], aps, DISCREPANCY[cell][seed],
+                                              loss=losses[cell][seed]))
+    records = report.load_records(results)
+    checked = report.convergence(records, EXP)
+    assert list(checked) == ["scratch_8img"]  # the other cells are at 2 images
+    ratio = statistics.mean(losses["scratch_8img"]) / statistics.mean(losses["scratch_2img"])
+    assert checked["scratch_8img"]["reference_cell"] == "scratch_2img"
+    assert checked["scratch_8img"]["ratio"] == pytest.approx(ratio) and ratio > 1.1
+    assert checked["scratch_8img"]["converged"] is False
+    assert report.convergence(records, EXP, ratio=1.2)["scratch_8img"]["converged"] is True
+
+    equal = claim("c-8img", {"images_per_batch": 8}, sign=0)
+    row = report.evaluate_claims(records, [equal])[0]
+    assert row["difference"]["n"] == 3 and row["verdict"] == "inconclusive" and "unconverged" in row["note"]
+    text = report.render_markdown(records, [equal])
+    assert "| scratch_8img (unconverged) |" in text and "inconclusive (unconverged" in text
+
+
+# ----------------------------------------------------------------------------------------- markdown
+def _table_row(markdown, first_cell):
+    rows = [line for line in markdown.splitlines() if line.startswith(f"| {first_cell} |")]
+    assert rows, f"no table row for {first_cell}"
+    return [c.strip() for c in rows[0].strip("|").split("|")]
+
+
+def test_markdown_tables_and_not_run(results):
+    records = report.load_records(results)
+    planned = [Experiment(EXP, "synthetic", tuple(
+        Cell(name, "x.yaml", strategies=("ema", "evalnorm_learned", "precise_bn:500"), factors=tuple(f.items()))
+        for name, f in list(FACTORS.items()) + [("frozen_2img", {"setting": "frozen", "images_per_batch": 2,
+                                                                   "scenes": "d100", "diversity": 1.0})]))]
+    claims = [claim("c-2img", {"setting": "scratch", "images_per_batch": 2, "scenes": "d100"}),
+              claim("c-frozen", {"setting": "frozen"}),
+              Claim("c-other", "B. Author, 2021", "elsewhere", "e9", {"images_per_batch": 2}, "a", "b", +1)]
+    text = report.render_markdown(records, claims, experiments=planned)
+    row = _table_row(text, "scratch_2img")  # the AP table comes first
+    values = AP["scratch_2img"]["ema"]
+    assert row[:5] == ["scratch_2img", "scratch", "2", "d100", "1.0"]
+    assert row[5] == f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (3)"
+    assert _table_row(text, "scratch_2img_plain")[5] == "26.00 (1)"
+    assert _table_row(text, "frozen_2img")[5:] == ["not run"] * 3
+    finetune = [line for line in text.splitlines() if line.startswith("| finetune_2img |")]
+    assert finetune[0].split("|")[7].strip() == "17.00 ± 4.24 (2)"  # evalnorm_learned: seeds 0 and 2
+    # the paired-difference table: evalnorm_learned − ema
+    assert finetune[1].split("|")[6].strip() == f"+3.50 ± {statistics.stdev([4.0, 3.0]):.2f} (2)"
+    claim_rows = [line for line in text.splitlines() if line.startswith("| **c-")]
+    assert "holds" in claim_rows[0] and "+1.00 ± 0.50 (3)" in claim_rows[0]
+    assert claim_rows[1].endswith("| not run | not run |") and "frozen_2img" in claim_rows[1]
+    assert "### Experiment e9" in text and claim_rows[2].endswith("| not run | not run |")
+    # without the declaration the cell is still "not run" in the claims table
+    text = report.render_markdown(records, claims[1:2])
+    assert [line for line in text.splitlines() if line.startswith("| **c-")][0].endswith("| not run | not run |")
+
+
+def test_markdown_renders_without_any_record():
+    text = report.render_markdown([], CLAIMS)
+    claim_rows = [line for line in text.splitlines() if line.startswith("| **")]
+    assert len(claim_rows) == len(CLAIMS) and all(r.endswith("| not run | not run |") for r in claim_rows)
+
+
+# ------------------------------------------------------------------------------------------ figures
+def test_figures_written_and_linked(results, tmp_path):
+    records = report.load_records(results)
+    figures_dir = str(tmp_path / "docs" / "results")
+    figures = report.make_figures(records, figures_dir)
+    paths = figures[EXP]
+    assert [os.path.basename(p) for p in paths] == [f"{EXP}_ap_vs_images_per_batch.png",
+                                                    f"{EXP}_discrepancy_vs_diversity.png"]
+    for path in paths:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert os.path.getsize(path) > 1000
+    text = report.render_markdown(records, [], markdown_dir=str(tmp_path / "docs"), figures=figures)
+    assert f"(results/{EXP}_ap_vs_images_per_batch.png)" in text
+
+
+def test_no_figure_without_the_factors(tmp_path):
+    record = make_record(EXP, "one", 0, {"setting": "scratch", "images_per_batch": 2}, {"ema": 20.0})
+    assert report.make_figures([record], str(tmp_path / "fig")) == {}
+    assert not (tmp_path / "fig").exists()
+
+
+# -------------------------------------------------------------------------------------------- page
+def test_write_report_keeps_hand_written_text_and_is_idempotent(results, tmp_path):
+    md = tmp_path / "docs" / "results.md"
+    md.parent.mkdir()
+    before = "# Results\n\n## Protocol\nHand-written protocol.\n\n"
+    after = "\n\n## Discussion\nHand-written discussion.\n"
+    md.write_text(before + report.BEGIN + "\nold generated text\n" + report.END + after)
+    figures_dir = str(tmp_path / "docs" / "results")
+    path, figure_paths, n = report.write_report(results, str(md), figures_dir, claims=[])
+    first = md.read_text()
+    assert path == str(md) and n == 10 and len(figure_paths) == 2
+    assert first.startswith(before + report.BEGIN + "\n") and first.endswith(report.END + after)
+    assert "old generated text" not in first and "| scratch_2img |" in first
+    assert f"(results/{EXP}_ap_vs_images_per_batch.png)" in first
+    report.write_report(results, str(md), figures_dir, claims=[])
+    assert md.read_text() == first
+
+
+def test_write_report_new_file_and_file_without_markers(results, tmp_path):
+    md = tmp_path / "new" / "results.md"
+    report.write_report(results, str(md), str(tmp_path / "fig"), claims=[])
+    text = md.read_text()
+    assert text.startswith("# Results") and text.count(report.BEGIN) == 1 and text.rstrip().endswith(report.END)
+
+    plain = tmp_path / "plain.md"
+    plain.write_text("# Notes\nkept\n")
+    report.write_report(results, str(plain), str(tmp_path / "fig"), claims=[])
+    once = plain.read_text()
+    assert once.startswith("# Notes\nkept\n\n" + report.BEGIN)
+    report.write_report(results, str(plain), str(tmp_path / "fig"), claims=[])
+    assert plain.read_text() == once
+
+
+def test_write_report_refuses_broken_markers(results, tmp_path):
+    md = tmp_path / "results.md"
+    broken = f"intro\n{report.END}\nmiddle\n{report.BEGIN}\n"
+    md.write_text(broken)
+    with pytest.raises(ValueError, match="markers") as info:
+        report.write_report(results, str(md), str(tmp_path / "fig"), claims=[])
+    assert str(md) in str(info.value) and md.read_text() == broken
+
+
+def test_main_prints_what_it_wrote(results, tmp_path, capsys):
+    catalog = tmp_path / "catalog.py"
+    catalog.write_text("EXPERIMENTS = []\n")
+    md = tmp_path / "docs" / "results.md"
+    assert report.main(["--results", results, "--output", str(md), "--figures", str(tmp_path / "docs" / "fig"),
+                        "--catalog", str(catalog)]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {md} (10 records)" in out and f"{EXP}_ap_vs_images_per_batch.png" in out
+    assert report.BEGIN in md.read_text()
+    # a malformed record: an error naming it, exit status 1, the page untouched
+    bad = os.path.join(results, EXP, "scratch_2img", "seed9.json")
+    with open(bad, "w") as f:
+        f.write("{")
+    before = md.read_text()
+    assert report.main(["--results", results, "--output", str(md), "--figures", str(tmp_path / "docs" / "fig"),
+                        "--catalog", str(catalog)]) == 1
+    assert bad in capsys.readouterr().err and md.read_text() == before
