@@ -6,6 +6,10 @@
 - ``e1``: EvalNorm's Table 2 in miniature (Singh & Shrivastava, ICCV 2019): Faster R-CNN R-18-FPN with
   EvalNorm layers trained at 2 and 8 images per batch, from random init and fine-tuned from a
   Fashion-MNIST backbone, each checkpoint evaluated under every inference-statistics strategy.
+- ``e2``: which norm at 2 images per batch on the benchmark scenes: MABN, GN, FrozenBN (detectron2's
+  frozen recipe), SyncBN over 2 processes × 1 image, GhostBN in the box head, FrozenBN for the last
+  quarter of training; Mask R-CNN for EvalNorm/BN, MABN and GN. E1's cells are its BN/EvalNorm rows
+  (its 8-image cell the large-batch reference MABN claims to reach).
 
 Schedules are cut from the config matrix's (``configs/cpu``: 4500 iterations at 2 images) to fit the
 CPU budget: 800 iterations at 2 images (the demo's schedule), 400 at 8 images (the linear scaling
@@ -15,6 +19,7 @@ Every cell is trained with ``SEED`` = the seed; the runner adds ``OUTPUT_DIR`` a
 import importlib
 import importlib.util
 import os
+import sys
 from typing import Dict, Optional, Tuple
 
 from .spec import Cell, Experiment
@@ -45,9 +50,25 @@ SCHEDULE_2IMG = ("SOLVER.MAX_ITER", "800", "SOLVER.STEPS", "(560, 720)", "SOLVER
 SCHEDULE_8IMG = ("SOLVER.MAX_ITER", "400", "SOLVER.STEPS", "(280, 360)", "SOLVER.WARMUP_ITERS", "100")
 SCHEDULE_LEVELS = ("SOLVER.MAX_ITER", "400", "SOLVER.STEPS", "(280, 360)", "SOLVER.WARMUP_ITERS", "100")
 
+def _short_pretraining(path: str, *flags: str) -> Tuple[str, Tuple[str, ...]]:
+    """A backbone pre-trained for 400 iterations of 64 images (a cut of the default recipe)."""
+    return path, (sys.executable, "-W", "ignore", "tools/pretrain_backbone.py", "--max-iter", "400", *flags,
+                  "--output", path, "--json", path[:-4] + ".json")
+
+
 SHORT_PRETRAINED = "output/pretrain/r18_fashion_mnist_400it.pkl"
-PRETRAIN_SHORT = ("python", "-W", "ignore", "tools/pretrain_backbone.py", "--max-iter", "400",
-                  "--output", SHORT_PRETRAINED, "--json", SHORT_PRETRAINED[:-4] + ".json")
+SHORT_PRETRAINED_GN = "output/pretrain/r18_gn_fashion_mnist_400it.pkl"
+SHORT_PRETRAINED_WC = "output/pretrain/r18_fashion_mnist_wc_400it.pkl"
+PRETRAIN_SHORT = _short_pretraining(SHORT_PRETRAINED)[1]
+PRETRAINED_FOR = {  # the pre-trained backbone each norm's fine-tuned/frozen setting starts from
+    "EvalNorm": SHORT_PRETRAINED, "BN": SHORT_PRETRAINED, "SyncBN": SHORT_PRETRAINED,
+    "FrozenBN": SHORT_PRETRAINED, "GN": SHORT_PRETRAINED_GN, "MABN": SHORT_PRETRAINED_WC,
+}
+PRETRAININGS = (
+    _short_pretraining(SHORT_PRETRAINED),
+    _short_pretraining(SHORT_PRETRAINED_GN, "--norm", "GN"),
+    _short_pretraining(SHORT_PRETRAINED_WC, "--weight-centralization"),
+)
 
 E1_STRATEGIES = ("ema", "precise_bn:500", "evalnorm_learned", "evalnorm_rule", "evalnorm_exact",
                  "evalnorm_offline:500", "batch_stats:2")
@@ -89,8 +110,46 @@ def _e1() -> Experiment:
                       requires=((SHORT_PRETRAINED, PRETRAIN_SHORT),))
 
 
+E2_STRATEGIES = ("ema", "precise_bn:500", "batch_stats:2")
+FROZEN_LATE_START = "600"  # FrozenBN for the last quarter of the 800-iteration schedule
+
+
+def _e2_cell(name: str, config: str, norm: str, setting: str, arch: str = "frcnn", extra=(), processes: int = 1,
+             strategies=E2_STRATEGIES, backbone_norm: str = "") -> Cell:
+    overrides = scene_overrides(BENCHMARK_SCENES) + SCHEDULE_2IMG + tuple(extra)
+    if setting in ("finetune", "frozen"):
+        overrides += ("MODEL.WEIGHTS", PRETRAINED_FOR[backbone_norm or norm])
+    return Cell(
+        name=name, config=config, overrides=overrides, strategies=strategies, num_processes=processes,
+        factors=(("setting", setting), ("images_per_batch", 2), ("scenes", BENCHMARK_SCENES),
+                 ("diversity", DIVERSITY[BENCHMARK_SCENES]), ("norm", norm), ("arch", arch)),
+        compare_options=("--discrepancy-images", "16", "--batch-sizes", "2"),
+    )
+
+
+def _e2() -> Experiment:
+    cells = []
+    for setting in ("scratch", "finetune"):
+        cells += [
+            _e2_cell(f"mabn_{setting}", f"configs/cpu/frcnn_r18_mabn_2img_{setting}.yaml", "MABN", setting),
+            _e2_cell(f"gn_{setting}", f"configs/cpu/frcnn_r18_gn_2img_{setting}.yaml", "GN", setting),
+            _e2_cell(f"syncbn_2x1_{setting}", f"configs/cpu/frcnn_r18_syncbn_2img_{setting}.yaml", "SyncBN", setting,
+                     processes=2),
+            _e2_cell(f"ghostbn_head_{setting}", f"configs/cpu/frcnn_r18_bn_2img_{setting}.yaml", "GhostBN (box head)",
+                     setting, extra=("MODEL.ROI_BOX_HEAD.NORM", "GhostBN"), backbone_norm="BN"),
+            _e2_cell(f"frozen_late_{setting}", f"configs/cpu/frcnn_r18_bn_2img_{setting}.yaml", "BN, FrozenBN late",
+                     setting, extra=("BNSTATS.FROZEN_BN.START_ITER", FROZEN_LATE_START), backbone_norm="BN"),
+        ]
+    cells.append(_e2_cell("frozenbn_frozen", "configs/cpu/frcnn_r18_frozenbn_2img_frozen.yaml", "FrozenBN", "frozen"))
+    for norm, key in (("EvalNorm", "evalnorm"), ("MABN", "mabn"), ("GN", "gn")):
+        cells.append(_e2_cell(
+            f"mask_{key}_scratch", f"configs/cpu/mrcnn_r18_{key}_2img_scratch.yaml", norm, "scratch", arch="mrcnn",
+            strategies=E1_STRATEGIES if norm == "EvalNorm" else E2_STRATEGIES))
+    return Experiment("e2", "which norm at 2 images per batch", tuple(cells), requires=PRETRAININGS)
+
+
 def default_experiments() -> Dict[str, Experiment]:
-    experiments = [_levels(), _e1()]
+    experiments = [_levels(), _e1(), _e2()]
     return {e.name: e for e in experiments}
 
 
