@@ -14,7 +14,7 @@ import pytest
 
 from bnstats_lab.experiments.cell import LOSS_WINDOW, run_folder, training_metrics
 from bnstats_lab.experiments.catalog import default_experiments
-from bnstats_lab.experiments.records import flatten, iter_records, read_record, record_path
+from bnstats_lab.experiments.records import iter_records, read_record, record_path, rows
 from bnstats_lab.experiments.spec import Cell, Experiment
 
 from .conftest import REPO
@@ -60,9 +60,9 @@ def test_runner_records_skips_and_reports_failures(tmp_path, datasets_root):
         assert entry["bbox"] == {"AP": coco["AP"], "AP50": coco["AP50"], "AP75": coco["AP75"]}
         l1 = [row["l1"][done["name"]] for row in compared["discrepancy"]["layers"]]
         assert entry["discrepancy_l1"] == pytest.approx(statistics.fmean(l1), abs=1e-6)
-    rows = flatten(record)
-    assert [r["strategy"] for r in rows] == ["ema", "evalnorm_learned", "batch_stats:2"]
-    assert rows[0]["bbox_AP"] == record["strategies"][0]["bbox"]["AP"] and rows[0]["norm"] == "EvalNorm"
+    flat = rows([record])
+    assert [r["strategy"] for r in flat] == ["ema", "evalnorm_learned", "batch_stats:2"]
+    assert flat[0]["bbox_AP"] == record["strategies"][0]["bbox"]["AP"] and flat[0]["factors"]["norm"] == "EvalNorm"
 
     # training: the metrics detectron2 logged
     logged = [r for r in metrics_rows(os.path.join(folder, "metrics.json")) if "total_loss" in r]

@@ -6,8 +6,10 @@ runner, result records under ``results/`` and the report ``docs/results.md``.
     python tools/run_experiments.py --report                        # docs/results.md from the records
 
 ``spec`` (Cell, Experiment), ``catalog`` (the declared experiments), ``cell`` (one run: train,
-evaluate, record), ``runner`` (the table, resumable), ``records`` (the JSON records), ``report`` and
-``claims`` (tables, figures and the papers' claims).
+evaluate, record), ``runner`` (the table, resumable), ``records`` (the JSON records: writing, and the
+one reader and validator), ``claims`` (the papers' claims), ``report_stats`` (means over seeds,
+paired differences, verdicts, the convergence check), ``report_layout`` (table order),
+``report_figures`` and ``report`` (the page ``docs/results.md``).
 """
 from .catalog import load_experiments
 from .runner import run_experiment

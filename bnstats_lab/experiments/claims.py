@@ -3,7 +3,7 @@
 A :class:`Claim` compares two inference strategies of the comparison tool (``"ema"``,
 ``"evalnorm_learned"``, ``"precise_bn:500"``, ...) on the same trained checkpoints: per seed the
 difference ``strategy_a − strategy_b`` of one COCO metric, then the mean and the seeds' spread (see
-:func:`bnstats_lab.experiments.report.verdict` for the rule that turns them into "holds", "does not
+:func:`bnstats_lab.experiments.report_stats.verdict` for the rule that turns them into "holds", "does not
 hold" or "inconclusive"). ``factors`` selects the cells of ``experiment`` the claim is about: every
 cell whose factors contain these key/value pairs is one row of the claims table, so a filter that
 leaves out a factor (e.g. the setting) is checked in each cell that factor takes.

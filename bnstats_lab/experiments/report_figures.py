@@ -1,0 +1,140 @@
+"""The report's figures: box AP against images per batch, and the train–test discrepancy of EMA
+statistics against scene diversity, per experiment, as PNG files (matplotlib, Agg backend).
+
+Error bars are the sample standard deviation over seeds (see :func:`.report_stats.summarize`).
+"""
+import os
+import re
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
+
+from d2_bnstats.outputs import save_figure
+
+from .records import is_number
+from .report_layout import REFERENCE, value_key, varying_factors
+from .report_stats import summarize
+
+__all__ = ["make_figures"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
+
+
+def _label(factors: Mapping[str, Any], keys: Sequence[str]) -> str:
+    return ", ".join(f"{k}={factors.get(k, '—')}" for k in keys)
+
+
+def _grouping(factor_dicts: List[Mapping[str, Any]], axis: str) -> List[str]:
+    """The varying factors that split a figure's lines or panels: all but the x-axis factor and the
+    factors that only rename it (one value for each of its values and back, e.g. the scene set's
+    name and its diversity), which would otherwise cut every line into single points."""
+    def determines(a, b):
+        seen = {}
+        return all(seen.setdefault(repr(f.get(a)), repr(f.get(b))) == repr(f.get(b)) for f in factor_dicts)
+
+    return [k for k in varying_factors(factor_dicts) if k != axis and not (determines(axis, k) and determines(k, axis))]
+
+
+def _plot_ap_vs_images(summary: List[dict], experiment: str, path: str) -> str:
+    plt = _pyplot()
+    summary = [s for s in summary if "images_per_batch" in s["factors"] and s["n"]]
+    panel_keys = _grouping([s["factors"] for s in summary], "images_per_batch")
+    # one panel per combination of the other varying factors: {panel: (its factors, {strategy: points})}
+    panels: Dict[tuple, Tuple[Mapping[str, Any], Dict[str, list]]] = {}
+    for s in summary:
+        panel = tuple(value_key(k, s["factors"].get(k)) for k in panel_keys)
+        _, lines = panels.setdefault(panel, (s["factors"], {}))
+        lines.setdefault(s["strategy"], []).append(
+            (s["factors"]["images_per_batch"], s["bbox"]["mean"], s["bbox"]["std"] or 0.0))
+    sizes = sorted({s["factors"]["images_per_batch"] for s in summary})
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
+    for ax, panel in zip(axes.flat, sorted(panels)):
+        factors, lines = panels[panel]
+        for strategy, pts in lines.items():
+            pts = sorted(pts)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                        marker="o", capsize=3, label=strategy)
+        if all(x > 0 for x in sizes):
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([str(x) for x in sizes])
+        ax.set_xlabel("images per batch")
+        ax.set_ylabel("box AP (COCO, %)")
+        ax.set_title(_label(factors, panel_keys) or experiment, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{experiment}: box AP against images per batch (mean ± std over seeds)", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_discrepancy_vs_diversity(summary: List[dict], experiment: str, path: str) -> str:
+    plt = _pyplot()
+    summary = [s for s in summary if s["strategy"] == REFERENCE and "diversity" in s["factors"]
+               and s["discrepancy_l1"]["n"]]
+    line_keys = _grouping([s["factors"] for s in summary], "diversity")
+    values = sorted({s["factors"]["diversity"] for s in summary}, key=lambda v: value_key("diversity", v))
+    numeric = all(is_number(v) for v in values)
+    position = {v: (float(v) if numeric else i) for i, v in enumerate(values)}
+    lines: Dict[tuple, list] = {}
+    for s in summary:
+        key = tuple(value_key(k, s["factors"].get(k)) for k in line_keys)
+        d = s["discrepancy_l1"]
+        x = position[s["factors"]["diversity"]]
+        lines.setdefault(key, []).append((x, d["mean"], d["std"] or 0.0, s["factors"]))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for key in sorted(lines):
+        pts = sorted(lines[key], key=lambda p: p[0])
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                    label=_label(pts[0][3], line_keys) or REFERENCE)
+    ax.set_xticks([position[v] for v in values])
+    ax.set_xticklabels([str(v) for v in values])
+    ax.set_xlabel("scene diversity")
+    ax.set_ylabel("train–test discrepancy (L1, EMA)")
+    ax.set_title(f"{experiment}: discrepancy of EMA statistics (mean ± std over seeds)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def make_figures(records: Sequence[dict], figures_dir: str) -> Dict[str, List[str]]:
+    """Per experiment, the figures its records support, written atomically into ``figures_dir``:
+    ``<experiment>_ap_vs_images_per_batch.png`` (box AP against images per batch, one line per
+    strategy, one panel per combination of the other varying factors, error bars the std over seeds)
+    when the factor ``images_per_batch`` takes more than one value, and
+    ``<experiment>_discrepancy_vs_diversity.png`` (``discrepancy_l1`` of EMA statistics against the
+    factor ``diversity``) when that factor is present with a measured discrepancy. Returns
+    {experiment: [paths]}."""
+    out: Dict[str, List[str]] = {}
+    for experiment in sorted({r["experiment"] for r in records}):
+        summary = summarize(records, experiment)
+        paths = []
+        sizes = {s["factors"]["images_per_batch"] for s in summary if "images_per_batch" in s["factors"] and s["n"]}
+        if len(sizes) > 1:
+            paths.append(_plot_ap_vs_images(
+                summary, experiment, os.path.join(figures_dir, f"{_slug(experiment)}_ap_vs_images_per_batch.png")))
+        if any(s["strategy"] == REFERENCE and "diversity" in s["factors"] and s["discrepancy_l1"]["n"]
+               for s in summary):
+            paths.append(_plot_discrepancy_vs_diversity(
+                summary, experiment, os.path.join(figures_dir, f"{_slug(experiment)}_discrepancy_vs_diversity.png")))
+        if paths:
+            out[experiment] = paths
+    return out

@@ -1,0 +1,222 @@
+"""The report's statistics: per-cell summaries over seeds, paired differences, the verdict rule, the
+convergence check and the claims' evaluation.
+
+Statistics: the mean and the sample standard deviation (ddof = 1) over seeds; one seed has no
+standard deviation. A paired difference is taken per seed on one checkpoint (the two strategies
+evaluated on the same weights), so the seed-to-seed variation of training cancels out of it.
+
+Convergence check on the batch-size axis (the protocol of ``docs/results.md``): a cell with more
+images per batch than the experiment's smallest is compared with its counterpart at the smallest
+(the same other factors) by the final total training loss (each record's median of the last logged
+values, averaged over seeds); above :data:`CONVERGENCE_RATIO` times the counterpart's it is marked
+unconverged in the tables, and the claims judged on it are inconclusive.
+"""
+import math
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from .claims import CLAIMS, Claim
+from .records import is_number, metric_value, strategy_entry
+from .report_layout import cell_rows, strategy_order
+
+__all__ = [
+    "HOLDS",
+    "DOES_NOT_HOLD",
+    "INCONCLUSIVE",
+    "NOT_RUN",
+    "CONVERGENCE_RATIO",
+    "summarize",
+    "paired_difference",
+    "verdict",
+    "convergence",
+    "evaluate_claims",
+]
+
+HOLDS, DOES_NOT_HOLD, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
+NOT_RUN = "not run"
+CONVERGENCE_RATIO = 1.1
+
+
+def _mean_std(values: Sequence[float]) -> Tuple[Optional[float], Optional[float]]:
+    """Mean and sample standard deviation (ddof = 1); std None for fewer than 2 values."""
+    n = len(values)
+    if n == 0:
+        return None, None
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def _stats(values: List[float]) -> Dict[str, Any]:
+    mean, std = _mean_std(values)
+    return {"n": len(values), "mean": mean, "std": std, "values": values}
+
+
+def summarize(records: Iterable[dict], experiment: str) -> List[dict]:
+    """Per cell and strategy of ``experiment``: ``n`` (seeds with a box AP), ``seeds``, and for
+    ``bbox`` (box AP), ``segm`` (mask AP; None when no seed has one) and ``discrepancy_l1``: a dict
+    with ``n``, ``mean``, sample ``std`` (ddof = 1, None for n = 1) and the per-seed ``values``.
+    ``reasons``: why the strategy was unavailable on some seeds. Cells in table order."""
+    recs = [r for r in records if r["experiment"] == experiment]
+    cells = cell_rows(recs, experiment, [])
+    out = []
+    for cell, factors, _ in cells:
+        cell_recs = sorted((r for r in recs if r["cell"] == cell), key=lambda r: r["seed"])
+        for strategy in strategy_order(cell_recs):
+            entries = [(r["seed"], strategy_entry(r, strategy)) for r in cell_recs]
+            entries = [(s, e) for s, e in entries if e is not None]
+            measured = [(s, metric_value(e, ("bbox", "AP"))) for s, e in entries]
+            measured = [(s, v) for s, v in measured if v is not None]
+            segm = [v for v in (metric_value(e, ("segm", "AP")) for _, e in entries) if v is not None]
+            disc = [float(e["discrepancy_l1"]) for _, e in entries
+                    if e.get("available") and is_number(e.get("discrepancy_l1"))]
+            out.append({
+                "experiment": experiment, "cell": cell, "factors": factors, "strategy": strategy,
+                "n": len(measured), "seeds": [s for s, _ in measured],
+                "bbox": _stats([v for _, v in measured]),
+                "segm": _stats(segm) if segm else None,
+                "discrepancy_l1": _stats(disc),
+                "reasons": sorted({str(e.get("reason") or "no reason given")
+                                   for _, e in entries if not e.get("available")}),
+            })
+    return out
+
+
+def paired_difference(records: Iterable[dict], experiment: str, cell: str, strategy_a: str, strategy_b: str,
+                      metric: Tuple[str, str] = ("bbox", "AP")) -> dict:
+    """Per seed, ``metric`` of ``strategy_a`` minus that of ``strategy_b`` on the same checkpoint
+    (seeds where either is unavailable are left out); then ``n``, ``mean`` and sample ``std``
+    (ddof = 1, None for n < 2) of those differences, with the per-seed ``seeds`` and ``values``."""
+    seeds, values = [], []
+    for record in sorted((r for r in records if r["experiment"] == experiment and r["cell"] == cell),
+                         key=lambda r: r["seed"]):
+        a = metric_value(strategy_entry(record, strategy_a), metric)
+        b = metric_value(strategy_entry(record, strategy_b), metric)
+        if a is not None and b is not None:
+            seeds.append(record["seed"])
+            values.append(a - b)
+    mean, std = _mean_std(values)
+    return {"experiment": experiment, "cell": cell, "strategy_a": strategy_a, "strategy_b": strategy_b,
+            "metric": tuple(metric), "n": len(values), "mean": mean, "std": std, "seeds": seeds, "values": values}
+
+
+def verdict(mean: Optional[float], std: Optional[float], n: int, expected_sign: int) -> str:
+    """Whether a paired difference (mean and sample std over ``n`` seeds) supports a claim.
+
+    - ``n < 2`` (no spread to compare with), or a missing / non-finite mean or std: "inconclusive".
+    - ``expected_sign`` +1 or −1 (a difference of that sign is claimed): if ``|mean| <= std`` the
+      difference is no larger than the seeds' spread: "inconclusive"; otherwise "holds" when the
+      sign of the mean is the expected one, "does not hold" when it is the opposite.
+    - ``expected_sign`` 0 (no difference is claimed): "holds" when ``|mean| <= std`` (the difference
+      lies within the seeds' spread), "does not hold" otherwise.
+
+    The spread is the standard deviation of the per-seed differences, not the standard error of
+    their mean: a deliberately cautious rule for the few seeds the experiments afford.
+    """
+    if expected_sign not in (-1, 0, 1):
+        raise ValueError(f"expected_sign must be -1, 0 or +1, got {expected_sign!r}")
+    if n < 2 or mean is None or std is None or not (math.isfinite(mean) and math.isfinite(std)):
+        return INCONCLUSIVE
+    within = abs(mean) <= std
+    if expected_sign == 0:
+        return HOLDS if within else DOES_NOT_HOLD
+    if within:
+        return INCONCLUSIVE
+    return HOLDS if (mean > 0) == (expected_sign > 0) else DOES_NOT_HOLD
+
+
+# ------------------------------------------------------------------------------------- convergence
+def _final_loss(record: dict) -> Optional[float]:
+    train = record.get("train")
+    losses = train.get("final_losses") if isinstance(train, dict) else None
+    value = losses.get("total_loss") if isinstance(losses, dict) else None
+    return float(value) if is_number(value) else None
+
+
+def convergence(records: Iterable[dict], experiment: str, ratio: float = CONVERGENCE_RATIO) -> Dict[str, dict]:
+    """The protocol's convergence check on the batch-size axis, per cell of ``experiment`` with more
+    images per batch than its smallest: ``loss`` (the mean over seeds of the records' final total
+    loss), ``reference_cell`` (the same other factors at the smallest images per batch) and its
+    ``reference_loss``, their ``ratio`` and ``converged`` (ratio <= ``ratio``). Cells without a
+    counterpart or without losses are left out."""
+    recs = [r for r in records if r["experiment"] == experiment and is_number(r["factors"].get("images_per_batch"))]
+    if not recs:
+        return {}
+    smallest = min(r["factors"]["images_per_batch"] for r in recs)
+    losses: Dict[str, List[float]] = {}
+    factors: Dict[str, Dict[str, Any]] = {}
+    for r in recs:
+        factors[r["cell"]] = r["factors"]
+        loss = _final_loss(r)
+        if loss is not None:
+            losses.setdefault(r["cell"], []).append(loss)
+    mean = {cell: sum(v) / len(v) for cell, v in losses.items()}
+
+    def others(f):
+        return {k: v for k, v in f.items() if k != "images_per_batch"}
+
+    out = {}
+    for cell, f in sorted(factors.items()):
+        if f["images_per_batch"] == smallest or cell not in mean:
+            continue
+        references = [c for c, g in factors.items()
+                      if g["images_per_batch"] == smallest and others(g) == others(f) and c in mean]
+        if len(references) != 1 or mean[references[0]] <= 0:
+            continue
+        reference = references[0]
+        value = mean[cell] / mean[reference]
+        out[cell] = {"loss": mean[cell], "reference_cell": reference, "reference_loss": mean[reference],
+                     "ratio": value, "converged": value <= ratio}
+    return out
+
+
+# ------------------------------------------------------------------------------------------- claims
+def evaluate_claims(records: Sequence[dict], claims: Sequence[Claim] = CLAIMS,
+                    experiments: Sequence[Any] = ()) -> List[dict]:
+    """One row per (claim, matching cell): ``status`` "measured" (with the paired difference and
+    its ``verdict``; "inconclusive" with a ``note`` when the cell failed the convergence check),
+    "not run" (no record of a cell, or no cell matches) or "not available" (the cell's records do
+    not have both strategies; kept only when no cell of the claim is measured or waiting to run)."""
+    out = []
+    for claim in claims:
+        recs = [r for r in records if r["experiment"] == claim.experiment]
+        checked = convergence(recs, claim.experiment)
+        measured, waiting, unavailable = [], [], []
+        for cell, factors, _ in cell_rows(recs, claim.experiment, experiments):
+            if not claim.matches(factors):
+                continue
+            base = {"claim": claim, "cell": cell, "factors": factors}
+            cell_recs = [r for r in recs if r["cell"] == cell]
+            if not cell_recs:
+                waiting.append(dict(base, status=NOT_RUN))
+                continue
+            diff = paired_difference(recs, claim.experiment, cell, claim.strategy_a, claim.strategy_b, claim.metric)
+            if diff["n"] == 0:
+                unavailable.append(dict(base, status="not available", reason=_why_unavailable(cell_recs, claim)))
+                continue
+            row = dict(base, status="measured", difference=diff,
+                       verdict=verdict(diff["mean"], diff["std"], diff["n"], claim.expected_sign))
+            check = checked.get(cell)
+            if check and not check["converged"]:
+                row.update(verdict=INCONCLUSIVE, note=_unconverged(check))
+            measured.append(row)
+        chosen = (measured + waiting) or unavailable
+        out += chosen or [{"claim": claim, "cell": None, "factors": None, "status": NOT_RUN}]
+    return out
+
+
+def _unconverged(check: Mapping[str, Any]) -> str:
+    return (f"unconverged: final loss {check['loss']:.3f} is {check['ratio']:.3f}× that of {check['reference_cell']} "
+            f"({check['reference_loss']:.3f}; at most {CONVERGENCE_RATIO}× allowed)")
+
+
+def _why_unavailable(cell_recs: List[dict], claim: Claim) -> str:
+    for strategy in (claim.strategy_a, claim.strategy_b):
+        entries = [strategy_entry(r, strategy) for r in cell_recs]
+        if all(e is None for e in entries):
+            return f"{strategy} not evaluated"
+        reasons = sorted({str(e.get("reason") or "no reason given") for e in entries
+                          if e is not None and not e.get("available")})
+        if reasons:
+            return f"{strategy}: {'; '.join(reasons)}"
+    return f"no {'/'.join(claim.metric)} for both strategies on one seed"
