@@ -16,7 +16,9 @@ A config value's path, e.g. ``bnstats.GHOST_BN.VIRTUAL_BATCH_SIZE = 16`` with
    transforms with the yacs view (:mod:`.model`); :func:`build_lazy_model` does 2-5.
 
 Training loops add the plug-in's hooks with :func:`build_hooks` and evaluate with :func:`evaluate`
-(:mod:`.loop`).
+(:mod:`.loop`). :mod:`.train` is such a loop, detectron2's ``tools/lazyconfig_train_net.py`` with
+the plug-in's calls, behind ``tools/lazyconfig_train_net.py`` (not imported here: import
+``d2_bnstats.d2.lazy.train``).
 """
 from .loop import after_loading_weights, build_hooks, evaluate, prepare_for_evaluation, test_loader, train_loader_factory
 from .model import build_lazy_model, check_config, configure_lazy_norms, prepare_model
