@@ -145,3 +145,17 @@ def test_training_metrics_of_a_cut_metrics_file(tmp_path):
     assert metrics["iterations"] == 30
     assert metrics["final_losses"]["total_loss"] == statistics.median(float(10 - i) for i in range(10, 30))
     assert metrics["s_per_iter"] == statistics.median(0.5 + i % 2 for i in range(30))
+
+
+def test_requirements_are_made_for_the_cells_that_name_them(tmp_path):
+    from bnstats_lab.experiments.runner import make_requirements
+
+    a, b, c = (str(tmp_path / n) for n in ("a.pkl", "b.pkl", "c.pkl"))
+    uses_a = Cell("uses-a", "c.yaml", ("MODEL.WEIGHTS", a))
+    uses_c = Cell("uses-c", "c.yaml", ("MODEL.WEIGHTS", c))
+    experiment = Experiment("e", "", (uses_a, uses_c, Cell("plain", "c.yaml")),
+                            requires=((a, ("touch", a)), (b, ("touch", b)), (c, ("false",))))
+    make_requirements(experiment, [uses_a], log=lambda m: None)
+    assert os.path.exists(a) and not os.path.exists(b)  # b is named by no cell to run
+    with pytest.raises(RuntimeError, match=f"the command that makes {c} failed"):
+        make_requirements(experiment, [uses_c], log=lambda m: None)

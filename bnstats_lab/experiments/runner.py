@@ -33,10 +33,12 @@ def _format_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
-def make_requirements(experiment: Experiment, log: Callable[[str], None] = print) -> None:
-    """Make every missing file the experiment needs (``Experiment.requires``), in order."""
+def make_requirements(experiment: Experiment, cells=None, log: Callable[[str], None] = print) -> None:
+    """Make the missing files of ``Experiment.requires`` that ``cells`` (default: all) name in their
+    overrides, in the declared order."""
+    cells = experiment.cells if cells is None else cells
     for path, command in experiment.requires:
-        if os.path.exists(path):
+        if os.path.exists(path) or not any(path in cell.overrides for cell in cells):
             continue
         log(f"{experiment.name}: making {path}: {' '.join(command)}")
         completed = subprocess.run(list(command))
@@ -74,7 +76,7 @@ def run_experiment(
             log(f"  would run {cell.name} seed {seed}")
         return summary
     if todo:
-        make_requirements(experiment, log)
+        make_requirements(experiment, [cell for cell, _ in todo], log)
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
