@@ -153,3 +153,19 @@ def test_a_negative_number_of_images_is_an_argument_error_naming_the_flag(flag, 
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert flag in err and ">= 0" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "no/such.yaml"], "train_net: config file no/such.yaml does not exist"),
+    (["--config", "configs/cpu/frcnn_r18_bn_2img.yaml", "SOLVER.NOPE", "3"], "train_net: Non-existent key: SOLVER.NOPE"),
+    (["--config", "configs/cpu/frcnn_r18_bn_2img.yaml", "BNSTATS.EVALNORM.MODE", "bogus"],
+     "train_net: BNSTATS.EVALNORM.MODE = 'bogus' is not an EvalNorm mode"),
+])
+def test_train_net_bad_config_is_one_line_before_launch(argv, message, monkeypatch):
+    from d2_bnstats.d2 import train
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(train, "launch", lambda *a, **k: pytest.fail("launched despite a bad config"))
+    with pytest.raises(SystemExit) as info:
+        train.run(train.argument_parser().parse_args(argv))
+    assert str(info.value).startswith(message)

@@ -17,7 +17,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .config import check_batch_config, check_norm_keys, resolve_device
-from .datasets import add_register_coco_argument, check_datasets, register_coco_from_args
+from .datasets import DatasetError, add_register_coco_argument, check_datasets, register_coco_from_args
 from .launch import launch
 from .plugin import add_bnstats_config, check_bnstats_config
 from .population import prepare_for_evaluation
@@ -95,8 +95,21 @@ def main(args):
     return trainer.train()
 
 
+def check_arguments(args) -> None:
+    """Load and check the config (and ``--register-coco``) in the launching process, so that a wrong
+    file, override or value ends in one line naming it, before any process starts, not in a
+    traceback from a worker. Raises ``SystemExit`` with that line."""
+    try:
+        register_coco_from_args(getattr(args, "register_coco", ()))
+        load_config(args.config_file, args.opts, world_size=args.num_gpus * args.num_machines)
+    except (OSError, ValueError, KeyError, AssertionError, DatasetError) as e:  # yacs asserts unknown keys
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise SystemExit(f"train_net: {message}") from None
+
+
 def run(args):
-    """Launch ``main`` in ``args.num_gpus`` processes (gloo on CPU)."""
+    """Check the arguments, then launch ``main`` in ``args.num_gpus`` processes (gloo on CPU)."""
+    check_arguments(args)
     return launch(
         main,
         args.num_gpus,
