@@ -92,11 +92,13 @@ step cuda_tests 210 "${PYTEST[@]}"
 if [[ $DRY -eq 1 ]]; then
     DEVICE=cpu
     LAYER_ARGS=(--quick --norms BN EvalNorm MABN GhostBN)
-    # R-50 at 64 px, a few proposals and RoIs, one round: every step of the GPU run, in seconds
+    # R-50 at 64 px, a few proposals and RoIs (the 4conv box head over the RoIs is most of an
+    # iteration's work), two rounds of one iteration, one memory worker, one thread (on a busy
+    # machine more threads spin): every step of the GPU run, in seconds
     E2E_ARGS=(--repeats 2 --iters 1 --warmup 1 --num-batches 1 --memory-iters 1 --inference-images 1
-              --memory-norms BN GN --threads 2
+              --memory-norms BN --threads 1
               INPUT.MIN_SIZE_TRAIN "(64,)" INPUT.MAX_SIZE_TRAIN 96 INPUT.MIN_SIZE_TEST 64 INPUT.MAX_SIZE_TEST 96
-              MODEL.RPN.POST_NMS_TOPK_TRAIN 64 MODEL.RPN.POST_NMS_TOPK_TEST 32 MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE 32
+              MODEL.RPN.POST_NMS_TOPK_TRAIN 32 MODEL.RPN.POST_NMS_TOPK_TEST 16 MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE 8
               TEST.DETECTIONS_PER_IMAGE 8)
 else
     DEVICE=cuda

@@ -124,7 +124,8 @@ def test_gpu_check_script_cpu_dry_run(tmp_path):
     """scripts/gpu_check.sh --cpu-dry-run with this environment's packages: every step runs, the cuda
     tests are all skipped (none passed), the report and its files are written."""
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="2")
+    # one thread: the suite runs in one process on 2 shared cores (more threads spin there)
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
     env.pop("OUT", None)
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", str(out), "--cpu-dry-run", "--no-install"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=1200)
