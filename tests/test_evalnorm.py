@@ -3,6 +3,8 @@ the paper's formulas (eqs. 3-9) re-implemented plainly in float64 here, exact ba
 and a single-process BN on the union of the processes' batches for the synchronised variant."""
 import copy
 import gc
+import inspect
+import io
 import weakref
 
 import pytest
@@ -15,6 +17,7 @@ from d2_bnstats.layers.evalnorm import MODES, EvalNorm2d, evalnorm_state, set_ev
 from d2_bnstats.layers.evalnorm_aux import attach_aux_loss_hook
 from d2_bnstats.layers.evalnorm_math import l1_of_affine
 from d2_bnstats.layers.evalnorm_projection import attach_projection_hook
+from d2_bnstats.layers import moments
 from d2_bnstats.layers.moments import per_sample_moments
 
 from .distributed import run_distributed
@@ -53,8 +56,10 @@ def trained_layer(channels=6, seed=0, **kwargs):
     g = torch.Generator().manual_seed(seed)
     layer = EvalNorm2d(channels, **kwargs)
     with torch.no_grad():
-        layer.weight.copy_(torch.rand(channels, generator=g) + 0.5)
-        layer.bias.copy_(torch.randn(channels, generator=g))
+        weight, bias = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g)
+        if layer.affine:
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)
         layer.running_mean.copy_(torch.randn(channels, generator=g))
         layer.running_var.copy_(torch.rand(channels, generator=g) + 0.5)
     return layer
@@ -140,6 +145,45 @@ def test_fixed_mode_equals_the_formula(alpha, beta, requires_grad):
     ref = ref_eval(x.detach(), layer.running_mean, layer.running_var, layer.weight, layer.bias, layer.eps, alpha, beta)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
     assert float(layer.alpha) == pytest.approx(alpha) and float(layer.beta) == pytest.approx(beta)
+
+
+INFERENCE_WAYS = {  # the ways inference without gradient computes, by input (moments.uses_fused_statistics)
+    "fused statistics": dict(shape=(3, 6, 5, 4)),
+    "in the shifted copy": dict(shape=(2, 6, 64, 48)),  # more than FUSED_STATISTICS_MAX_NUMEL values
+    "in the shifted copy, float64": dict(shape=(2, 6, 64, 48), dtype=torch.float64),
+    "channels_last": dict(shape=(2, 6, 64, 48), channels_last=True),
+    "half": dict(shape=(2, 6, 64, 48), dtype=torch.float16),
+}
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no affine"])
+@pytest.mark.parametrize("way", INFERENCE_WAYS)
+def test_every_way_of_inference_equals_the_formula(way, affine):
+    """Each mode through each path of inference without gradient against eqs. 5-8 in float64, the
+    population far from the samples (mean/std ~ 10) so that a shift error would show."""
+    spec = INFERENCE_WAYS[way]
+    dtype = spec.get("dtype", torch.float32)
+    x = (sample(spec["shape"], offset=3.0) + 10.0).to(dtype)
+    if spec.get("channels_last"):
+        x = x.to(memory_format=torch.channels_last)
+    layer = trained_layer(6, affine=affine)
+    with torch.no_grad():
+        layer.norm_batch_size.fill_(2.0)
+        layer.alpha_hat.fill_(0.35)
+        layer.beta_hat.fill_(0.6)
+    if dtype == torch.float64:
+        layer.double()
+    layer.eval()
+    weight = layer.weight.detach() if affine else torch.ones(6)
+    bias = layer.bias.detach() if affine else torch.zeros(6)
+    tol = 2e-3 if dtype == torch.float16 else 1e-5
+    for mode, kw in [("learned", {}), ("rule", {}), ("exact", {}), ("fixed", {"alpha": 0.8, "beta": 0.3}), ("ema", {})]:
+        layer.set_mode(mode, **kw)
+        with torch.no_grad():
+            y = layer(x)
+        assert y.dtype == dtype and y.shape == x.shape
+        ref = ref_eval(x, layer.running_mean, layer.running_var, weight, bias, layer.eps, float(layer.alpha), float(layer.beta))
+        torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol, msg=lambda m: f"{mode}: {m}")
 
 
 def test_eval_gradient_flows_through_the_sample_statistics():
@@ -497,6 +541,59 @@ def test_per_sample_moments_are_accurate():
     torch.testing.assert_close(var.double(), xd.var((2, 3), unbiased=False), rtol=2e-2, atol=2e-2)
 
 
+def test_during_onnx_export_the_moments_take_no_op_that_onnx_lacks(monkeypatch):
+    """torch's fused BN statistics kernel has no ONNX operator: during an export a small CPU input takes
+    the shifted sums, as accurate (against float64), and inference of any input the plain path (no
+    output written in place)."""
+    x = sample((2, 4, 5, 5), offset=4.0) * 3
+    assert x.numel() <= moments.FUSED_STATISTICS_MAX_NUMEL
+    layer = trained_layer(4).eval().set_mode("fixed", alpha=0.5, beta=0.5)
+    large = sample((1, 4, 160, 120), offset=4.0)  # above it: the output written into the shifted copy
+    with torch.no_grad():
+        expected, expected_large = layer(x), layer(large)
+    # what torch.onnx.export sets while it traces the model
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("batch_norm_update_stats called while exporting to ONNX")
+
+    monkeypatch.setattr(torch, "batch_norm_update_stats", refused)
+    monkeypatch.setattr(EvalNorm2d, "_eval_in_shifted_copy", refused)
+    assert not moments.uses_fused_statistics(x)
+    mean, var = per_sample_moments(x)
+    xd = x.double()
+    torch.testing.assert_close(mean.double(), xd.mean((2, 3)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), xd.var((2, 3), unbiased=False), rtol=1e-5, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(large), expected_large, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 6, 5), (1, 4, 160, 120)], ids=["fused-size input", "large input"])
+def test_evalnorm_exports_to_onnx_with_torch_operators_only(tmp_path, shape):
+    """An EvalNorm layer (mode fixed) exports with torch's own ONNX translations, no custom symbolic
+    registered (torch refuses aten::batch_norm_update_stats, which small CPU inputs use outside an
+    export); where onnxruntime is installed, the file computes what the layer does."""
+    onnx = pytest.importorskip("onnx", reason="ONNX export needs the 'onnx' package")
+    layer = trained_layer(4).eval().set_mode("fixed", alpha=0.5, beta=0.25)
+    x = sample(shape, offset=4.0)
+    path = str(tmp_path / "evalnorm.onnx")
+    kwargs = {"opset_version": 17}
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        kwargs["dynamo"] = False
+    with torch.no_grad():
+        torch.onnx.export(layer, (x,), path, **kwargs)
+        expected = layer(x)
+    model = onnx.load(path)
+    onnx.checker.check_model(model)
+    assert all(node.domain in ("", "ai.onnx") for node in model.graph.node)
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 def test_state_dict_round_trip_and_bn_checkpoints_in_both_directions():
     from detectron2.layers import FrozenBatchNorm2d
@@ -509,7 +606,8 @@ def test_state_dict_round_trip_and_bn_checkpoints_in_both_directions():
         layer.beta_hat.fill_(0.2)
     sd = layer.state_dict()
     assert set(sd) == {
-        "weight", "bias", "running_mean", "running_var", "num_batches_tracked", "alpha_hat", "beta_hat", "norm_batch_size"
+        "weight", "bias", "running_mean", "running_var", "num_batches_tracked", "alpha_hat", "beta_hat", "norm_batch_size",
+        "_extra_state",
     }
     fresh = EvalNorm2d(4, mode="rule")
     fresh.load_state_dict(sd)  # strict
@@ -522,7 +620,8 @@ def test_state_dict_round_trip_and_bn_checkpoints_in_both_directions():
     # EvalNorm -> BN / FrozenBN: the BN state loads, EvalNorm's own keys are unexpected
     bn = nn.BatchNorm2d(4)
     result = bn.load_state_dict(sd, strict=False)
-    assert sorted(result.unexpected_keys) == ["alpha_hat", "beta_hat", "norm_batch_size"] and not result.missing_keys
+    assert sorted(result.unexpected_keys) == ["_extra_state", "alpha_hat", "beta_hat", "norm_batch_size"]
+    assert not result.missing_keys
     assert torch.equal(bn.running_var, layer.running_var) and torch.equal(bn.weight, layer.weight)
     frozen = FrozenBatchNorm2d(4)
     result = frozen.load_state_dict(sd, strict=False)
@@ -602,6 +701,78 @@ def test_checkpoint_version_tells_the_own_format_from_other_files():
     result = fresh.load_state_dict(dict(sd), strict=False)  # no version (metadata dropped): completed
     assert not result.missing_keys and not result.unexpected_keys
     assert fresh.recorded_batch_size is None and torch.equal(fresh.running_var, layer.running_var)
+
+
+def _aux_losses(layer, batches):
+    out = []
+    for x in batches:
+        layer(x)
+        out.append(layer.aux_loss.detach().clone())
+    return out
+
+
+def _serialized(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_the_aux_subset_step_is_part_of_the_checkpoint():
+    """A layer restored from a checkpoint after k steps computes L_aux on the same values as the layer
+    that went on: the subset offset (k mod 4 here) is saved and loaded with the state."""
+    budget, cycle, steps = 16, 4, 3  # 8 rows of maps 4 wide, 2 samples: every 4th row (16 values)
+    batches = [sample((2, 3, 8, 4), seed=s) for s in range(steps + cycle)]
+    layer = trained_layer(3, aux_samples=budget)
+    _aux_losses(layer, batches[:steps])
+    state = _serialized(layer.state_dict())
+    assert state._metadata[""]["version"] == EvalNorm2d._version == 5
+    assert state["_extra_state"].dtype == torch.int64 and state["_extra_state"].device.type == "cpu"
+    resumed = trained_layer(3, seed=5, aux_samples=budget)
+    assert not resumed.load_state_dict(state).missing_keys  # strict
+    expected = _aux_losses(layer, batches[steps:])
+    assert all(torch.equal(a, b) for a, b in zip(_aux_losses(resumed, batches[steps:]), expected))
+    # the same state with the step reset (a layer restarted from 0): other values, other losses
+    restarted = trained_layer(3, aux_samples=budget)
+    restarted.load_state_dict({**state, "_extra_state": torch.tensor(0)})
+    losses = _aux_losses(restarted, batches[steps:])
+    assert not all(torch.equal(a, b) for a, b in zip(losses, expected))
+
+
+def test_a_version_4_state_dict_loads_with_the_step_at_zero():
+    """Version-4 files (before the step was saved) load strictly, the L_aux subsets starting again from
+    the first offset; files of older versions too, as before."""
+    budget = 16
+    x = sample((2, 3, 8, 4))
+    layer = trained_layer(3, aux_samples=budget)
+    for _ in range(3):
+        layer(x)
+    sd = layer.state_dict()
+    del sd["_extra_state"]
+    sd._metadata[""]["version"] = 4
+    target = trained_layer(3, aux_samples=budget)
+    target.set_extra_state(torch.tensor(2))
+    result = target.load_state_dict(sd)  # strict: no missing key
+    assert not result.missing_keys and not result.unexpected_keys
+    fresh = trained_layer(3, aux_samples=budget)
+    seen = torch.zeros(2, 3, 8, 4)
+    view, _ = target._aux_subset(seen)
+    view += 1
+    reference, _ = fresh._aux_subset(torch.zeros(2, 3, 8, 4))
+    assert torch.equal(seen[:, :, 0::4], torch.ones(2, 3, 2, 4)) and seen.sum() == reference.numel()
+    assert torch.equal(target.get_extra_state(), torch.tensor(0))
+    for k, v in sd.items():
+        assert torch.equal(target.state_dict()[k], v), k
+    # a version-4 file with a missing key still reports it (own format), the step is not reported
+    del sd["norm_batch_size"]
+    result = trained_layer(3).load_state_dict(sd, strict=False)
+    assert result.missing_keys == ["norm_batch_size"]
+    # a BN file (version 2): completed as before, step 0
+    bn_sd = nn.BatchNorm2d(3).state_dict()
+    target.set_extra_state(torch.tensor(5))
+    result = target.load_state_dict(bn_sd, strict=False)
+    assert sorted(result.missing_keys) == ["alpha_hat", "beta_hat"]
+    assert torch.equal(target.get_extra_state(), torch.tensor(0))
 
 
 # ------------------------------------------------------------------------------------ synchronised

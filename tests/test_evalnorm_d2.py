@@ -174,7 +174,8 @@ def test_bn_and_frozenbn_checkpoints_load_into_evalnorm_and_back(tmp_path):
     bn_model = build(BN_CPU, small_opts(tmp_path))
     inc = _incompatible(bn_model, path)
     assert not inc.missing_keys
-    assert set(inc.unexpected_keys) == en_keys | {f"{n}.norm_batch_size" for n, _ in evalnorm_layers(en_model)}
+    own = ("norm_batch_size", "_extra_state")
+    assert set(inc.unexpected_keys) == en_keys | {f"{n}.{k}" for n, _ in evalnorm_layers(en_model) for k in own}
 
 
 # ------------------------------------------------------------------------------------ training
@@ -277,7 +278,7 @@ def test_estimate_evalnorm_tool_changes_nothing_but_alpha_beta(datasets_root, tm
         assert torch.equal(saved[key], value), key
     extra = set(saved) - set(original)
     assert extra == {f"{k.rsplit('.', 1)[0]}.{p}" for k in original if k.endswith("running_mean")
-                     for p in ("alpha_hat", "beta_hat", "norm_batch_size")}
+                     for p in ("alpha_hat", "beta_hat", "norm_batch_size", "_extra_state")}
     alphas = [v.item() for k, v in saved.items() if k.endswith(("alpha_hat", "beta_hat"))]
     assert all(0 <= a <= 1 for a in alphas) and sum(a > 0 for a in alphas) > len(alphas) // 2
     assert all(v.item() == 2 for k, v in saved.items() if k.endswith("norm_batch_size"))

@@ -17,6 +17,7 @@ from d2_bnstats.d2.statistics_health import NEW_KEY, TOTAL_KEY, StatisticsHealth
 from d2_bnstats.layers.evalnorm import EvalNorm2d
 from d2_bnstats.layers.ghost_bn import GhostBatchNorm2d, even_split_sizes, ghost_split_sizes
 from d2_bnstats.layers.mabn import MABN2d, end_step
+from d2_bnstats.layers.moments import add_skip_counter, guarded_batch_norm, update_running_stats
 from d2_bnstats.layers.population import precise_bn
 from d2_bnstats.layers.roi_shuffle import RoIShuffleBatchNorm2d
 from d2_bnstats.layers.sync_bn import SyncBatchNorm2d
@@ -141,6 +142,71 @@ def test_bn_like_layers_stay_bn_bit_for_bit(name):
         assert_same(statistics(layer), statistics(bn_finite))
 
 
+@pytest.mark.parametrize("host_decision", [True, False], ids=["decided on the host", "decided by torch.where"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum 0.1", "cumulative average"])
+def test_both_ways_of_deciding_give_bn_outputs_and_skip_nonfinite_updates(host_decision, momentum):
+    """The host decision (the default for CPU statistics) and the tensor decision (every other device),
+    both run here on CPU: BN's output and gradients bit for bit on every batch, the statistics of a
+    BatchNorm2d fed only the finite batches, one count per skipped batch; through guarded_batch_norm
+    and through update_running_stats."""
+    bn, bn_finite, plain = (nn.BatchNorm2d(C, momentum=momentum) for _ in range(3))
+    add_skip_counter(bn)
+    grad = batch(9)
+    for x in [batch(0), bad_batch(1), batch(2), bad_batch(3, "-inf"), batch(4)]:
+        results = []
+        for guarded in (True, False):
+            m = bn if guarded else plain
+            m.weight.grad = None
+            leaf = x.clone().requires_grad_(True)
+            out = guarded_batch_norm(m, leaf, host_decision=host_decision) if guarded else F.batch_norm(
+                leaf, None, None, m.weight, m.bias, True, 0.0, m.eps
+            )
+            (out * grad).sum().backward()
+            results.append((out.detach(), leaf.grad, m.weight.grad))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        if torch.isfinite(x).all():
+            bn_finite(x)
+        assert_same(statistics(bn), statistics(bn_finite))
+    assert int(bn.nonfinite_skips) == 2
+    # update_running_stats (the layers that reduce their own statistics) with the same decision
+    direct = nn.BatchNorm2d(C, momentum=momentum)
+    add_skip_counter(direct)
+    reference = nn.BatchNorm2d(C, momentum=momentum)
+    for x in [batch(0), bad_batch(1), batch(2)]:
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=1)
+        update_running_stats(direct, torch.tensor(float(x.numel() // C)), mean, var, host_decision=host_decision)
+        if torch.isfinite(x).all():
+            update_running_stats(reference, torch.tensor(float(x.numel() // C)), mean, var)
+    update_running_stats(direct, torch.tensor(0.0), torch.zeros(C), torch.zeros(C), host_decision=host_decision)
+    assert_same(statistics(direct), statistics(reference))
+    assert int(direct.nonfinite_skips) == 1 and int(direct.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_finite_statistics_whose_products_overflow_are_updated(name):
+    """Running statistics near 1e20: finite, but their dot product (the cheap first test on CPU)
+    overflows; the update is kept and counted, as BatchNorm2d keeps it, and nothing is skipped."""
+    layer = build(name)
+    with torch.no_grad():
+        layer.running_mean.fill_(1e20)
+        layer.running_var.fill_(3e20)
+    assert not torch.isfinite(torch.dot(layer.running_mean, layer.running_var))
+    before = statistics(layer)
+    torch.manual_seed(0)
+    layer(batch(0))
+    assert int(layer.nonfinite_skips) == 0 and int(layer.num_batches_tracked) == 1
+    assert torch.isfinite(layer.running_mean).all() and torch.isfinite(layer.running_var).all()
+    assert not torch.equal(layer.running_var, before[1])
+    if name in BN_LIKE:
+        bn = nn.BatchNorm2d(C)
+        with torch.no_grad():
+            bn.running_mean.fill_(1e20)
+            bn.running_var.fill_(3e20)
+        bn(batch(0))
+        assert_same(statistics(layer), statistics(bn))
+
+
 def test_mabn_counts_a_nonfinite_step_and_keeps_R():
     """MABN's own guard (per channel: the poisoned channel keeps its R and ring-buffer entry) counts
     the step like the other layers."""
@@ -170,7 +236,7 @@ def test_the_counter_changes_no_checkpoint_key_and_no_buffer(name):
     assert "nonfinite_skips" not in dict(layer.named_buffers())
     expected = set(nn.BatchNorm2d(C).state_dict())
     if isinstance(layer, EvalNorm2d):
-        expected |= {"alpha_hat", "beta_hat", "norm_batch_size"}
+        expected |= {"alpha_hat", "beta_hat", "norm_batch_size", "_extra_state"}
     if name != "MABN":
         assert set(layer.state_dict()) == expected
 

@@ -62,7 +62,10 @@ Conventions (documented choices)
   the plain and the synchronised path; the output is BN's all the same
   (:func:`~d2_bnstats.layers.moments.guarded_batch_norm`, ``commit_running_stats``).
 - sigma2_i, mu_i are computed in one pass shifted by a value of each map
-  (:func:`~d2_bnstats.layers.moments.per_sample_moments`), accurate at any mean/std ratio.
+  (:func:`~d2_bnstats.layers.moments.per_sample_moments`), accurate at any mean/std ratio. Inference
+  without gradient on a contiguous float32/float64 input above the fused-statistics size writes
+  its output into that shifted copy of the input (one tensor of the input's size, not two); during
+  an ONNX export it takes the plain path (no fused statistics kernel, no in-place output).
 - alpha_hat, beta_hat are 0-dim parameters kept in [0, 1] by projection: after every optimiser
   step they are clamped back into [0, 1] by a hook that
   :func:`~d2_bnstats.layers.evalnorm_projection.attach_projection_hook` attaches to a model (the
@@ -79,17 +82,21 @@ Conventions (documented choices)
   every parameter, alpha_hat and beta_hat included) and leaves every buffer untouched
   (nn.BatchNorm2d would increment ``num_batches_tracked``); likewise an empty global batch of the
   synchronised variant.
-- Checkpoints: the layer's own format is checkpoint version 4 (``_version``; torch's BatchNorm
-  writes 2, detectron2's FrozenBatchNorm2d 3). A layer's entries of an older version or without a
-  version (BN, FrozenBN, Caffe2, EvalNorm files written before versioning, state dicts rebuilt
-  without torch's metadata) are completed: the recorded B as "unknown", ``num_batches_tracked`` as
-  0, missing running statistics as the identity (as FrozenBatchNorm2d does); alpha_hat, beta_hat
-  stay missing (a loader reports them: they are not estimated yet).
+- Checkpoints: the layer's own format is checkpoint version 5 (``_version``; torch's BatchNorm
+  writes 2, detectron2's FrozenBatchNorm2d 3, this layer 4 before its state held the L_aux step).
+  The step that chooses the L_aux subset is the layer's extra state (``<prefix>_extra_state``, a
+  0-dim int64 tensor, since detectron2's checkpointer loads tensors only), so a run resumed from a
+  checkpoint takes the same subsets as an uninterrupted one. Entries of version 4 lack it: the step
+  starts at 0. A layer's entries of an older version or without a version (BN, FrozenBN, Caffe2,
+  EvalNorm files written before versioning, state dicts rebuilt without torch's metadata) are
+  completed: the step as 0, the recorded B as "unknown", ``num_batches_tracked`` as 0, missing
+  running statistics as the identity (as FrozenBatchNorm2d does); alpha_hat, beta_hat stay missing
+  (a loader reports them: they are not estimated yet).
 - Half/bfloat16 inputs: statistics and coefficients are computed in float32, the output has the
   input's dtype.
 
 Model-level helpers here: :func:`evalnorm_layers`, :func:`set_evalnorm_mode`,
-:func:`evalnorm_state`. Length (~490 lines): this docstring (the maths and the documented
+:func:`evalnorm_state`. Length (~530 lines): this docstring (the maths and the documented
 conventions) is a fifth of it, the rest is the one layer class with its checkpoint handling and
 its training and evaluation forwards; the formulas, the loss-dict hook and the [0, 1] projection
 are modules of their own (evalnorm_math, evalnorm_aux, evalnorm_projection).
@@ -109,9 +116,12 @@ from .moments import (
     add_skip_counter,
     batch_moments_from_samples,
     empty_output,
+    exporting_to_onnx,
+    fits_fused_statistics,
     global_moments,
     guarded_batch_norm,
     per_sample_moments,
+    shifted_sample_moments,
     unbiased_variance,
     update_running_stats,
     world_size,
@@ -119,6 +129,8 @@ from .moments import (
 
 MODES = ("learned", "rule", "exact", "fixed", "ema")
 DEFAULT_AUX_SAMPLES = 256
+# the state-dict key torch gives a module's get_extra_state(), after the module's prefix
+EXTRA_STATE_KEY = "_extra_state"
 
 
 def _clamp01(v: float, what: str) -> float:
@@ -271,14 +283,23 @@ class EvalNorm2d(nn.BatchNorm2d):
         return s
 
     # ---------------------------------------------------------------------------- checkpoints
-    # torch's BatchNorm writes version 2 and detectron2's FrozenBatchNorm2d 3, so 4 marks this layer's own
-    # format (see the module docstring).
-    _version = 4
+    # torch's BatchNorm writes version 2 and detectron2's FrozenBatchNorm2d 3, so 4 and above mark this
+    # layer's own format; 5 added the L_aux step (see the module docstring).
+    _version = 5
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The step that chooses the L_aux subset, as a CPU int64 tensor (checkpointers take tensors)."""
+        return torch.tensor(self._aux_step, dtype=torch.int64)
+
+    def set_extra_state(self, state) -> None:
+        self._aux_step = int(state)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         version = local_metadata.get("version", None)
         own_format = version is not None and version >= 4
         present = prefix + "weight" in state_dict or prefix + "running_mean" in state_dict
+        if present and (version is None or version < 5):  # written before the layer kept its L_aux step
+            state_dict.setdefault(prefix + EXTRA_STATE_KEY, torch.zeros((), dtype=torch.int64))
         if not own_format and present:  # a file of another (BN-type) layer, or of EvalNorm before versioning
             defaults = {
                 "norm_batch_size": torch.zeros_like(self.norm_batch_size),
@@ -413,6 +434,8 @@ class EvalNorm2d(nn.BatchNorm2d):
         cdt = torch.promote_types(x.dtype, torch.float32)
         mean_e, var_e = self.running_mean.to(cdt), self.running_var.to(cdt)
         if not needs_grad:
+            if x.dtype == cdt and not fits_fused_statistics(x) and x.is_contiguous() and not exporting_to_onnx():
+                return self._eval_in_shifted_copy(x, mean_e, var_e, alpha, beta)
             mean_i, var_i = per_sample_moments(x)
             mu_hat, var_hat = evalnorm_moments(mean_i, var_i, mean_e, var_e, alpha, beta)
             if x.is_contiguous():
@@ -437,6 +460,27 @@ class EvalNorm2d(nn.BatchNorm2d):
         if tie:
             shift = shift + (self.alpha_hat + self.beta_hat).to(cdt) * 0.0
         return torch.addcmul(shift.to(x.dtype)[:, :, None, None], x, scale.to(x.dtype)[:, :, None, None])
+
+    def _eval_in_shifted_copy(
+        self, x: torch.Tensor, mean_e: torch.Tensor, var_e: torch.Tensor, alpha: Number, beta: Number
+    ) -> torch.Tensor:
+        """The inference output without gradient for a contiguous float32/float64 ``x``, written into the
+        shifted copy d = x − s the per-sample statistics are reduced from
+        (:func:`~d2_bnstats.layers.moments.shifted_sample_moments`): y = d·a + b per sample and channel,
+        a = γ / sqrt(sigma2_hat + eps), b = β − (mu_hat − s)·a, by two passes in place. One tensor of
+        x's size is created (the output) instead of two, and the mean enters only as mu_hat − s, of
+        the order of the map's standard deviation (eqs. 7-8 are shift-invariant in the means)."""
+        n, c, h, w = x.shape
+        shift, out, m, var_i = shifted_sample_moments(x)
+        mu_shifted, var_hat = evalnorm_moments(m, var_i, mean_e - shift, var_e, alpha, beta)
+        scale = torch.rsqrt(var_hat.add_(self.eps))
+        if self.affine:
+            scale.mul_(self.weight.to(x.dtype))
+        offset = mu_shifted.mul_(scale).neg_()
+        if self.affine:
+            offset.add_(self.bias.to(x.dtype))
+        out.mul_(scale.unsqueeze(2)).add_(offset.unsqueeze(2))
+        return out.view(n, c, h, w)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@ Every normalisation layer of the package takes its statistics from here.
 
 **Moments of a set of values** (per channel c): count n, mean μ and *biased* variance σ² (the second
 central moment, what BN normalises with). :func:`local_moments` reduces every dimension but the channel;
-:func:`per_sample_moments` reduces H, W only (one set per sample); :func:`shifted_moments` is a
-one-pass float64 variant for long accumulations (PreciseBN).
+:func:`per_sample_moments` reduces H, W only (one set per sample; :func:`shifted_sample_moments`
+also hands out the shifted copy of the input it reduced); :func:`shifted_moments` is a one-pass
+float64 variant for long accumulations (PreciseBN).
 
 **Merging K sets** (Chan, Golub & LeVeque 1979, the parallel form of the variance update): the
 statistics of the concatenation of sets k = 1..K with n_k values each are
@@ -40,14 +41,16 @@ new value, running ← (1 − m)·running + m·batch, with the batch's mean and 
 ``nn.BatchNorm2d``'s own training forward (the same ``F.batch_norm`` call, so the same output) for
 the layers that are plain BN in some configuration.
 
-**Non-finite batches** (:func:`commit_running_stats`, the one guard behind both): an update is
-computed into new tensors and committed only if every new value is finite; otherwise the running
-statistics and ``num_batches_tracked`` keep their values and the layer's counter
-``nonfinite_skips`` (a 0-dim int64 tensor attribute, not a buffer, so checkpoints and state dicts
-are unchanged) grows by one. With finite running statistics this is exactly "the batch statistics
-were not finite" (one NaN/Inf input poisons the mean and variance of its channel); a layer whose
-running statistics are already non-finite (e.g. loaded so) counts a skip at every update. The
-decision is a tensor (``torch.where``), so there is no host synchronisation; the forward output is
+**Non-finite batches** (:func:`commit_running_stats`, :func:`guarded_batch_norm`): an update is
+kept only if every new value is finite; otherwise the running statistics and
+``num_batches_tracked`` keep their values and the layer's counter ``nonfinite_skips`` (a 0-dim
+int64 tensor attribute, not a buffer, so checkpoints and state dicts are unchanged) grows by one.
+With finite running statistics this is exactly "the batch statistics were not finite" (one NaN/Inf
+input poisons the mean and variance of its channel); a layer whose running statistics are already
+non-finite (e.g. loaded so) counts a skip at every update. There is no host synchronisation: for
+statistics on CPU the decision is read as a Python value (a read of memory, no device to wait for,
+and fewer kernels than a tensor decision: the guard of a small layer costs one copy and one dot
+product), on every other device it stays a tensor (``torch.where``). The forward output is
 unchanged (a non-finite batch still gives a non-finite output and loss).
 
 **Empty input** (:func:`empty_output`): training on zero values (an empty RoI batch) gives an empty
@@ -55,6 +58,7 @@ output still connected to the input and the affine parameters, so every gradient
 
 Without an initialised process group, or with one process, nothing is communicated.
 """
+import math
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -113,37 +117,73 @@ def local_moments(x: torch.Tensor, channel_dim: int = 1) -> Moments:
 FUSED_STATISTICS_MAX_NUMEL = 1 << 15
 
 
+def exporting_to_onnx() -> bool:
+    """``torch.onnx.is_in_onnx_export()``, asked only while torch records a graph (tracing, as the
+    TorchScript-based exporter does, or compiling or exporting, as the dynamo-based one does): those
+    flags cost about 0.1 µs, the question itself about 3 µs, which a small layer would pay at every call."""
+    compiler = torch.compiler
+    exporting = hasattr(compiler, "is_exporting") and compiler.is_exporting()
+    return (torch.jit.is_tracing() or compiler.is_compiling() or exporting) and torch.onnx.is_in_onnx_export()
+
+
+def fits_fused_statistics(x: torch.Tensor) -> bool:
+    """Whether ``x`` is an input for torch's fused BN statistics kernel: float32/float64 on CPU, at most
+    :data:`FUSED_STATISTICS_MAX_NUMEL` values."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.numel() <= FUSED_STATISTICS_MAX_NUMEL
+
+
+def uses_fused_statistics(x: torch.Tensor) -> bool:
+    """Whether :func:`per_sample_moments` takes torch's fused BN statistics kernel for ``x`` (N, C, H, W):
+    when ``x`` fits it (:func:`fits_fused_statistics`) and not while exporting to ONNX, which has no
+    operator for that kernel (:func:`exporting_to_onnx`)."""
+    return fits_fused_statistics(x) and not exporting_to_onnx()
+
+
+def shifted_sample_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s, d, E[d], biased variance) of a non-empty ``x`` (N, C, H, W) per sample and channel, without
+    gradient: s [N, C] the first value of each map, d = x − s as a new contiguous [N, C, H·W] tensor,
+    E[d] and the variance [N, C], all in float32 (float64 for double input).
+
+    The variance is E[d²] − E[d]², clamped at 0, from the sum and the L2 norm of d (vectorised
+    reductions, 3-5x faster than ``torch.var_mean`` on CPU). The shift is a value of the same map, so
+    |E[d]| is of the order of the map's own standard deviation and nothing cancels however large the
+    mean: the variance stays within ~5e-6 (relative) of float64 at mean/std up to 1e4, where
+    E[x²] − mean² (unshifted sums) loses it entirely. d belongs to the caller, who may overwrite it:
+    EvalNorm's inference writes its output into it (one tensor of x's size instead of two)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    n, c, h, w = x.shape
+    hw = h * w
+    with torch.no_grad():
+        flat = x.reshape(n, c, hw)
+        shift = flat[:, :, 0]
+        if shift.dtype != dtype:
+            shift = shift.to(dtype)
+        d = torch.sub(flat, shift.unsqueeze(2))  # in ``dtype``: a half input is promoted, not copied first
+        m = d.sum(dim=2) / hw
+        sq = torch.linalg.vector_norm(d, ord=2, dim=2)
+        var = (sq * sq / hw - m * m).clamp_(min=0)
+    return shift, d, m, var
+
+
 def per_sample_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean and biased variance of ``x`` (N, C, H, W) over H, W: two [N, C] tensors in float32
     (float64 for double input), without gradient, accurate at any mean/std ratio.
 
-    Shifted sums: with s the first value of each sample and channel and d = x − s, the sum and the
-    L2 norm of d (vectorised reductions, 3-5x faster than ``torch.var_mean`` on CPU) give
-    mean = s + E[d] and variance = E[d²] − E[d]², clamped at 0. The shift is a value of the same map,
-    so |E[d]| is of the order of the map's own standard deviation and nothing cancels however large
-    the mean: the variance stays within ~5e-6 (relative) of float64 at mean/std up to 1e4, where
-    E[x²] − mean² (the unshifted sums) had lost it entirely. Small float inputs on CPU (at most
-    :data:`FUSED_STATISTICS_MAX_NUMEL` values) use torch's BN statistics kernel on the
-    (1, N·C, H, W) view instead, which is exact and one call.
+    Shifted sums (:func:`shifted_sample_moments`): mean = s + E[d], variance = E[d²] − E[d]² with
+    d = x − s, s the first value of each map. Small float inputs on CPU
+    (:func:`uses_fused_statistics`) use torch's BN statistics kernel on the (1, N·C, H, W) view
+    instead, which is exact and one call.
     """
     dtype = torch.promote_types(x.dtype, torch.float32)
     n, c, h, w = x.shape
-    hw = h * w
-    if x.numel() == 0 or hw == 0:
+    if x.numel() == 0 or h * w == 0:
         zeros = torch.zeros(n, c, dtype=dtype, device=x.device)
         return zeros, zeros.clone()
-    with torch.no_grad():
-        if x.device.type == "cpu" and x.dtype == dtype and x.numel() <= FUSED_STATISTICS_MAX_NUMEL:
+    if uses_fused_statistics(x):
+        with torch.no_grad():
             mean, var = torch.batch_norm_update_stats(x.reshape(1, n * c, h, w), None, None, 0.0)
-            return mean.view(n, c), var.view(n, c)
-        flat = x.reshape(n, c, hw)
-        if flat.dtype != dtype:
-            flat = flat.to(dtype)
-        shift = flat[:, :, 0]
-        d = flat - shift.unsqueeze(2)
-        m = d.sum(dim=2) / hw
-        sq = torch.linalg.vector_norm(d, ord=2, dim=2)
-        var = (sq * sq / hw - m * m).clamp_(min=0)
+        return mean.view(n, c), var.view(n, c)
+    shift, _, m, var = shifted_sample_moments(x)
     return shift + m, var
 
 
@@ -274,10 +314,10 @@ def add_skip_counter(module: nn.Module) -> None:
     setattr(module, SKIP_COUNTER, torch.zeros((), dtype=torch.int64))
 
 
-def count_skips(module: nn.Module, skipped: torch.Tensor) -> None:
-    """Add the 0-dim bool ``skipped`` to ``module``'s counter (created if missing). A CPU counter
-    combined with a CUDA ``skipped`` gives a CUDA counter, so the counter follows the statistics'
-    device without a host synchronisation."""
+def count_skips(module: nn.Module, skipped: Union[torch.Tensor, int]) -> None:
+    """Add ``skipped`` (a 0-dim bool tensor, or a Python count) to ``module``'s counter (created if
+    missing). A CPU counter combined with a CUDA ``skipped`` gives a CUDA counter, so the counter
+    follows the statistics' device without a host synchronisation."""
     counter = getattr(module, SKIP_COUNTER, None)
     if counter is None:
         counter = torch.zeros((), dtype=torch.int64)
@@ -298,30 +338,64 @@ def all_finite(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ~nonfinite_marker(a, b).isnan()
 
 
-def commit_running_stats(bn: nn.Module, new_mean: torch.Tensor, new_var: torch.Tensor, has_values: Optional[torch.Tensor] = None) -> None:
+def finite_on_host(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Every value of the CPU vectors ``a`` and ``b`` (same length) is finite, as a Python bool. One
+    kernel in the common case: a non-finite value makes the dot product a·b non-finite, so a finite
+    dot product settles it; a non-finite one (a non-finite value, or finite values whose products
+    overflow) is decided exactly by :func:`nonfinite_marker`."""
+    return math.isfinite(torch.dot(a, b).item()) or nonfinite_marker(a, b).item() == 0.0
+
+
+def commit_running_stats(
+    bn: nn.Module,
+    new_mean: torch.Tensor,
+    new_var: torch.Tensor,
+    has_values: Optional[torch.Tensor] = None,
+    host_decision: Optional[bool] = None,
+) -> None:
     """Make ``new_mean``/``new_var`` (the running statistics' dtype) the running statistics of ``bn``
     and count the update in ``num_batches_tracked``, unless a new value is not finite: then nothing
     changes but the skip counter (see the module docstring). ``has_values`` (0-dim bool): False for a
-    batch without values, which is neither applied nor counted as a skip. No host synchronisation;
-    nothing here needs a gradient (the arguments are statistics)."""
-    skipped = nonfinite_marker(new_mean, new_var).isnan()
-    ok = ~skipped
+    batch without values, which is neither applied nor counted as a skip. Nothing here needs a
+    gradient (the arguments are statistics).
+
+    The decision (``host_decision`` None: on the host for CPU statistics only): on CPU read as a Python
+    value (a read of memory, with no device to wait for, and cheaper than the kernels of a tensor
+    decision); on any other device a tensor (``torch.where`` on one finiteness reduction), so there
+    is no host synchronisation."""
+    running_mean, running_var, tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
+    if running_mean.is_cpu if host_decision is None else host_decision:
+        if has_values is not None and not bool(has_values):
+            return
+        if not finite_on_host(new_mean, new_var):
+            count_skips(bn, 1)
+            return
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
+        if tracked is not None:
+            tracked.add_(1)
+        return
+    ok = torch.stack((new_mean, new_var)).isfinite().all()
+    skipped = ~ok
     if has_values is not None:
         ok = ok & has_values
         skipped = skipped & has_values
-    torch.where(ok, new_mean, bn.running_mean, out=bn.running_mean)
-    torch.where(ok, new_var, bn.running_var, out=bn.running_var)
-    if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(ok)
+    torch.where(ok, new_mean, running_mean, out=running_mean)
+    torch.where(ok, new_var, running_var, out=running_var)
+    if tracked is not None:
+        tracked.add_(ok)
     count_skips(bn, skipped)
 
 
-def update_running_stats(bn: nn.Module, count: torch.Tensor, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+def update_running_stats(
+    bn: nn.Module, count: torch.Tensor, mean: torch.Tensor, unbiased_var: torch.Tensor, host_decision: Optional[bool] = None
+) -> None:
     """Update the running statistics of ``bn`` (a BatchNorm) with torch's conventions from a batch of ``count`` values
     (mean ``mean``, unbiased variance ``unbiased_var``); see the module docstring.
 
     Nothing changes when the count is 0, nor (but the skip counter) when the result is not finite;
-    no host synchronisation (the count is used as a tensor).
+    no host synchronisation (the count is used as a tensor; ``host_decision``: as in
+    :func:`commit_running_stats`).
     """
     if not bn.track_running_stats or bn.running_mean is None:
         return
@@ -335,24 +409,59 @@ def update_running_stats(bn: nn.Module, count: torch.Tensor, mean: torch.Tensor,
             factor = valid * bn.momentum
         new_mean = bn.running_mean + factor * (mean.to(bn.running_mean.dtype) - bn.running_mean)
         new_var = bn.running_var + factor * (unbiased_var.to(bn.running_var.dtype) - bn.running_var)
-        commit_running_stats(bn, new_mean, new_var, has_values)
+        commit_running_stats(bn, new_mean, new_var, has_values, host_decision)
 
 
-def guarded_batch_norm(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What ``nn.BatchNorm2d.forward`` returns for ``bn`` in training mode, bit for bit (the same
-    ``F.batch_norm`` call), with its running-statistics update guarded: torch updates copies of the
-    running statistics, committed by :func:`commit_running_stats`. The copies, not the buffers, are
-    what autograd saves, so committing in place does not disturb the backward pass."""
-    if not bn.track_running_stats or bn.running_mean is None:
+def guarded_batch_norm(bn: nn.Module, x: torch.Tensor, host_decision: Optional[bool] = None) -> torch.Tensor:
+    """What ``nn.BatchNorm2d.forward`` returns for ``bn`` in training mode, bit for bit (the op
+    ``F.batch_norm`` calls, with the same arguments), with its running-statistics update guarded.
+
+    On CPU torch updates the running statistics in place, as ``nn.BatchNorm2d`` does, and the result
+    is checked on the host (:func:`finite_on_host`); a non-finite one is undone from a copy taken
+    before the call, written through ``.data`` so that the tensors autograd saved keep their version
+    (BN's training backward reads the batch statistics it saved, never the running ones). On other
+    devices torch updates a copy of both (one ``[2, C]`` tensor; the copy, not the buffers, is what
+    autograd saves), committed with ``torch.where`` on one finiteness reduction: no host
+    synchronisation. Either way a skipped update leaves the running statistics and
+    ``num_batches_tracked`` as they were and counts one skip. ``host_decision`` overrides the choice
+    (None: on the host for CPU statistics only).
+
+    Cost, not semantics: this runs at every layer call, where each tensor created and each Python
+    call counts on small maps, so it calls ``torch.batch_norm`` (the body of ``F.batch_norm``)
+    directly with the one check of ``F.batch_norm`` that applies here, and the CPU guard is one copy
+    and one dot product read on the host."""
+    running_mean, running_var = bn.running_mean, bn.running_var
+    if running_mean is None or not bn.track_running_stats:
         return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    if x.shape[0] * math.prod(x.shape[2:]) == 1:  # F.batch_norm's check: the variance of one value is undefined
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
     tracked = bn.num_batches_tracked
-    if bn.momentum is not None:
-        factor = bn.momentum
-    else:  # torch's cumulative average reads the count on the host too
+    factor = bn.momentum
+    if factor is None:  # torch's cumulative average reads the count on the host too
         factor = 1.0 / (float(tracked) + 1.0) if tracked is not None else 0.0
-    new_mean, new_var = bn.running_mean.clone(), bn.running_var.clone()
-    out = F.batch_norm(x, new_mean, new_var, bn.weight, bn.bias, True, factor, bn.eps)
-    commit_running_stats(bn, new_mean, new_var)
+    cudnn = torch.backends.cudnn.enabled
+    if running_mean.is_cpu if host_decision is None else host_decision:
+        before = torch.stack((running_mean, running_var))
+        out = torch.batch_norm(x, bn.weight, bn.bias, running_mean, running_var, True, factor, bn.eps, cudnn)
+        # finite_on_host, inlined: one dot product unless it is not finite
+        finite = math.isfinite(torch.dot(running_mean, running_var).item())
+        if finite or nonfinite_marker(running_mean, running_var).item() == 0.0:
+            if tracked is not None:
+                tracked.add_(1)
+        else:
+            running_mean.data.copy_(before[0])
+            running_var.data.copy_(before[1])
+            count_skips(bn, 1)
+        return out
+    new = torch.stack((running_mean, running_var))
+    new_mean, new_var = new.unbind()
+    out = torch.batch_norm(x, bn.weight, bn.bias, new_mean, new_var, True, factor, bn.eps, cudnn)
+    ok = new.isfinite().all()
+    torch.where(ok, new_mean, running_mean, out=running_mean)
+    torch.where(ok, new_var, running_var, out=running_var)
+    if tracked is not None:
+        tracked.add_(ok)
+    count_skips(bn, ~ok)
     return out
 
 
