@@ -21,8 +21,9 @@ their ``__module__`` names the private package.
 
 ONNX: torch's TorchScript-based exporter (``dynamo=False``), as detectron2's tool. torch has no ONNX
 translation of ``aten::batch_norm_update_stats`` (its fused BN statistics kernel, which EvalNorm's
-per-sample moments use for small CPU inputs); :func:`export_onnx` registers one (mean and biased
-variance by two ``ReduceMean``) for the duration of the export.
+per-sample moments use for small CPU inputs); the layer leaves that kernel out while an export
+records the graph (:func:`~d2_bnstats.layers.moments.exporting_to_onnx`), so the file holds torch's
+own translations only and nothing is registered here.
 
 Files are written atomically: into a temporary file in the output folder, then ``os.replace``d
 onto the final name, so a failed export leaves no partial file behind.
@@ -194,43 +195,11 @@ def export_onnx(
     kwargs = {"opset_version": opset_version}
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
         kwargs["dynamo"] = False  # the tracing exporter: detectron2's models do not go through torch.export
-    with atomic_output(path) as tmp, _quiet_tracer(), torch.no_grad(), _batch_statistics_symbolic(opset_version):
+    with atomic_output(path) as tmp, _quiet_tracer(), torch.no_grad():
         torch.onnx.export(adapter, (image,), tmp, **kwargs)
         if verify is not None:
             verify(tmp)
     return path
-
-
-def _batch_norm_update_stats_symbolic(opset_version: int):
-    """ONNX for ``torch.batch_norm_update_stats(x, None, None, m)``: per-channel (dim 1) mean and biased
-    variance of x, what the op returns when it has no running statistics to update."""
-
-    def symbolic(g, x, running_mean, running_var, momentum):
-        axes = [0] + list(range(2, x.type().dim()))
-
-        def mean(value, keepdims):
-            if opset_version >= 18:  # ReduceMean's axes became an input
-                axes_input = g.op("Constant", value_t=torch.tensor(axes, dtype=torch.long))
-                return g.op("ReduceMean", value, axes_input, keepdims_i=keepdims)
-            return g.op("ReduceMean", value, axes_i=axes, keepdims_i=keepdims)
-
-        centred = g.op("Sub", x, mean(x, 1))
-        return mean(x, 0), mean(g.op("Mul", centred, centred), 0)
-
-    return symbolic
-
-
-@contextlib.contextmanager
-def _batch_statistics_symbolic(opset_version: int):
-    # torch has no ONNX translation of aten::batch_norm_update_stats, torch's fused BN statistics
-    # kernel, which the per-sample moments of EvalNorm's inference use for small CPU inputs
-    # (d2_bnstats.layers.moments.per_sample_moments); registered for this export only
-    name = "aten::batch_norm_update_stats"
-    torch.onnx.register_custom_op_symbolic(name, _batch_norm_update_stats_symbolic(opset_version), opset_version)
-    try:
-        yield
-    finally:
-        torch.onnx.unregister_custom_op_symbolic(name, opset_version)
 
 
 def run_onnx(path: str, image: torch.Tensor):
