@@ -35,7 +35,7 @@ DIVERSITY = {"default": 0.0, "d050": 0.5, "d100": 1.0, "d200": 2.0}
 
 # The benchmark's diversity level, chosen from the ``levels`` experiment by the rule in
 # docs/results.md ("Protocol"), before any AP run.
-BENCHMARK_SCENES = "d100"
+BENCHMARK_SCENES = "d200"
 
 
 def scene_overrides(scenes: str) -> Tuple[str, ...]:
