@@ -404,3 +404,165 @@ def test_main_prints_what_it_wrote(results, tmp_path, capsys):
     assert report.main(["--results", results, "--output", str(md), "--figures", str(tmp_path / "docs" / "fig"),
                         "--catalog", str(catalog)]) == 1
     assert bad in capsys.readouterr().err and md.read_text() == before
+
+
+# ----------------------------------------------------------------------------- README which-norm table
+from bnstats_lab.experiments import report_readme  # noqa: E402
+from bnstats_lab.experiments.catalog import BENCHMARK_SCENES  # noqa: E402
+
+E1_FIVE = ("ema", "precise_bn:500", "evalnorm_learned", "evalnorm_offline:500", "batch_stats:2")
+# (experiment, cell) -> per strategy, box AP per seed (None: unavailable on that seed)
+README_AP = {
+    ("e1", f"scratch_2img_{BENCHMARK_SCENES}"): dict(zip(E1_FIVE, (
+        [20.0, 24.0, 31.0], [21.5, 24.5, 30.0], [22.0, 26.0, 33.5], [19.0, 25.5, 31.0], [10.0, 12.5, 11.0]))),
+    # seed 1 has no learned EvalNorm: the entry and the paired difference use seeds 0 and 2;
+    # batch statistics are unavailable on every seed: "n/a"
+    ("e1", f"finetune_2img_{BENCHMARK_SCENES}"): dict(zip(E1_FIVE, (
+        [30.0, 33.0, 35.0], [30.5, 32.0, 36.0], [33.0, None, 37.5], [31.0, 33.0, 35.5], [None, None, None]))),
+    ("e1", f"scratch_8img_{BENCHMARK_SCENES}"): {"ema": [40.0, 42.0, 47.0]},
+    # same factors but the plain scenes: must not appear in the table
+    ("e1", "scratch_2img_default"): dict(zip(E1_FIVE, ([90.0], [90.0], [90.0], [90.0], [90.0]))),
+    ("e2", "gn_scratch"): {"ema": [18.0, 23.0, 21.0], "precise_bn:500": [18.5, 22.0, 21.0]},
+    ("e2", "frozenbn_frozen"): {"ema": [27.25]},
+    ("e2", "mask_gn_scratch"): {"ema": [99.0, 99.0]},  # Mask R-CNN: not the GN row's cell
+}
+
+
+@pytest.fixture
+def lab_results(tmp_path):
+    """Records of a few of the lab's declared e1/e2 cells, with their declared factors."""
+    experiments = load_experiments()
+    root = str(tmp_path / "results")
+    for (experiment, cell), per_strategy in README_AP.items():
+        factors = experiments[experiment].cell(cell).factor_dict
+        for seed in range(len(next(iter(per_strategy.values())))):
+            aps = {name: values[seed] for name, values in per_strategy.items()}
+            write_record(root, make_record(experiment, cell, seed, factors, aps))
+    return root, experiments
+
+
+def _expected(values, signed=False):
+    """ "mean ± std (n)" of the available values, computed with the statistics module."""
+    values = [v for v in values if v is not None]
+    mean = format(statistics.mean(values), "+.2f" if signed else ".2f")
+    return f"{mean} (1)" if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.2f} ({len(values)})"
+
+
+def _difference(a, b):
+    return _expected([x - y for x, y in zip(a, b) if x is not None and y is not None], signed=True)
+
+
+def test_readme_table_entries_match_statistics_module(lab_results):
+    root, experiments = lab_results
+    text = report_readme.render_which_norm(report.load_records(root), experiments)
+    scratch, finetune = README_AP[("e1", f"scratch_2img_{BENCHMARK_SCENES}")], \
+        README_AP[("e1", f"finetune_2img_{BENCHMARK_SCENES}")]
+    labels = {"ema": "BN + EMA statistics", "precise_bn:500": "BN + PreciseBN",
+              "evalnorm_learned": "EvalNorm (learned)",
+              "evalnorm_offline:500": "EvalNorm offline", "batch_stats:2": "batch statistics at test"}
+    for strategy, label in labels.items():
+        row = _table_row(text, label)
+        assert row[1] == _expected(scratch[strategy]), label
+        expected_finetune = "n/a" if strategy == "batch_stats:2" else _expected(finetune[strategy])
+        assert row[2] == expected_finetune, label
+        if strategy == "ema":
+            assert row[3] == ""  # the reference itself
+            continue
+        expected_diff = ["n/a" if strategy == "batch_stats:2" and setting is finetune
+                         else _difference(setting[strategy], setting["ema"]) for setting in (scratch, finetune)]
+        assert row[3] == " / ".join(expected_diff), label
+    # learned EvalNorm fine-tuned: seeds 0 and 2 only, paired per seed (3.0 and 2.5)
+    assert _table_row(text, "EvalNorm (learned)")[3].endswith(f"+2.75 ± {statistics.stdev([3.0, 2.5]):.2f} (2)")
+    gn = _table_row(text, "GN")
+    assert gn[1] == _expected(README_AP[("e2", "gn_scratch")]["ema"]) and gn[3] == ""  # another training: no Δ
+    assert _table_row(text, "FrozenBN (frozen setting)")[1:] == ["—", "27.25 (1)", ""]
+    reference = _table_row(text, "8 images per batch, BN + EMA (large-batch reference)")
+    assert reference[1] == _expected(README_AP[("e1", f"scratch_8img_{BENCHMARK_SCENES}")]["ema"])
+    assert reference[2] == "not run" and reference[3] == ""
+    assert "90.00" not in text and "99.00" not in text  # other scenes, Mask R-CNN: not these rows' cells
+
+
+def test_readme_table_not_run_and_the_line_under_it(lab_results):
+    root, experiments = lab_results
+    text = report_readme.render_which_norm([], experiments)
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == len(report_readme.ROWS) <= 14
+    for line in rows:
+        entries = [c.strip() for c in line.strip("|").split("|")][1:3]
+        assert set(entries) <= {"not run", "—"} and "not run" in entries, line
+    text = report_readme.render_which_norm(report.load_records(root), experiments)
+    for label in ("MABN", "SyncBN 2×1", "GhostBN head", "FrozenBN late"):
+        assert _table_row(text, label)[1:] == ["not run", "not run", ""], label
+    assert _table_row(text, "GN")[2] == "not run"
+    line = text.rstrip("\n").splitlines()[-1]
+    assert "differences smaller than the seeds' spread are inconclusive" in line
+    assert f"scenes {BENCHMARK_SCENES}" in line and "3 seeds" in line and "[docs/results.md](docs/results.md)" in line
+    # a row no declared or recorded cell matches is "not run" too
+    assert _table_row(report_readme.render_which_norm([], ()), "GN")[1:3] == ["not run", "not run"]
+
+
+def test_readme_rows_that_match_two_cells_are_refused():
+    twins = Experiment("e2", "twins", tuple(
+        Cell(name, "x.yaml", factors=(("setting", "scratch"), ("images_per_batch", 2), ("scenes", BENCHMARK_SCENES),
+                                       ("norm", "GN"), ("arch", "frcnn"))) for name in ("gn_a", "gn_b")))
+    with pytest.raises(ValueError, match="gn_a"):
+        report_readme.render_which_norm([], [twins])
+
+
+README_BEFORE = "# Project\n\nIntro.\n\n## Which norm at 2 images per GPU\n\n"
+README_AFTER = "\n\n## Installing\n\nKept as written.\n"
+
+
+def test_write_report_rewrites_only_the_readme_section(lab_results, tmp_path):
+    root, experiments = lab_results
+    readme = tmp_path / "README.md"
+    readme.write_text(README_BEFORE + report_readme.BEGIN + "\nold table\n" + report_readme.END + README_AFTER)
+    md = tmp_path / "docs" / "results.md"
+    report.write_report(root, str(md), str(tmp_path / "docs" / "results"), claims=[],
+                        experiments=list(experiments.values()), readme=str(readme))
+    text = readme.read_text()
+    assert text.startswith(README_BEFORE + report_readme.BEGIN + "\n")
+    assert text.endswith(report_readme.END + README_AFTER)
+    assert "old table" not in text and "| BN + EMA statistics |" in text
+    assert "(docs/results.md)" in text  # the link is relative to the README
+    report.write_report(root, str(md), str(tmp_path / "docs" / "results"), claims=[],
+                        experiments=list(experiments.values()), readme=str(readme))
+    assert readme.read_text() == text
+
+
+def test_readme_without_markers_is_untouched(lab_results, tmp_path, capsys):
+    root, _ = lab_results
+    readme = tmp_path / "README.md"
+    plain = README_BEFORE + "no markers here" + README_AFTER
+    readme.write_text(plain)
+    before = os.stat(readme).st_mtime_ns
+    md = tmp_path / "docs" / "results.md"
+    report.write_report(root, str(md), str(tmp_path / "fig"), claims=[], readme=str(readme))
+    assert readme.read_text() == plain and md.exists()
+    # main: the README beside docs/ is the default; without markers it prints a note and leaves it
+    assert report.main(["--results", root, "--output", str(md), "--figures", str(tmp_path / "fig")]) == 0
+    assert "has no <!-- which-norm:begin -->" in capsys.readouterr().out
+    assert readme.read_text() == plain and os.stat(readme).st_mtime_ns == before
+    assert report_readme.write_readme(str(readme), "| a table |\n") is False and readme.read_text() == plain
+
+
+def test_main_writes_the_default_readme_and_refuses_broken_markers(lab_results, tmp_path, capsys):
+    root, _ = lab_results
+    readme = tmp_path / "README.md"
+    readme.write_text(README_BEFORE + report_readme.BEGIN + "\n" + report_readme.END + README_AFTER)
+    md = tmp_path / "docs" / "results.md"
+    args = ["--results", root, "--output", str(md), "--figures", str(tmp_path / "fig")]
+    assert report.main(args) == 0
+    assert "(which-norm table)" in capsys.readouterr().out
+    assert "| GN | " + _expected(README_AP[("e2", "gn_scratch")]["ema"]) in readme.read_text()
+    # --readme '' leaves it alone
+    readme.write_text(README_BEFORE + report_readme.BEGIN + "\nmine\n" + report_readme.END + README_AFTER)
+    assert report.main(args + ["--readme", ""]) == 0 and "mine" in readme.read_text()
+    # markers out of order: an error, and neither file is written
+    broken = README_BEFORE + report_readme.END + "\n" + report_readme.BEGIN + README_AFTER
+    readme.write_text(broken)
+    edited = "# Results\n\n" + report.BEGIN + "\nhand-made\n" + report.END + "\n"
+    md.write_text(edited)
+    assert report.main(args) == 1
+    assert "markers" in capsys.readouterr().err
+    assert readme.read_text() == broken and md.read_text() == edited

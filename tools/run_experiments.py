@@ -5,7 +5,7 @@
     python tools/run_experiments.py --experiment levels             # what has no record yet
     python tools/run_experiments.py --experiment e1 --cells scratch_2img_d100 --seeds 0 1 --threads 2
     python tools/run_experiments.py --experiment e1 --dry-run       # what would run
-    python tools/run_experiments.py --report                        # docs/results.md + figures from results/
+    python tools/run_experiments.py --report                        # docs/results.md + figures + README table
 
 A run whose record exists under --results is skipped; a stopped training resumes from its last
 checkpoint. The logic is in bnstats_lab.experiments.
@@ -33,6 +33,9 @@ def parse_args(argv=None):
     p.add_argument("--report", action="store_true", help="render docs/results.md from the records (after any runs)")
     p.add_argument("--report-output", default="docs/results.md")
     p.add_argument("--figures", default="docs/results")
+    p.add_argument("--readme", default=None,
+                   help="README whose which-norm table is rewritten with the report (default: the report's, "
+                        "README.md when it exists; '' for none)")
     return p.parse_args(argv)
 
 
@@ -71,6 +74,8 @@ def main(argv=None) -> int:
         from bnstats_lab.experiments import report
 
         report_args = ["--results", args.results, "--output", args.report_output, "--figures", args.figures]
+        if args.readme is not None:
+            report_args += ["--readme", args.readme]
         if report.main(report_args + (["--catalog", args.catalog] if args.catalog else [])) != 0:
             return 1
     return 1 if failed else 0

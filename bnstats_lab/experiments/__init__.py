@@ -9,7 +9,8 @@ runner, result records under ``results/`` and the report ``docs/results.md``.
 evaluate, record), ``runner`` (the table, resumable), ``records`` (the JSON records: writing, and the
 one reader and validator), ``claims`` (the papers' claims), ``report_stats`` (means over seeds,
 paired differences, verdicts, the convergence check), ``report_layout`` (table order),
-``report_figures`` and ``report`` (the page ``docs/results.md``).
+``report_figures``, ``report_readme`` (the README's "which norm" table) and ``report`` (the page
+``docs/results.md``).
 """
 from .catalog import load_experiments
 from .runner import run_experiment

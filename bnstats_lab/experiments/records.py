@@ -105,7 +105,10 @@ def _problems(record) -> List[str]:
             continue
         name = entry["strategy"]
         names.append(name)
-        if entry["available"] and not (isinstance(entry.get("bbox"), dict) and is_number(entry["bbox"].get("AP"))):
+        bbox = entry.get("bbox")
+        # an AP of None is an evaluation that defines none (e.g. one image without ground truth)
+        if entry["available"] and not (isinstance(bbox, dict) and "AP" in bbox
+                                       and (bbox["AP"] is None or is_number(bbox["AP"]))):
             out.append(f"strategy {name} is available but has no numeric bbox AP")
         for task in ("bbox", "segm"):
             values = entry.get(task)

@@ -10,6 +10,10 @@ figures (AP against images per batch, the train–test discrepancy against scene
 claims of :mod:`bnstats_lab.experiments.claims`, each with our measurement and a verdict. A cell
 that has not been run yet is shown as "not run": the report renders at every stage.
 
+It also rewrites the README's "Which norm at 2 images per GPU" table between
+``<!-- which-norm:begin -->`` and ``<!-- which-norm:end -->`` (:mod:`.report_readme`); a README
+without these markers is left as it is.
+
 This module renders and writes the page; the parts live in their own modules and are re-exported
 here as the report's interface: reading and validating records in :mod:`.records`, the tables'
 cells and their order in :mod:`.report_layout`, the statistics, convergence check and claims'
@@ -29,6 +33,9 @@ from .claims import CLAIMS, Claim
 from .records import RecordError, load_records, rows, strategy_entry
 from .report_figures import make_figures
 from .report_layout import REFERENCE, cell_rows, factor_order, strategy_order, varying_factors
+from .report_readme import BEGIN as README_BEGIN
+from .report_readme import END as README_END
+from .report_readme import has_markers, render_which_norm, splice_readme
 from .report_stats import (CONVERGENCE_RATIO, NOT_RUN, convergence, evaluate_claims, paired_difference, summarize,
                            verdict)
 
@@ -45,6 +52,7 @@ __all__ = [
     "evaluate_claims",
     "make_figures",
     "render_markdown",
+    "render_which_norm",
     "write_report",
     "main",
 ]
@@ -247,11 +255,13 @@ def _splice(existing: str, generated: str, path: str) -> str:
 
 def write_report(results_root: str = "results", output_md: str = "docs/results.md",
                  figures_dir: str = "docs/results", claims: Sequence[Claim] = CLAIMS,
-                 experiments: Sequence[Any] = ()) -> Tuple[str, List[str], int]:
+                 experiments: Sequence[Any] = (), readme: Optional[str] = None) -> Tuple[str, List[str], int]:
     """Write the report: the figures, then ``output_md`` atomically, its generated part between
     :data:`BEGIN` and :data:`END` (the rest of an existing file is kept; a file without markers gets
     them appended; a new file gets a short header). Without ``results_root`` every cell is "not
-    run". Returns (``output_md``, figure paths, number of records)."""
+    run". With ``readme``, also its which-norm table between the markers of :mod:`.report_readme`
+    (atomically, the rest kept; a README without them is left untouched). Both files' markers are
+    checked before either is written. Returns (``output_md``, figure paths, number of records)."""
     records = load_records(results_root) if os.path.isdir(results_root) else []
     figures = make_figures(records, figures_dir)
     markdown_dir = os.path.dirname(os.path.abspath(output_md))
@@ -263,7 +273,17 @@ def write_report(results_root: str = "results", output_md: str = "docs/results.m
             text = _splice(f.read(), generated, output_md)
     else:
         text = HEADER + generated + "\n"
+    readme_text = None
+    if readme:
+        with open(readme, encoding="utf-8") as f:
+            existing = f.read()
+        link = os.path.relpath(os.path.abspath(output_md), os.path.dirname(os.path.abspath(readme)))
+        link = link.replace(os.sep, "/")
+        readme_text = splice_readme(existing, render_which_norm(records, experiments, link), readme)
+        readme_text = None if readme_text == existing else readme_text
     write_text(output_md, text)
+    if readme_text is not None:
+        write_text(readme, readme_text)
     return output_md, [p for paths in figures.values() for p in paths], len(records)
 
 
@@ -278,16 +298,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--catalog", default=None,
                         help="a module or .py file declaring EXPERIMENTS, whose cells without records show as "
                              f"'{NOT_RUN}' (default: the lab's)")
+    parser.add_argument("--readme", default=None,
+                        help="the README whose which-norm table (between its which-norm markers) is rewritten; "
+                             "default: README.md in the folder above the page's (the repository root for "
+                             "docs/results.md) when it exists; '' for none")
     args = parser.parse_args(argv)
+    readme = args.readme
+    if readme is None:
+        default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.output))), "README.md")
+        readme = os.path.relpath(default) if os.path.isfile(default) else ""
     if not os.path.isdir(args.results):
         print(f"no results folder {args.results}: every cell is reported as {NOT_RUN}")
     try:
+        if readme:
+            with open(readme, encoding="utf-8") as f:
+                if not has_markers(f.read()):
+                    print(f"note: {readme} has no {README_BEGIN} / {README_END} markers; its which-norm table "
+                          "is not written (add the markers where the table belongs)")
+                    readme = ""
         experiments = list(load_experiments(args.catalog).values())
-        path, figure_paths, n = write_report(args.results, args.output, args.figures, experiments=experiments)
+        path, figure_paths, n = write_report(args.results, args.output, args.figures, experiments=experiments,
+                                             readme=readme)
     except (ImportError, FileNotFoundError, ValueError) as e:  # RecordError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {path} ({n} records)")
+    if readme:
+        print(f"wrote {readme} (which-norm table)")
     for p in figure_paths:
         rel = os.path.relpath(p)
         print(f"wrote {p if rel.startswith('..') else rel}")
