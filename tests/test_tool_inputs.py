@@ -165,7 +165,7 @@ def test_train_net_bad_config_is_one_line_before_launch(argv, message, monkeypat
     from d2_bnstats.d2 import train
 
     monkeypatch.chdir(REPO)
-    monkeypatch.setattr(train, "launch", lambda *a, **k: pytest.fail("launched despite a bad config"))
+    monkeypatch.setattr(train, "launch_from_args", lambda *a, **k: pytest.fail("launched despite a bad config"))
     with pytest.raises(SystemExit) as info:
         train.run(train.argument_parser().parse_args(argv))
     assert str(info.value).startswith(message)

@@ -23,7 +23,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from ..d2.datasets import check_datasets
-from ..d2.launch import launch
+from ..d2.launch import launch_from_args
 from ..d2.train import argument_parser as train_argument_parser
 from ..d2.datasets import add_register_coco_argument, register_coco_from_args
 from ..d2.train import load_config
@@ -170,6 +170,5 @@ def run(args) -> int:
         for kind in registered_strategies():
             print(kind)
         return 0
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    launch_from_args(main, args)
     return 0

@@ -68,6 +68,13 @@ def launch(
     )
 
 
+def launch_from_args(main_func, args):
+    """:func:`launch` ``main_func(args)`` with the launch flags of ``default_argument_parser``
+    (``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``)."""
+    return launch(main_func, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                  dist_url=args.dist_url, args=(args,))
+
+
 def _free_port() -> int:
     # the port may be taken again before the workers bind it; detectron2 accepts the same race
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -18,7 +18,7 @@ from detectron2.utils.logger import setup_logger
 
 from .config import check_batch_config, check_norm_keys, resolve_device
 from .datasets import DatasetError, add_register_coco_argument, check_datasets, register_coco_from_args
-from .launch import launch
+from .launch import launch_from_args
 from .plugin import add_bnstats_config, check_bnstats_config
 from .population import prepare_for_evaluation
 from .trainer import Trainer
@@ -110,11 +110,4 @@ def check_arguments(args) -> None:
 def run(args):
     """Check the arguments, then launch ``main`` in ``args.num_gpus`` processes (gloo on CPU)."""
     check_arguments(args)
-    return launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    return launch_from_args(main, args)

@@ -51,7 +51,7 @@ from detectron2.utils.logger import setup_logger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..datasets import DatasetError, FileNamingMapper, add_register_coco_argument, check_datasets, register_coco_from_args
-from ..launch import launch
+from ..launch import launch_from_args
 from ..statistics_health import StatisticsHealthHook
 from ..trainer import checkpoint_training_state
 from ..weights import check_weights_file
@@ -337,11 +337,4 @@ def run(args):
     """Check the run in this process (:func:`check_run`; errors: :class:`LazyConfigError`), then
     launch :func:`main` in ``args.num_gpus`` processes per machine (gloo on CPU)."""
     check_run(args)
-    return launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    return launch_from_args(main, args)
