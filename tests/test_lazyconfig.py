@@ -23,6 +23,7 @@ from d2_bnstats.d2.build import apply_model_transforms
 from d2_bnstats.d2.norms.mabn import CentralizedConv2d, convs_feeding_mabn
 from d2_bnstats.d2.population import FrozenBNHook, PreciseBNHook
 from d2_bnstats.d2.replicas import ReplicaCheck
+from d2_bnstats.d2.statistics_health import StepGuardHook
 from d2_bnstats.layers.evalnorm import EvalNorm2d, evalnorm_layers
 from d2_bnstats.layers.ghost_bn import GhostBatchNorm2d
 from d2_bnstats.layers.mabn import MABN2d
@@ -214,27 +215,29 @@ def test_hooks_run_precise_bn_before_evaluation(datasets_root, tmp_path):
     cfg.bnstats.PRECISE_BN.NUM_ITER = 2
     model = d2_bnstats.build_lazy_model(cfg)
     ours = d2_bnstats.lazy.build_hooks(cfg, model)
-    assert [type(h) for h in ours] == [PreciseBNHook]
+    assert [type(h) for h in ours] == [StepGuardHook, PreciseBNHook]
     seen = []
 
     def evaluate():
-        seen.append(len(ours[0].history))
+        seen.append(len(ours[1].history))
         return d2_bnstats.lazy.evaluate(cfg, model)
 
     lazy_train(cfg, model, ours, [hooks.EvalHook(cfg.train.eval_period, evaluate)])
     assert seen == [1]  # the final evaluation ran after the final PreciseBN pass
-    (iteration, report), = ours[0].history
+    (iteration, report), = ours[1].history
     assert iteration == 1 and len(report.updated) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 20
     assert os.path.isfile(os.path.join(tmp_path, "coco_instances_results.json"))  # the evaluator's output
 
 
 def test_hooks_follow_the_bnstats_node():
     cfg = cpu_config("")
-    assert d2_bnstats.lazy.build_hooks(cfg, nn.Linear(1, 1)) == []
+    (guard,) = d2_bnstats.lazy.build_hooks(cfg, nn.Linear(1, 1))
+    assert isinstance(guard, StepGuardHook)
     cfg.bnstats.FROZEN_BN.START_ITER = 1
     cfg.bnstats.FROZEN_BN.PRECISE_BN = False
     cfg.bnstats.CHECK_REPLICAS = True
-    frozen, replicas = d2_bnstats.lazy.build_hooks(cfg, nn.Linear(1, 1))
+    guard, frozen, replicas = d2_bnstats.lazy.build_hooks(cfg, nn.Linear(1, 1))
+    assert isinstance(guard, StepGuardHook)
     assert isinstance(frozen, FrozenBNHook) and frozen.start_iter == 1 and frozen.runner is None
     assert isinstance(replicas, ReplicaCheck) and replicas.output_dir == cfg.train.output_dir
     del cfg.train.max_iter

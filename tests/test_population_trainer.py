@@ -14,6 +14,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils.events import get_event_storage
 
 from d2_bnstats.d2.population import FrozenBNHook, PreciseBNHook
+from d2_bnstats.d2.statistics_health import StepGuardHook
 from d2_bnstats.d2.train import evaluate_checkpoint, load_config
 from d2_bnstats.d2.trainer import Trainer
 from d2_bnstats.layers.frozen_bn import frozen_layers
@@ -85,6 +86,7 @@ def test_precise_bn_hook_replaces_detectron2s_and_runs_before_every_evaluation(t
     cfg, trainer, evaluations, out = trained
     kinds = [type(h) for h in trainer._hooks]
     assert hooks.PreciseBN not in kinds
+    assert kinds[0] is StepGuardHook  # the step's non-finite statistics are undone before any other hook runs
     position = {k: kinds.index(k) for k in (hooks.LRScheduler, PreciseBNHook, hooks.PeriodicCheckpointer, hooks.EvalHook)}
     assert position[hooks.LRScheduler] < position[PreciseBNHook] < position[hooks.PeriodicCheckpointer] < position[hooks.EvalHook]
     hook = trainer._hooks[position[PreciseBNHook]]

@@ -141,6 +141,7 @@ def recipe_hash(cell: Cell) -> str:
 def run_cell(experiment: Experiment, cell: Cell, seed: int, results_root: str, work_root: str, repo: str = ".") -> dict:
     """Train, evaluate, write and return the record of ``cell`` with ``seed``."""
     start = time.perf_counter()
+    source = source_version(repo)  # the code this process runs was loaded now, not when the run ends
     output_dir = run_folder(work_root, experiment.name, cell.name, seed)
     training = train(cell, seed, output_dir)
     evaluation_start = time.perf_counter()
@@ -148,7 +149,7 @@ def run_cell(experiment: Experiment, cell: Cell, seed: int, results_root: str, w
     record = {
         "experiment": experiment.name, "cell": cell.name, "seed": seed, "factors": cell.factor_dict,
         "config": cell.config, "overrides": list(cell.overrides), "config_hash": recipe_hash(cell),
-        **source_version(repo), "train": training,
+        **source, "train": training,
         "evaluation_seconds": round(time.perf_counter() - evaluation_start, 1),
         "wall_seconds": round(time.perf_counter() - start, 1), "created": now(),
         "strategies": strategy_entries(cell, summary),

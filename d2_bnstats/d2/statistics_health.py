@@ -1,4 +1,12 @@
-"""Health of the running statistics in training: skipped non-finite updates, as detectron2 metrics.
+"""Health of the running statistics in training: non-finite updates skipped once per step, and
+the skips as detectron2 metrics.
+
+:class:`StepGuardHook` makes the non-finite decision once per step for the whole model
+(``d2_bnstats.layers.step_guard``): a snapshot of the running statistics before each step, and after
+it every layer whose statistics came out non-finite gets its values back and counts a skip. It must
+come first among the hooks, so that nothing after the step (PreciseBN, the checkpointer, the
+evaluation) sees the bad values; if the step raises (detectron2 stops on a non-finite loss), the
+restore happens when training ends, so the model in memory keeps finite statistics.
 
 Every statistics-keeping layer of the plug-in (EvalNorm, SyncBN, GhostBN, RoIShuffleBN, MABN) leaves
 its running statistics unchanged when a batch's statistics are not finite and counts the skip in its
@@ -23,6 +31,7 @@ from detectron2.utils.events import EventStorage, get_event_storage
 from torch import nn
 
 from ..layers.moments import SKIP_COUNTER
+from ..layers.step_guard import StepStatisticsGuard
 
 TOTAL_KEY = "bnstats/nonfinite_skips_total"
 NEW_KEY = "bnstats/nonfinite_skips"
@@ -69,3 +78,32 @@ class StatisticsHealthHook(HookBase):
     def after_step(self):
         if self._layers:
             self._previous = put_skip_counts(get_event_storage(), self._layers, self._previous)
+
+
+class StepGuardHook(HookBase):
+    """The once-per-step non-finite guard of the trainer's model (see the module docstring); put it
+    first in the trainer's hooks. ``model`` overrides the trainer's (e.g. a sub-model)."""
+
+    def __init__(self, model: Optional[nn.Module] = None):
+        self._model = model
+        self.guard: Optional[StepStatisticsGuard] = None
+        self._pending = False
+
+    def before_train(self):
+        self.guard = StepStatisticsGuard(self._model if self._model is not None else self.trainer.model)
+
+    def before_step(self):
+        self.guard.snapshot()
+        self._pending = True
+
+    def after_step(self):
+        self.guard.restore_nonfinite()
+        self._pending = False
+
+    def after_train(self):
+        if self.guard is None:
+            return
+        if self._pending:  # the step raised: still leave finite statistics in memory
+            self.guard.restore_nonfinite()
+            self._pending = False
+        self.guard.close()

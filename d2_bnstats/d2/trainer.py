@@ -12,6 +12,10 @@ Differences from ``DefaultTrainer``, each for a reason:
   and ``EvalHook``), by one that is correct across processes and covers every BN-type layer;
   ``BNSTATS.FROZEN_BN`` adds FrozenBN late in training; ``BNSTATS.TEST_BATCH_STATS`` evaluates with
   the statistics of k-image test batches;
+- running statistics that come out of a step non-finite (a NaN or Inf in some layer's batch) are
+  undone once per step, for every BN-type layer, torch's included, before any other hook sees them
+  (:class:`~d2_bnstats.d2.statistics_health.StepGuardHook`, first in the hook list); the layers then
+  skip their own per-call check;
 - ``BNSTATS.INIT`` is applied after ``MODEL.WEIGHTS`` is loaded for a new run (re-initialised
   statistics, d2_bnstats/d2/weights.py);
 - checkpoints hold the optimizer, LR-scheduler and (with AMP) grad-scaler state on every detectron2
@@ -34,7 +38,7 @@ from .datasets import FileNamingMapper
 from .evaluation import build_coco_evaluator
 from .population import build_batched_test_loader, build_population_hooks, evaluation_statistics, test_batch_stats_enabled
 from .replicas import ReplicaCheck
-from .statistics_health import StatisticsHealthHook
+from .statistics_health import StatisticsHealthHook, StepGuardHook
 from .weights import after_loading_weights
 
 logger = logging.getLogger(__name__)
@@ -181,6 +185,8 @@ class Trainer(DefaultTrainer):
         # before the writers, so the skip counts go out with the same step's metrics
         writer = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)), len(ret))
         ret.insert(writer, StatisticsHealthHook())
+        # first: the step's non-finite statistics are undone before any other hook sees them
+        ret.insert(0, StepGuardHook())
         bnstats = bnstats_node(cfg)
         if bnstats is not None and bnstats.get("CHECK_REPLICAS", False):
             ret.append(ReplicaCheck(cfg.OUTPUT_DIR))

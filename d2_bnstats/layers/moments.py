@@ -51,7 +51,10 @@ non-finite (e.g. loaded so) counts a skip at every update. There is no host sync
 statistics on CPU the decision is read as a Python value (a read of memory, no device to wait for,
 and fewer kernels than a tensor decision: the guard of a small layer costs one copy and one dot
 product), on every other device it stays a tensor (``torch.where``). The forward output is
-unchanged (a non-finite batch still gives a non-finite output and loss).
+unchanged (a non-finite batch still gives a non-finite output and loss). A training loop can take
+this decision once per step for the whole model instead (:mod:`.step_guard`; detectron2 training
+does): the layers then update as torch does and the guard restores, after the step, every layer
+whose running statistics came out non-finite.
 
 **Empty input** (:func:`empty_output`): training on zero values (an empty RoI batch) gives an empty
 output still connected to the input and the affine parameters, so every gradient exists (zero).
@@ -304,6 +307,9 @@ def aggregate_group_statistics(groups: Moments, sync: bool = False) -> Tuple[tor
 
 
 SKIP_COUNTER = "nonfinite_skips"
+# A layer whose ``vars()`` hold this name set to True leaves the finiteness decision to a guard that
+# checks once per training step (:mod:`.step_guard`): its updates here are torch's, unchecked.
+GUARDED_PER_STEP = "running_stats_guarded_per_step"
 
 
 def add_skip_counter(module: nn.Module) -> None:
@@ -364,10 +370,11 @@ def commit_running_stats(
     decision); on any other device a tensor (``torch.where`` on one finiteness reduction), so there
     is no host synchronisation."""
     running_mean, running_var, tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
+    per_step = vars(bn).get(GUARDED_PER_STEP, False)
     if running_mean.is_cpu if host_decision is None else host_decision:
         if has_values is not None and not bool(has_values):
             return
-        if not finite_on_host(new_mean, new_var):
+        if not per_step and not finite_on_host(new_mean, new_var):
             count_skips(bn, 1)
             return
         running_mean.copy_(new_mean)
@@ -375,16 +382,21 @@ def commit_running_stats(
         if tracked is not None:
             tracked.add_(1)
         return
-    ok = torch.stack((new_mean, new_var)).isfinite().all()
-    skipped = ~ok
-    if has_values is not None:
+    if per_step:
+        ok = torch.ones((), dtype=torch.bool, device=running_mean.device) if has_values is None else has_values
+        skipped = None
+    else:
+        ok = torch.stack((new_mean, new_var)).isfinite().all()
+        skipped = ~ok
+    if has_values is not None and not per_step:
         ok = ok & has_values
         skipped = skipped & has_values
     torch.where(ok, new_mean, running_mean, out=running_mean)
     torch.where(ok, new_var, running_var, out=running_var)
     if tracked is not None:
         tracked.add_(ok)
-    count_skips(bn, skipped)
+    if skipped is not None:
+        count_skips(bn, skipped)
 
 
 def update_running_stats(
@@ -440,6 +452,10 @@ def guarded_batch_norm(bn: nn.Module, x: torch.Tensor, host_decision: Optional[b
     if factor is None:  # torch's cumulative average reads the count on the host too
         factor = 1.0 / (float(tracked) + 1.0) if tracked is not None else 0.0
     cudnn = torch.backends.cudnn.enabled
+    if vars(bn).get(GUARDED_PER_STEP, False):  # decided once per step by a StepStatisticsGuard
+        if tracked is not None:
+            tracked.add_(1)
+        return torch.batch_norm(x, bn.weight, bn.bias, running_mean, running_var, True, factor, bn.eps, cudnn)
     if running_mean.is_cpu if host_decision is None else host_decision:
         before = torch.stack((running_mean, running_var))
         out = torch.batch_norm(x, bn.weight, bn.bias, running_mean, running_var, True, factor, bn.eps, cudnn)

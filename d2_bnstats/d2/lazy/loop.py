@@ -40,6 +40,7 @@ from ..population import (
 )
 from .. import weights
 from ..replicas import ReplicaCheck
+from ..statistics_health import StepGuardHook
 from .model import check_config
 from .view import LazyView
 
@@ -66,9 +67,11 @@ def _runner(cfg, view: LazyView, model: nn.Module, build_loader) -> PreciseBNRun
 
 
 def build_hooks(cfg, model: nn.Module, build_loader: Optional[Callable[[], object]] = None) -> List[HookBase]:
-    """The plug-in's hooks for a LazyConfig: ``[FrozenBNHook][, PreciseBNHook][, ReplicaCheck]`` as
-    ``bnstats.FROZEN_BN``, ``bnstats.PRECISE_BN`` (PreciseBN before every evaluation: every
-    ``train.eval_period`` iterations and after the last) and ``bnstats.CHECK_REPLICAS`` ask. Register
+    """The plug-in's hooks for a LazyConfig: ``[StepGuardHook][, FrozenBNHook][, PreciseBNHook][,
+    ReplicaCheck]``: the once-per-step non-finite guard of ``model``'s running statistics
+    (:class:`~d2_bnstats.d2.statistics_health.StepGuardHook`), then what ``bnstats.FROZEN_BN``,
+    ``bnstats.PRECISE_BN`` (PreciseBN before every evaluation: every ``train.eval_period``
+    iterations and after the last) and ``bnstats.CHECK_REPLICAS`` ask. Register
     them after ``LRScheduler`` and before ``PeriodicCheckpointer``/``EvalHook``, so that evaluations
     and checkpoints see the recomputed statistics. ``build_loader()`` gives PreciseBN's batches
     (default: :func:`train_loader_factory`)."""
@@ -80,7 +83,7 @@ def build_hooks(cfg, model: nn.Module, build_loader: Optional[Callable[[], objec
         runner = None
         if want_precise or (want_frozen and c.BNSTATS.FROZEN_BN.PRECISE_BN):
             runner = _runner(cfg, view, model, build_loader)
-        hooks: List[HookBase] = []
+        hooks: List[HookBase] = [StepGuardHook(model)]
         if want_frozen:
             hooks.append(FrozenBNHook(c.BNSTATS.FROZEN_BN.START_ITER, runner if c.BNSTATS.FROZEN_BN.PRECISE_BN else None))
         if want_precise:
