@@ -231,3 +231,16 @@ def test_every_process_restores_a_step_that_was_nonfinite_on_one_of_them():
         assert_same(skipped[:3], first[:3])
         assert int(skipped[3]) == 1 and int(after[3]) == 1
         assert int(after[2]) == 2 and not torch.equal(after[0], first[0])
+
+
+def test_finite_statistics_whose_squares_overflow_are_kept():
+    layer = nn.BatchNorm2d(C).train()
+    with torch.no_grad():
+        layer.running_var.fill_(1e30)  # finite, but its square is not in float32
+    guard = StepStatisticsGuard(layer)
+    guard.snapshot()
+    layer(batch(0))
+    updated = statistics(layer)
+    assert guard.restore_nonfinite() == 0
+    assert_same(statistics(layer), updated)
+    assert int(layer.nonfinite_skips) == 0

@@ -15,7 +15,6 @@ in the package bnstats_lab.benchmark (method: the docstring of its module e2e).
 """
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
@@ -23,6 +22,7 @@ import bnstats_lab  # noqa: F401  (registers the norms and data sets)
 from bnstats_lab.benchmark.e2e import TINY, BenchmarkSettings, run_benchmark
 from bnstats_lab.benchmark.models import ARCH_CONFIGS
 from bnstats_lab.benchmark.report import format_report, plot_report
+from d2_bnstats.outputs import write_json
 
 
 def build_settings(args) -> BenchmarkSettings:
@@ -86,8 +86,7 @@ def main(argv=None):
     result = run_benchmark(settings, progress=lambda m: print(m, file=sys.stderr, flush=True))
     os.makedirs(args.output, exist_ok=True)
     json_path = os.path.join(args.output, "results.json")
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(json_path, result, indent=1)
     png = plot_report(result, os.path.join(args.output, "ratios.png"))
     print(format_report(result))
     print(f"\nwrote {json_path}" + (f" and {png}" if png else " (no plot: matplotlib missing)"))

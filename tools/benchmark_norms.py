@@ -10,7 +10,6 @@ The logic is in bnstats_lab.benchmark.layers.
 """
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -18,6 +17,7 @@ import sys
 import torch
 
 import d2_bnstats
+from d2_bnstats.outputs import write_json
 from bnstats_lab.benchmark.layers import BACKBONE_SHAPES, HEAD_SHAPES, QUICK_SHAPES, R50_SHAPES, benchmark_norms, format_table
 
 
@@ -40,6 +40,13 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", help="write the rows as JSON here")
+    p.add_argument("--guard", choices=("call", "step"), default="call",
+                   help="call: each layer checks its own running-statistics update (default); step: the checks "
+                        "off, as under the trainers' once-per-step guard (its cost: --step-guard)")
+    p.add_argument("--step-guard", metavar="ARCH", choices=("frcnn", "mrcnn", "frcnn_r50"),
+                   help="instead of the layers: a training step of ARCH (frcnn, mrcnn, frcnn_r50) with the "
+                        "non-finite guard per call, per step and off")
+    p.add_argument("--step-guard-norm", default="EvalNorm", help="the norm of --step-guard's model (default EvalNorm)")
     args = p.parse_args(argv)
     if args.norms:
         for name in args.norms:
@@ -49,11 +56,23 @@ def main(argv=None):
         p.error(f"--device {args.device}: torch sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.step_guard:
+        from bnstats_lab.benchmark.step_guard import benchmark_step_guard, format_report
+
+        d2_bnstats.registry.check_norm_name(args.step_guard_norm, where="--step-guard-norm")
+        result = benchmark_step_guard(args.step_guard, norm=args.step_guard_norm, repeats=args.repeats,
+                                      iters=2 if args.quick else 3, progress=lambda m: print(m, file=sys.stderr))
+        print(f"# non-finite guard in a training step: torch {torch.__version__}, {torch.get_num_threads()} threads")
+        print(format_report(result))
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            write_json(args.json, result, indent=1)
+        return 0
     default_shapes = R50_SHAPES if args.r50 else BACKBONE_SHAPES + HEAD_SHAPES
     shapes = args.shapes or (QUICK_SHAPES if args.quick else default_shapes)
     repeats, iters = (2, 2) if args.quick else (args.repeats, args.iters)
     rows = benchmark_norms(args.norms, shapes, repeats=repeats, iters=iters, progress=lambda m: print(m, file=sys.stderr),
-                           device=args.device)
+                           device=args.device, guard=args.guard)
     where = f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
     if cuda:
         where = f"{torch.cuda.get_device_name(torch.device(args.device))}, CUDA {torch.version.cuda}, cuDNN benchmark on"
@@ -66,8 +85,7 @@ def main(argv=None):
         if cuda:
             record.update(device=args.device, gpu=torch.cuda.get_device_name(torch.device(args.device)),
                           cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
+        write_json(args.json, record, indent=1)
     return 0
 
 

@@ -8,7 +8,6 @@ Target: ratio <= 1.2. The logic is in bnstats_lab.benchmark.precise_bn.
 """
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -19,6 +18,7 @@ import bnstats_lab  # noqa: F401  (registers the norms and data sets)
 from bnstats_lab.benchmark.precise_bn import benchmark_precise_bn, load_batches
 from d2_bnstats.d2.train import load_config
 from d2_bnstats.d2.trainer import Trainer
+from d2_bnstats.outputs import write_json
 
 
 def main(argv=None):
@@ -57,8 +57,7 @@ def main(argv=None):
         print(f"fvcore update_bn_stats (stock hook):    {result.fvcore_s:.3f} s  -> {result.fvcore_ratio:.3f}x")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(dataclasses.asdict(result), f, indent=1)
+        write_json(args.json, dataclasses.asdict(result), indent=1)
     return 0
 
 

@@ -12,7 +12,6 @@ The logic is in bnstats_lab.benchmark.distributed (the single-process benchmark 
 """
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
@@ -28,6 +27,7 @@ from bnstats_lab.benchmark.distributed import (
     format_training_table,
 )
 from d2_bnstats.d2.launch import launch
+from d2_bnstats.outputs import write_json
 
 
 def parse_shapes(text):
@@ -53,8 +53,7 @@ def _worker(args):
         print(table)
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "w") as f:
-                json.dump({"world_size": dist.get_world_size(), "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+            write_json(args.json, {"world_size": dist.get_world_size(), "rows": [dataclasses.asdict(r) for r in rows]}, indent=1)
 
 
 def main(argv=None):

@@ -18,6 +18,7 @@ import torch
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
+from d2_bnstats.layers.step_guard import StepStatisticsGuard
 from d2_bnstats.registry import available_norms, get_norm
 
 from .timing import prepare_device, spread, time_block
@@ -85,8 +86,14 @@ def benchmark_norms(
     warmup: int = 3,
     progress: Optional[Callable[[str], None]] = None,
     device: str = "cpu",
+    guard: str = "call",
 ) -> List[LayerTiming]:
-    """Time every norm in ``names`` (default: all available) at each shape on ``device``; see module docstring."""
+    """Time every norm in ``names`` (default: all available) at each shape on ``device``; see module
+    docstring. ``guard``: ``"call"``, each layer checks its own running-statistics update (its
+    default); ``"step"``, the checks are off, as under the trainers' once-per-step guard, whose cost
+    is per step (:mod:`.step_guard`)."""
+    if guard not in ("call", "step"):
+        raise ValueError(f"guard must be 'call' or 'step', got {guard!r}")
     names = list(available_norms() if names is None else names)
     builders = _builders(names)
     prepare_device(device)
@@ -102,6 +109,8 @@ def benchmark_norms(
                 if module is None:
                     raise ValueError("builds no layer")
                 module = module.to(device)
+                if guard == "step" and name not in (BN_REFERENCE, FROZEN_REFERENCE):
+                    StepStatisticsGuard(module)  # turns the layer's own checks off
                 if name != FROZEN_REFERENCE:  # FrozenBN has no training mode to time
                     _time_train(module, x, grad, warmup)
                 _time_eval(module, x, warmup)

@@ -27,7 +27,8 @@ one to log the losses); the layers make none.
 Layers that keep other statistics (MABN's ring buffers) keep their own guard; the rule above still
 covers their ``running_mean``/``running_var``.
 """
-from typing import Dict, List, Optional, Tuple
+import math
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -46,22 +47,40 @@ def _statistics(layer: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
     return layer.running_mean, layer.running_var
 
 
-def _flat(layers: List[nn.Module]) -> torch.Tensor:
-    """The running means and variances of ``layers`` (one device and dtype) as one vector."""
-    return torch.cat([t.reshape(-1) for layer in layers for t in _statistics(layer)])
+class _Group(NamedTuple):
+    """The covered layers of one (device, dtype) as read at a snapshot: their statistics tensors
+    (mean, var of each layer in turn), their values then as one vector, and their
+    ``num_batches_tracked`` tensors and values (None unless every layer has one)."""
+
+    layers: List[nn.Module]
+    tensors: List[torch.Tensor]
+    values: torch.Tensor
+    tracked: Optional[List[torch.Tensor]]
+    tracked_values: Optional[torch.Tensor]
 
 
-def _tracked(layers: List[nn.Module]) -> Optional[torch.Tensor]:
-    """Copies of the layers' ``num_batches_tracked`` as one tensor (None unless every layer has one)."""
-    counts = [getattr(layer, "num_batches_tracked", None) for layer in layers]
-    if any(c is None for c in counts):
-        return None
-    return torch.stack([c.to(counts[0].device) for c in counts])
+def _concat(tensors: List[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(tensors if all(t.dim() == 1 for t in tensors) else [t.reshape(-1) for t in tensors])
 
 
-def _finite(layer: nn.Module) -> bool:
-    mean, var = _statistics(layer)
-    return bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all())
+def _read_group(layers: List[nn.Module]) -> _Group:
+    tensors: List[torch.Tensor] = []
+    tracked: Optional[List[torch.Tensor]] = []
+    for layer in layers:
+        tensors += _statistics(layer)
+        count = getattr(layer, "num_batches_tracked", None)
+        if count is None:
+            tracked = None
+        elif tracked is not None:
+            tracked.append(count)
+    return _Group(layers, tensors, _concat(tensors), tracked, None if tracked is None else torch.stack(tracked))
+
+
+def _all_finite(values: torch.Tensor) -> bool:
+    """Every value of the vector is finite: one dot product read on the host (a non-finite value makes
+    it non-finite); only a non-finite product (or finite values whose squares overflow) is decided
+    value by value."""
+    return math.isfinite(torch.dot(values, values).item()) or bool(torch.isfinite(values).all())
 
 
 class StepStatisticsGuard:
@@ -80,33 +99,34 @@ class StepStatisticsGuard:
             vars(layer)[GUARDED_PER_STEP] = True
             key = (layer.running_mean.device, layer.running_mean.dtype)
             self._groups.setdefault(key, []).append(layer)
-        self._before: Optional[List[Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None
+        self._before: Optional[List[_Group]] = None
 
     def snapshot(self) -> None:
         """Remember every covered layer's running statistics and ``num_batches_tracked``."""
         with torch.no_grad():
-            self._before = [(_flat(layers), _tracked(layers)) for layers in self._groups.values()]
+            self._before = [_read_group(layers) for layers in self._groups.values()]
 
     def restore_nonfinite(self) -> int:
         """Give every covered layer whose running statistics are not all finite its values at the last
         :meth:`snapshot` back and count a skip in it; returns the number of such layers. One finiteness
-        read per (device, dtype) group when everything is finite."""
+        read per (device, dtype) group when everything is finite. The statistics tensors are those
+        read at the snapshot (a buffer rebound in between is not seen)."""
         if self._before is None:
             raise RuntimeError("StepStatisticsGuard.restore_nonfinite() needs a snapshot() before the step")
         restored = 0
         with torch.no_grad():
-            for layers, (before, tracked_before) in zip(self._groups.values(), self._before):
-                if bool(torch.isfinite(_flat(layers)).all()):
+            for group in self._before:
+                if _all_finite(_concat(group.tensors)):
                     continue
                 offset = 0
-                for index, layer in enumerate(layers):
-                    mean, var = _statistics(layer)
+                for index, layer in enumerate(group.layers):
+                    mean, var = group.tensors[2 * index], group.tensors[2 * index + 1]
                     n_mean, n_var = mean.numel(), var.numel()
-                    if not _finite(layer):
-                        mean.copy_(before[offset : offset + n_mean].view_as(mean))
-                        var.copy_(before[offset + n_mean : offset + n_mean + n_var].view_as(var))
-                        if tracked_before is not None and getattr(layer, "num_batches_tracked", None) is not None:
-                            layer.num_batches_tracked.copy_(tracked_before[index])
+                    if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all())):
+                        mean.copy_(group.values[offset : offset + n_mean].view_as(mean))
+                        var.copy_(group.values[offset + n_mean : offset + n_mean + n_var].view_as(var))
+                        if group.tracked is not None:
+                            group.tracked[index].copy_(group.tracked_values[index])
                         count_skips(layer, 1)
                         restored += 1
                     offset += n_mean + n_var
