@@ -147,10 +147,12 @@ def test_fixed_mode_equals_the_formula(alpha, beta, requires_grad):
     assert float(layer.alpha) == pytest.approx(alpha) and float(layer.beta) == pytest.approx(beta)
 
 
-INFERENCE_WAYS = {  # the ways inference without gradient computes, by input (moments.uses_fused_statistics)
+INFERENCE_WAYS = {  # the ways inference without gradient computes on CPU, by input (moments.per_sample_moments)
     "fused statistics": dict(shape=(3, 6, 5, 4)),
-    "in the shifted copy": dict(shape=(2, 6, 64, 48)),  # more than FUSED_STATISTICS_MAX_NUMEL values
-    "in the shifted copy, float64": dict(shape=(2, 6, 64, 48), dtype=torch.float64),
+    "checked plain sums": dict(shape=(2, 6, 64, 48)),  # more than FUSED_STATISTICS_MAX_NUMEL values
+    "checked plain sums, float64": dict(shape=(2, 6, 64, 48), dtype=torch.float64),
+    "in the shifted copy (off CPU)": dict(shape=(2, 6, 64, 48), shifted_copy=True),
+    "in the shifted copy (off CPU), float64": dict(shape=(2, 6, 64, 48), dtype=torch.float64, shifted_copy=True),
     "channels_last": dict(shape=(2, 6, 64, 48), channels_last=True),
     "half": dict(shape=(2, 6, 64, 48), dtype=torch.float16),
 }
@@ -158,10 +160,21 @@ INFERENCE_WAYS = {  # the ways inference without gradient computes, by input (mo
 
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no affine"])
 @pytest.mark.parametrize("way", INFERENCE_WAYS)
-def test_every_way_of_inference_equals_the_formula(way, affine):
+def test_every_way_of_inference_equals_the_formula(way, affine, monkeypatch):
     """Each mode through each path of inference without gradient against eqs. 5-8 in float64, the
-    population far from the samples (mean/std ~ 10) so that a shift error would show."""
+    population far from the samples (mean/std ~ 10) so that a shift error would show. The path of
+    other devices (output written into the shifted copy) is called directly here."""
     spec = INFERENCE_WAYS[way]
+    if spec.get("shifted_copy"):
+        plain = EvalNorm2d.forward
+
+        def through_shifted_copy(self, x):
+            if self.training:
+                return plain(self, x)
+            mean_e, var_e = self.running_mean.to(x.dtype), self.running_var.to(x.dtype)
+            return self._eval_in_shifted_copy(x, mean_e, var_e, float(self.alpha), float(self.beta))
+
+        monkeypatch.setattr(EvalNorm2d, "forward", through_shifted_copy)
     dtype = spec.get("dtype", torch.float32)
     x = (sample(spec["shape"], offset=3.0) + 10.0).to(dtype)
     if spec.get("channels_last"):

@@ -5,16 +5,18 @@ import pytest
 import torch
 
 from d2_bnstats.layers.evalnorm import EvalNorm2d
+from d2_bnstats.layers import moments
 from d2_bnstats.layers.moments import FUSED_STATISTICS_MAX_NUMEL, per_sample_moments
 
 RATIOS = (1.0, 1e2, 1e3, 1e4)
 # both ways of computing them on CPU: torch's fused statistics kernel up to FUSED_STATISTICS_MAX_NUMEL
-# values, shifted sums above (and on every other device)
+# values, checked plain sums above (shifted sums for the maps where plain sums are imprecise: at
+# ratio 1 some maps, above all of them)
 SHAPES = {
     "backbone, fused": (2, 8, 16, 16),
     "head, fused": (64, 8, 7, 7),
-    "backbone, shifted sums": (2, 8, 64, 64),
-    "head, shifted sums": (256, 8, 7, 7),
+    "backbone, checked sums": (2, 8, 64, 64),
+    "head, checked sums": (256, 8, 7, 7),
 }
 
 
@@ -46,7 +48,20 @@ def test_per_sample_moments_match_float64_at_any_mean_to_std_ratio(shape, ratio)
     torch.testing.assert_close(mean.double(), ref_mean, rtol=4e-7, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape", [SHAPES["backbone, fused"], SHAPES["backbone, shifted sums"]], ids=["fused", "shifted sums"])
+def test_plain_sums_are_kept_where_precise_and_replaced_where_not(monkeypatch):
+    x = maps(SHAPES["backbone, checked sums"], 0.1)  # mean² at most 0.09 variances: plain sums
+    x[0, :3] += 1e3  # three maps at mean/std ~1e3: shifted sums
+    recomputed = []
+    shifted = moments.shifted_sample_moments
+    monkeypatch.setattr(moments, "shifted_sample_moments", lambda m: recomputed.append(m.shape[1]) or shifted(m))
+    mean, var = per_sample_moments(x)
+    assert recomputed == [3]
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=(2, 3), correction=0)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=4e-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [SHAPES["backbone, fused"], SHAPES["backbone, checked sums"]], ids=["fused", "checked sums"])
 def test_per_sample_moments_in_float64_for_double_input(shape):
     x = maps(shape, 1e4).double()
     ref_var, ref_mean = torch.var_mean(x, dim=(2, 3), correction=0)
@@ -64,7 +79,7 @@ def instance_norm_float64(x, layer):
 
 
 @pytest.mark.parametrize("ratio", RATIOS)
-@pytest.mark.parametrize("shape", ["backbone, fused", "backbone, shifted sums"])
+@pytest.mark.parametrize("shape", ["backbone, fused", "backbone, checked sums"])
 @pytest.mark.parametrize("path", ["no_grad", "channels_last", "with_grad"])
 def test_evalnorm_alpha_beta_one_is_instance_norm_in_float64(path, shape, ratio):
     """alpha = beta = 1: mu_hat = mu_i, sigma2_hat = sigma2_i (instance normalization). The error

@@ -117,7 +117,6 @@ from .moments import (
     batch_moments_from_samples,
     empty_output,
     exporting_to_onnx,
-    fits_fused_statistics,
     global_moments,
     guarded_batch_norm,
     per_sample_moments,
@@ -434,7 +433,8 @@ class EvalNorm2d(nn.BatchNorm2d):
         cdt = torch.promote_types(x.dtype, torch.float32)
         mean_e, var_e = self.running_mean.to(cdt), self.running_var.to(cdt)
         if not needs_grad:
-            if x.dtype == cdt and not fits_fused_statistics(x) and x.is_contiguous() and not exporting_to_onnx():
+            # off CPU: statistics and output in one shifted copy; on CPU per_sample_moments avoids the copy
+            if not x.is_cpu and x.dtype == cdt and x.is_contiguous() and not exporting_to_onnx():
                 return self._eval_in_shifted_copy(x, mean_e, var_e, alpha, beta)
             mean_i, var_i = per_sample_moments(x)
             mu_hat, var_hat = evalnorm_moments(mean_i, var_i, mean_e, var_e, alpha, beta)
