@@ -27,6 +27,7 @@ from .layers.frozen_bn import freeze_batch_statistics, unfreeze_batch_statistics
 from .layers.population import precise_bn
 from .layers.population_protocol import population_layers
 from .layers.roi_shuffle import RoIShuffleBatchNorm2d
+from .layers.step_guard import StepStatisticsGuard
 from .layers.sync_bn import SyncBatchNorm2d
 from .layers.test_batch_stats import batch_statistics
 from .registry import (
@@ -73,6 +74,7 @@ __all__ = [
     "register_norm",
     "registered_norms",
     "RoIShuffleBatchNorm2d",
+    "StepStatisticsGuard",
     "set_evalnorm_mode",
     "SyncBatchNorm2d",
     "to_frozen",

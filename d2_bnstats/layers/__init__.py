@@ -10,6 +10,7 @@ from .mabn import MABN2d
 from .mabn_step import attach_step_hook, end_step
 from .per_level import PerLevelNorm
 from .roi_shuffle import RoIShuffleBatchNorm2d
+from .step_guard import StepStatisticsGuard
 from .sync_bn import SyncBatchNorm2d
 from .weight_centralization import WeightCentralizedConv2d, fold_weight_centralization
 
@@ -23,6 +24,7 @@ __all__ = [
     "MABN2d",
     "PerLevelNorm",
     "RoIShuffleBatchNorm2d",
+    "StepStatisticsGuard",
     "SyncBatchNorm2d",
     "WeightCentralizedConv2d",
 ]
