@@ -96,3 +96,41 @@ def test_the_command_line_keeps_the_training_tools_launch_flags():
     assert (args.config_file, args.num_gpus, args.dist_url, args.eval_only) == ("C", 2, "tcp://127.0.0.1:1234", True)
     text = argument_parser().format_help()
     assert "--precise-bn-samples" in text and "--config-file" in text and "evalnorm_offline" in text
+
+
+def test_evalnorm_with_precise_bn_is_the_learned_formula_on_precise_bn_statistics(datasets_root, tmp_path):
+    """Reference: the PreciseBN strategy on another copy of the model, over the same images."""
+    import copy
+    import os
+
+    import numpy as np
+    from detectron2.modeling import build_model
+
+    from d2_bnstats.compare import CompareContext
+    from d2_bnstats.d2.train import load_config
+    from d2_bnstats.d2.trainer import Trainer
+    from d2_bnstats.layers.evalnorm import evalnorm_layers
+
+    from .conftest import REPO, tiny_opts
+
+    cfg = load_config(os.path.join(REPO, "configs", "cpu", "frcnn_r18_evalnorm_2img.yaml"), tiny_opts(tmp_path))
+    model = build_model(cfg)
+    ctx = CompareContext(cfg, model, Trainer)
+    precise, combined = copy.deepcopy(model), copy.deepcopy(model)
+
+    def prepare(spec, copy_of_model):
+        np.random.seed(0)  # the training loader's order and flips
+        torch.manual_seed(0)
+        return build_strategy(spec, OPTIONS).prepare(ctx, copy_of_model)
+
+    prepare("precise_bn:4", precise)
+    facts = prepare("evalnorm_precise_bn:4", combined)
+    assert facts["images"] == 4 and facts["mode"] == "learned"
+    pairs = list(zip(evalnorm_layers(precise), evalnorm_layers(combined), evalnorm_layers(model)))
+    assert len(pairs) == facts["layers_updated"] > 0
+    for (name, a), (_, b), (_, original) in pairs:
+        assert a.mode == "ema" and b.mode == "learned"
+        assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var), name
+        assert not torch.equal(b.running_var, original.running_var), name  # not the checkpoint's statistics
+        assert torch.equal(b.alpha_hat, original.alpha_hat) and torch.equal(b.beta_hat, original.beta_hat)
+    assert build_strategy("evalnorm_precise_bn:4", OPTIONS).name == "EvalNorm learned + PreciseBN(4)"

@@ -15,7 +15,7 @@ import pytest
 from bnstats_lab.experiments.cell import LOSS_WINDOW, run_folder, training_metrics
 from bnstats_lab.experiments.catalog import default_experiments
 from bnstats_lab.experiments.records import iter_records, read_record, record_path, rows
-from bnstats_lab.experiments.spec import Cell, Experiment
+from bnstats_lab.experiments.spec import Cell, Experiment, evaluation_of
 
 from .conftest import REPO
 
@@ -82,6 +82,17 @@ def test_runner_records_skips_and_reports_failures(tmp_path, datasets_root):
     assert "would run broken seed 0" in dry.stdout and "would run evalnorm" not in dry.stdout
     assert [r["cell"] for r in iter_records(results)] == ["evalnorm"]
 
+    # an evaluation of that checkpoint under other strategies, without training; seed 1 has no checkpoint
+    evaluated = run_tool(["--experiment", "tiny_eval", "--results", results, "--work", work], datasets_root, check=1)
+    assert "evaluates" in evaluated.stdout and "seed1" in evaluated.stdout and "does not exist yet" in evaluated.stdout
+    assert not os.path.exists(record_path(results, "tiny_eval", "evalnorm", 1))
+    again = read_record(record_path(results, "tiny_eval", "evalnorm", 0))
+    assert again["train"]["checkpoint_of"] == "tiny/evalnorm" and again["train"]["iterations"] == 3
+    assert os.path.getmtime(os.path.join(folder, "model_final.pth")) < os.path.getmtime(path)  # not retrained
+    # EMA is deterministic given the checkpoint: the same AP as the training run's own evaluation
+    assert again["strategies"][0]["bbox"] == record["strategies"][0]["bbox"]
+    assert again["strategies"][1]["label"] == "EvalNorm learned + PreciseBN(4)" and again["strategies"][1]["available"]
+
 
 @pytest.mark.slow
 def test_stopped_training_resumes_from_its_checkpoint(tmp_path, datasets_root):
@@ -124,6 +135,13 @@ def test_declarations_refuse_bad_tables():
         experiment.select(seeds=[5])
     with pytest.raises(KeyError, match="no cell 'z'"):
         experiment.cell("z")
+    with pytest.raises(ValueError, match="a comparison is two strategies of its cells.*precise_bn in no cell"):
+        Experiment("e", "", (Cell("a", "c.yaml"),), comparisons=(("ema", "precise_bn"),))
+    with pytest.raises(ValueError, match="checkpoint_of is \\(experiment, cell\\)"):
+        Cell("a", "c.yaml", checkpoint_of=("e1",))
+    evaluation = evaluation_of("e1", Cell("a", "c.yaml", ("K", "V"), factors=(("n", 2),)), ("ema", "precise_bn:9"))
+    assert (evaluation.name, evaluation.config, evaluation.overrides, evaluation.checkpoint_of) == (
+        "a", "c.yaml", ("K", "V"), ("e1", "a"))
 
 
 def test_declared_experiments_name_existing_configs_and_strategies():

@@ -224,7 +224,7 @@ def test_compare_tool_end_to_end(trained, datasets_root, tmp_path):
     summary = json.loads((output / "compare.json").read_text())
     names = [s["name"] for s in summary["strategies"]]
     assert names == ["EMA", "PreciseBN(4)", "batch stats (k=1)", "batch stats (k=2)", "EvalNorm learned",
-                     "EvalNorm 1/B²", "EvalNorm 1/B", "EvalNorm offline"]
+                     "EvalNorm 1/B²", "EvalNorm 1/B", "EvalNorm learned + PreciseBN(4)", "EvalNorm offline"]
     assert len(names) == len(registered_strategies()) + 1  # batch statistics twice
     for s in summary["strategies"]:
         assert s["name"] in proc.stdout

@@ -317,6 +317,20 @@ def test_markdown_tables_and_not_run(results):
     assert [line for line in text.splitlines() if line.startswith("| **c-")][0].endswith("| not run | not run |")
 
 
+def test_declared_comparisons_get_their_paired_difference_table(results):
+    records = report.load_records(results)
+    declared = [Experiment(EXP, "synthetic", tuple(
+        Cell(name, "x.yaml", strategies=("ema", "evalnorm_learned", "precise_bn:500"), factors=tuple(f.items()))
+        for name, f in FACTORS.items()), comparisons=(("evalnorm_learned", "precise_bn:500"),))]
+    text = report.render_markdown(records, (), experiments=declared)
+    section = text.split("Paired difference evalnorm_learned − precise_bn:500, box AP")[1]
+    row = _table_row(section, "scratch_2img")
+    differences = [a - b for a, b in zip(AP["scratch_2img"]["evalnorm_learned"], AP["scratch_2img"]["precise_bn:500"])]
+    assert row[-1] == f"{statistics.mean(differences):+.2f} ± {statistics.stdev(differences):.2f} (3)"
+    assert _table_row(section, "finetune_2img")[-1].endswith("(2)")  # seed 1 lacks evalnorm_learned
+    assert "Paired difference evalnorm_learned − precise_bn:500" not in report.render_markdown(records, ())
+
+
 def test_markdown_renders_without_any_record():
     text = report.render_markdown([], CLAIMS)
     claim_rows = [line for line in text.splitlines() if line.startswith("| **")]

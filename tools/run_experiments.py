@@ -44,7 +44,8 @@ def list_experiments(experiments, results_root):
         print(f"{experiment.name}: {experiment.description} (seeds {list(experiment.seeds)})")
         for cell in experiment.cells:
             present = [s for s in experiment.seeds if has_record(results_root, experiment.name, cell.name, s)]
-            print(f"  {cell.name:28s} records for seeds {present or '-'}  ({cell.config})")
+            source = f"evaluates {'/'.join(cell.checkpoint_of)}" if cell.checkpoint_of else cell.config
+            print(f"  {cell.name:28s} records for seeds {present or '-'}  ({source})")
 
 
 def main(argv=None) -> int:

@@ -10,6 +10,10 @@
   frozen recipe), SyncBN over 2 processes × 1 image, GhostBN in the box head, FrozenBN for the last
   quarter of training; Mask R-CNN for EvalNorm/BN, MABN and GN. E1's cells are its BN/EvalNorm rows
   (its 8-image cell the large-batch reference MABN claims to reach).
+- ``e3``: PreciseBN over 20, 100, 500 and 2000 training images against EMA, evaluations of E1's
+  2-image checkpoints on the benchmark scenes (no training).
+- ``e4``: EvalNorm with learned α̂, β̂ and PreciseBN's population statistics against each alone,
+  evaluations of every E1 checkpoint on the benchmark scenes (no training).
 
 Schedules are cut from the config matrix's (``configs/cpu``: 4500 iterations at 2 images) to fit the
 CPU budget: 800 iterations at 2 images (the demo's schedule), 400 at 8 images (the linear scaling
@@ -22,7 +26,7 @@ import os
 import sys
 from typing import Dict, Optional, Tuple
 
-from .spec import Cell, Experiment
+from .spec import Cell, Experiment, evaluation_of
 
 # Per-channel pixel mean / std (RGB) of each scene set's training split (pixel_statistics, 500 images)
 SCENES = {
@@ -148,8 +152,33 @@ def _e2() -> Experiment:
     return Experiment("e2", "which norm at 2 images per batch", tuple(cells), requires=PRETRAININGS)
 
 
+E3_STRATEGIES = ("ema", "precise_bn:20", "precise_bn:100", "precise_bn:500", "precise_bn:2000")
+E4_STRATEGIES = ("ema", "precise_bn:500", "evalnorm_learned", "evalnorm_precise_bn:500")
+
+
+def _benchmark_cells(images: Tuple[int, ...]):
+    return [c for c in _e1().cells
+            if c.factor_dict["scenes"] == BENCHMARK_SCENES and c.factor_dict["images_per_batch"] in images]
+
+
+def _e3() -> Experiment:
+    """PreciseBN over 20 to 2000 images against EMA, on E1's 2-image checkpoints of the benchmark level."""
+    cells = tuple(evaluation_of("e1", c, E3_STRATEGIES, ("--discrepancy-images", "0", "--batch-sizes", "2"))
+                  for c in _benchmark_cells((2,)))
+    return Experiment("e3", "PreciseBN against EMA as the number of images grows (evaluations of E1)", cells)
+
+
+def _e4() -> Experiment:
+    """EvalNorm with PreciseBN's population statistics, on every E1 checkpoint of the benchmark level."""
+    cells = tuple(evaluation_of("e1", c, E4_STRATEGIES, ("--discrepancy-images", "16", "--batch-sizes", "2"))
+                  for c in _benchmark_cells((2, 8)))
+    return Experiment("e4", "EvalNorm with PreciseBN's population statistics (evaluations of E1)", cells,
+                      comparisons=(("evalnorm_precise_bn:500", "evalnorm_learned"),
+                                   ("evalnorm_precise_bn:500", "precise_bn:500")))
+
+
 def default_experiments() -> Dict[str, Experiment]:
-    experiments = [_levels(), _e1(), _e2()]
+    experiments = [_levels(), _e1(), _e2(), _e3(), _e4()]
     return {e.name: e for e in experiments}
 
 

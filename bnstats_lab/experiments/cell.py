@@ -82,24 +82,34 @@ def training_metrics(metrics_path: str) -> Dict[str, object]:
     }
 
 
-def compare_arguments(cell: Cell, output_dir: str, compare_dir: str) -> List[str]:
+def compare_arguments(cell: Cell, output_dir: str, compare_dir: str, weights: Optional[str] = None) -> List[str]:
+    weights = weights or os.path.join(output_dir, FINAL_MODEL)
     return [
         "--config-file", cell.config, "--output", compare_dir, "--strategies", *cell.strategies,
         *cell.compare_options,
-        *cell.overrides, "MODEL.WEIGHTS", os.path.join(output_dir, FINAL_MODEL), "OUTPUT_DIR", output_dir,
+        *cell.overrides, "MODEL.WEIGHTS", weights, "OUTPUT_DIR", output_dir,
     ]  # fmt: skip
 
 
-def evaluate(cell: Cell, output_dir: str) -> dict:
-    """The comparison's summary (``compare.json``), run unless a finished one is newer than the model."""
+def source_checkpoint(cell: Cell, seed: int, work_root: str) -> Optional[str]:
+    """The checkpoint an evaluation cell (``checkpoint_of``) evaluates, or None for a training cell."""
+    if cell.checkpoint_of is None:
+        return None
+    return os.path.join(run_folder(work_root, *cell.checkpoint_of, seed), FINAL_MODEL)
+
+
+def evaluate(cell: Cell, output_dir: str, weights: Optional[str] = None) -> dict:
+    """The comparison's summary (``compare.json``) of ``weights`` (default: the run's final model), run
+    unless a finished one is newer than the model."""
     from d2_bnstats.compare import parse_args, run
 
+    weights = weights or os.path.join(output_dir, FINAL_MODEL)
     compare_dir = os.path.join(output_dir, "compare")
     summary_path = os.path.join(compare_dir, "compare.json")
-    model_time = os.path.getmtime(os.path.join(output_dir, FINAL_MODEL))
+    model_time = os.path.getmtime(weights)
     if not (os.path.isfile(summary_path) and os.path.getmtime(summary_path) > model_time and
             _same_strategies(summary_path, cell)):
-        run(parse_args(compare_arguments(cell, output_dir, compare_dir)))
+        run(parse_args(compare_arguments(cell, output_dir, compare_dir, weights)))
     with open(summary_path) as f:
         return json.load(f)
 
@@ -143,9 +153,18 @@ def run_cell(experiment: Experiment, cell: Cell, seed: int, results_root: str, w
     start = time.perf_counter()
     source = source_version(repo)  # the code this process runs was loaded now, not when the run ends
     output_dir = run_folder(work_root, experiment.name, cell.name, seed)
-    training = train(cell, seed, output_dir)
+    weights = source_checkpoint(cell, seed, work_root)
+    if weights is None:
+        training = train(cell, seed, output_dir)
+    else:  # an evaluation of another cell's checkpoint: its training is that cell's
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"{experiment.name}/{cell.name} seed {seed} evaluates {weights}, which does not "
+                                    f"exist: run {'/'.join(cell.checkpoint_of)} seed {seed} first")
+        os.makedirs(output_dir, exist_ok=True)
+        training = dict(training_metrics(os.path.join(os.path.dirname(weights), "metrics.json")),
+                        checkpoint_of="/".join(cell.checkpoint_of))
     evaluation_start = time.perf_counter()
-    summary = evaluate(cell, output_dir)
+    summary = evaluate(cell, output_dir, weights)
     record = {
         "experiment": experiment.name, "cell": cell.name, "seed": seed, "factors": cell.factor_dict,
         "config": cell.config, "overrides": list(cell.overrides), "config_hash": recipe_hash(cell),

@@ -150,6 +150,14 @@ def _experiment_section(records: List[dict], experiment: str, experiments: Seque
             parts.append(table(others, lambda cell, cell_recs, plan, strategy: (
                 _fmt(paired_difference(recs, experiment, cell, strategy, reference, (task, "AP")), signed=True)
                 or _missing(cell_recs, plan, strategy)), [f"{s} − {reference}" for s in others]))
+    comparisons = next((getattr(e, "comparisons", ()) for e in experiments if e.name == experiment), ())
+    for a, b in comparisons:
+        for task in tasks:
+            parts.append(f"Paired difference {a} − {b}, {TASK_LABEL[task]}: per seed on the same checkpoint, "
+                         "then mean ± std (number of seeds)")
+            parts.append(table([a], lambda cell, cell_recs, plan, strategy, b=b, task=task: (
+                _fmt(paired_difference(recs, experiment, cell, strategy, b, (task, "AP")), signed=True)
+                or _missing(cell_recs, plan, strategy)), [f"{a} − {b}"]))
     with_discrepancy = [s for s in strategies
                         if any(v["strategy"] == s and v["discrepancy_l1"]["n"] for v in summary.values())]
     if with_discrepancy:

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Callable, List, Optional, Sequence
 
-from .cell import run_folder
+from .cell import run_folder, source_checkpoint
 from .records import has_record
 from .spec import Experiment
 
@@ -83,6 +83,12 @@ def run_experiment(
     started = time.perf_counter()
     for index, (cell, seed) in enumerate(todo, 1):
         name = f"{cell.name}/seed{seed}"
+        source = source_checkpoint(cell, seed, work_root)
+        if source is not None and not os.path.isfile(source):
+            summary.failed.append(name)
+            log(f"[{index}/{len(todo)}] {experiment.name} {name}: not run: it evaluates {source}, which does not "
+                f"exist yet (run {'/'.join(cell.checkpoint_of)} seed {seed} first)")
+            continue
         folder = run_folder(work_root, experiment.name, cell.name, seed)
         os.makedirs(folder, exist_ok=True)
         log_path = os.path.join(folder, "run.log")

@@ -2,7 +2,8 @@
 inference-statistics strategies each trained checkpoint is evaluated under.
 
 A :class:`Cell` is one training recipe; with a seed it is one trained checkpoint, evaluated once per
-strategy with the comparison tool's library entry. ``factors`` describe the cell for the report's
+strategy with the comparison tool's library entry. A cell made by :func:`evaluation_of` trains
+nothing: it evaluates another experiment's checkpoints under other strategies. ``factors`` describe the cell for the report's
 tables (setting, images per batch, scenes, norm, ...). Everything here is plain data, so an
 experiment's declaration reads as its protocol.
 """
@@ -29,6 +30,9 @@ class Cell:
     # comparison options: training images for PreciseBN / offline EvalNorm, discrepancy images
     compare_options: Tuple[str, ...] = ()
     num_processes: int = 1  # training processes (gloo on CPU): SyncBN over 2 processes × 1 image
+    # (experiment, cell): evaluate that cell's checkpoint of the same seed instead of training one;
+    # config and overrides must then be that cell's (:func:`evaluation_of` copies them)
+    checkpoint_of: Optional[Tuple[str, str]] = None
 
     def __post_init__(self):
         if not _NAME.match(self.name):
@@ -41,10 +45,20 @@ class Cell:
             raise ValueError(f"cell {self.name}: give at least one strategy")
         if self.num_processes < 1:
             raise ValueError(f"cell {self.name}: num_processes must be >= 1, got {self.num_processes}")
+        if self.checkpoint_of is not None and (len(self.checkpoint_of) != 2 or not all(self.checkpoint_of)):
+            raise ValueError(f"cell {self.name}: checkpoint_of is (experiment, cell), got {self.checkpoint_of!r}")
 
     @property
     def factor_dict(self) -> Dict[str, Factor]:
         return dict(self.factors)
+
+
+def evaluation_of(experiment: str, source: Cell, strategies: Tuple[str, ...], compare_options: Tuple[str, ...] = (),
+                  factors: Tuple[Tuple[str, Factor], ...] = ()) -> Cell:
+    """A cell that evaluates ``source``'s checkpoints (cell of ``experiment``, one per seed) under other
+    ``strategies``, without training: same name, config, overrides and factors (plus ``factors``)."""
+    return Cell(source.name, source.config, source.overrides, strategies, source.factors + factors,
+                compare_options or source.compare_options, source.num_processes, (experiment, source.name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +71,9 @@ class Experiment:
     seeds: Tuple[int, ...] = (0, 1, 2)
     # files the cells need, each with the command that makes it (run by the runner when missing)
     requires: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
+    # (strategy a, strategy b) pairs whose paired difference a − b the report tabulates, besides each
+    # strategy's difference to the report's reference (EMA)
+    comparisons: Tuple[Tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if not _NAME.match(self.name):
@@ -67,6 +84,12 @@ class Experiment:
             raise ValueError(f"experiment {self.name}: cells declared twice: {duplicates}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"experiment {self.name}: seeds must be distinct and non-empty, got {self.seeds}")
+        declared = {s for c in self.cells for s in c.strategies}
+        for pair in self.comparisons:
+            unknown = [s for s in pair if s not in declared] if len(pair) == 2 else list(pair)
+            if len(pair) != 2 or unknown:
+                raise ValueError(f"experiment {self.name}: a comparison is two strategies of its cells, got {pair!r}"
+                                 + (f" ({', '.join(unknown)} in no cell)" if len(pair) == 2 else ""))
 
     def cell(self, name: str) -> Cell:
         for cell in self.cells:

@@ -50,7 +50,8 @@ TOOL_OPTIONS = (
     (("--output",), dict(default=None, help="output folder (default: OUTPUT_DIR/compare_bn_stats)")),
     (("--strategies",), dict(nargs="+", metavar="SPEC",
                              help="strategies to run (default: all): ema, precise_bn[:N], batch_stats[:K], "
-                                  "evalnorm_learned, evalnorm_rule, evalnorm_exact, evalnorm_offline[:N]")),
+                                  "evalnorm_learned, evalnorm_rule, evalnorm_exact, evalnorm_precise_bn[:N], "
+                                  "evalnorm_offline[:N]")),
     (("--max-images",), dict(type=int, default=0, help="evaluate only the first N test images (0: all)")),
     (("--precise-bn-samples",), dict(type=int, default=1000,
                                      help="training images for the PreciseBN strategy (default 1000)")),

@@ -8,6 +8,7 @@ from .strategies import (
     BatchStatsStrategy,
     EMAStrategy,
     EvalNormOfflineStrategy,
+    EvalNormPreciseBNStrategy,
     EvalNormStrategy,
     PreciseBNStrategy,
     Strategy,
@@ -79,6 +80,10 @@ register_strategy(
 )
 for _key in EVALNORM_MODES:
     register_strategy(_key, _evalnorm_factory(_key))
+register_strategy(
+    "evalnorm_precise_bn",
+    lambda arg, opts: EvalNormPreciseBNStrategy(int_argument("evalnorm_precise_bn", arg, opts["precise_bn_samples"])),
+)
 register_strategy(
     "evalnorm_offline",
     lambda arg, opts: EvalNormOfflineStrategy(int_argument("evalnorm_offline", arg, opts["precise_bn_samples"])),

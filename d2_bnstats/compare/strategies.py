@@ -11,7 +11,10 @@ says how a training batch's layer input is cut into what it normalizes together 
 - batch statistics at test with k images per test batch;
 - EvalNorm learned / 1/B² / 1/B (Singh & Shrivastava, ICCV 2019, sections 3.2-3.4: the sample's own
   moments mixed with the population's, weights α̂, β̂), and EvalNorm offline (α̂, β̂ estimated after
-  training, a BN-trained model converted first).
+  training, a BN-trained model converted first);
+- EvalNorm learned with PreciseBN's population statistics: μ_E, σ²_E of eqs. 7-8 recomputed over N
+  training images with the final weights instead of the running averages (a combination neither
+  paper evaluates).
 
 Names for specs (``"precise_bn:1000"``) live in :mod:`d2_bnstats.compare.registry`.
 """
@@ -193,3 +196,27 @@ class EvalNormOfflineStrategy(EvalNormStrategy):
         converted = estimate_evalnorm_offline(ctx.cfg, unwrap(model), self.num_images)
         set_evalnorm_mode(unwrap(model), "learned")
         return {"mode": "learned", "images": self.num_images, "converted_layers": len(converted)}
+
+
+class EvalNormPreciseBNStrategy(PreciseBNStrategy):
+    """EvalNorm with learned α̂, β̂ mixing each sample's moments with PreciseBN's population statistics
+    (recomputed over N training images) instead of the running averages."""
+
+    def __init__(self, num_images: int):
+        super().__init__(num_images)
+        self.name = f"EvalNorm learned + PreciseBN({num_images})"
+        self.description = (f"α̂, β̂ learned during training, population statistics recomputed over {num_images} "
+                            "training images (PreciseBN) instead of the running averages")
+
+    def unavailable(self, ctx):
+        if not model_has_evalnorm(ctx.model):
+            return "the model has no EvalNorm layers (no MODEL.*.NORM is EvalNorm)"
+        return None
+
+    def prepare(self, ctx, model):
+        facts = super().prepare(ctx, model)  # EvalNorm layers as BN ("ema") while PreciseBN reads their inputs
+        set_evalnorm_mode(unwrap(model), "learned")
+        return dict(facts, mode="learned")
+
+    def discrepancy_groups(self, x, images):
+        return [x]
