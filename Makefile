@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 DEMO_CONFIG ?= configs/cpu/demo_evalnorm_diverse.yaml
 DEMO_SCENES ?= fashion_scenes_d200
 DEMO_OUTPUT ?= output/demo
-# The demo's schedule: 800 iterations (LR steps at 70% and 90%) keeps `make demo` under 15 minutes (13 measured).
+# The demo's schedule: 800 iterations (LR steps at 70% and 90%) keeps `make demo` under 15 minutes (8 measured,
+# data already built).
 DEMO_OPTS ?= SOLVER.MAX_ITER 800 SOLVER.STEPS "(560, 720)"
 DEMO_STRATEGIES ?= ema precise_bn:100 evalnorm_learned evalnorm_rule
 PYTEST_ARGS ?=
