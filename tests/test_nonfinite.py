@@ -252,7 +252,11 @@ def test_a_layer_whose_statistics_are_already_nonfinite_counts_every_update():
     assert int(layer.nonfinite_skips) == 2
 
 
-def _distributed_worker(rank, world_size):
+def distributed_worker(rank, world_size, per_step=False):
+    """Three steps of each synchronised layer on 2 processes, rank 1's second batch with a NaN; the
+    layers guard themselves, or (``per_step``) a StepStatisticsGuard checks after each step."""
+    from d2_bnstats.layers.step_guard import StepStatisticsGuard
+
     layers = {
         "SyncBN": SyncBatchNorm2d(C),
         "SyncEvalNorm": EvalNorm2d(C, sync=True),
@@ -261,17 +265,21 @@ def _distributed_worker(rank, world_size):
     out = {}
     for name, layer in layers.items():
         layer.train()
+        guard = StepStatisticsGuard(layer) if per_step else None
         states = []
         for step in range(3):
+            if guard is not None:
+                guard.snapshot()
             x = bad_batch(10 * step + rank) if (step == 1 and rank == 1) else batch(10 * step + rank, n=N + rank)
             layer(x.requires_grad_(True)).sum().backward()
+            if guard is not None:
+                guard.restore_nonfinite()
             states.append(statistics(layer) + [layer.nonfinite_skips.clone()])
         out[name] = states
     return out
 
 
-def test_every_process_skips_a_batch_that_is_nonfinite_on_one_of_them():
-    results = run_distributed(_distributed_worker, 2)
+def assert_every_process_skipped_the_nonfinite_step(results):
     for name in results[0]:
         per_rank = [r[name] for r in results]
         for step in range(3):  # global statistics: every process holds the same state
@@ -280,6 +288,10 @@ def test_every_process_skips_a_batch_that_is_nonfinite_on_one_of_them():
         assert_same(skipped[:3], first[:3])  # step 1: rank 1's batch had a NaN, nobody updated
         assert int(skipped[3]) == 1 and int(after[3]) == 1
         assert int(after[2]) == 2 and not torch.equal(after[0], first[0])  # step 2 updated again
+
+
+def test_every_process_skips_a_batch_that_is_nonfinite_on_one_of_them():
+    assert_every_process_skipped_the_nonfinite_step(run_distributed(distributed_worker, 2))
 
 
 @pytest.mark.parametrize("where", ["first", "middle"])

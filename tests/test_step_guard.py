@@ -11,12 +11,22 @@ from torch import nn
 from d2_bnstats.d2.statistics_health import NEW_KEY, StatisticsHealthHook, StepGuardHook
 from d2_bnstats.layers.evalnorm import EvalNorm2d
 from d2_bnstats.layers.moments import GUARDED_PER_STEP
-from d2_bnstats.layers.roi_shuffle import RoIShuffleBatchNorm2d
 from d2_bnstats.layers.step_guard import StepStatisticsGuard
 from d2_bnstats.layers.sync_bn import SyncBatchNorm2d
 
 from .distributed import run_distributed
-from .test_nonfinite import LAYERS, N, C, assert_same, bad_batch, batch, build, statistics
+from .test_nonfinite import (
+    LAYERS,
+    C,
+    N,
+    assert_every_process_skipped_the_nonfinite_step,
+    assert_same,
+    bad_batch,
+    batch,
+    build,
+    distributed_worker,
+    statistics,
+)
 
 ALL_LAYERS = list(LAYERS) + ["BN (torch)"]
 SEQUENCE = [(0, "finite"), (1, "nan"), (2, "finite"), (3, "inf")]
@@ -204,43 +214,5 @@ def test_a_step_that_raises_still_leaves_finite_statistics():
 # across processes
 
 
-def _distributed_worker(rank, world_size):
-    layers = {"SyncBN": SyncBatchNorm2d(C), "SyncEvalNorm": EvalNorm2d(C, sync=True), "RoIShuffleBN": RoIShuffleBatchNorm2d(C)}
-    out = {}
-    for name, layer in layers.items():
-        layer.train()
-        guard = StepStatisticsGuard(layer)
-        states = []
-        for step in range(3):
-            guard.snapshot()
-            x = bad_batch(10 * step + rank) if (step == 1 and rank == 1) else batch(10 * step + rank, n=N + rank)
-            layer(x.requires_grad_(True)).sum().backward()
-            guard.restore_nonfinite()
-            states.append(statistics(layer) + [layer.nonfinite_skips.clone()])
-        out[name] = states
-    return out
-
-
 def test_every_process_restores_a_step_that_was_nonfinite_on_one_of_them():
-    results = run_distributed(_distributed_worker, 2)
-    for name in results[0]:
-        per_rank = [r[name] for r in results]
-        for step in range(3):
-            assert_same(per_rank[0][step], per_rank[1][step])
-        first, skipped, after = per_rank[0]
-        assert_same(skipped[:3], first[:3])
-        assert int(skipped[3]) == 1 and int(after[3]) == 1
-        assert int(after[2]) == 2 and not torch.equal(after[0], first[0])
-
-
-def test_finite_statistics_whose_squares_overflow_are_kept():
-    layer = nn.BatchNorm2d(C).train()
-    with torch.no_grad():
-        layer.running_var.fill_(1e30)  # finite, but its square is not in float32
-    guard = StepStatisticsGuard(layer)
-    guard.snapshot()
-    layer(batch(0))
-    updated = statistics(layer)
-    assert guard.restore_nonfinite() == 0
-    assert_same(statistics(layer), updated)
-    assert int(layer.nonfinite_skips) == 0
+    assert_every_process_skipped_the_nonfinite_step(run_distributed(distributed_worker, 2, args=(True,)))
