@@ -313,11 +313,10 @@ def test_precise_bn_leaves_out_nonfinite_batches_and_reports_them(where):
     assert int(model[1].nonfinite_skips) == 0  # the layer's own skips during the pass are undone with its state
 
 
-def test_skip_counts_reach_detectron2_metrics():
+def batch_loop(model, batches, raise_at=None):
+    """A detectron2 training loop whose step i is ``model(batches[i])`` (raising, as detectron2 does on
+    a non-finite loss, at step ``raise_at``)."""
     from detectron2.engine import TrainerBase
-
-    model = nn.Sequential(SyncBatchNorm2d(C), EvalNorm2d(C, learn=False)).train()
-    batches = [batch(0), bad_batch(1), batch(2), bad_batch(3, "inf")]
 
     class Loop(TrainerBase):
         def __init__(self):
@@ -326,8 +325,16 @@ def test_skip_counts_reach_detectron2_metrics():
 
         def run_step(self):
             self.model(batches[self.iter])
+            if self.iter == raise_at:
+                raise FloatingPointError("Loss became infinite or NaN")
 
-    loop = Loop()
+    return Loop()
+
+
+def test_skip_counts_reach_detectron2_metrics():
+    model = nn.Sequential(SyncBatchNorm2d(C), EvalNorm2d(C, learn=False)).train()
+    batches = [batch(0), bad_batch(1), batch(2), bad_batch(3, "inf")]
+    loop = batch_loop(model, batches)
     loop.register_hooks([StatisticsHealthHook()])
     loop.train(0, len(batches))
     new = [v for v, _ in loop.storage.history(NEW_KEY).values()]

@@ -23,6 +23,7 @@ from .test_nonfinite import (
     assert_same,
     bad_batch,
     batch,
+    batch_loop,
     build,
     distributed_worker,
     statistics,
@@ -157,22 +158,6 @@ def test_layers_under_the_guard_read_no_value_on_the_host(name):
 # in a detectron2 loop
 
 
-def _loop(model, batches, raise_at=None):
-    from detectron2.engine import TrainerBase
-
-    class Loop(TrainerBase):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def run_step(self):
-            self.model(batches[self.iter])
-            if self.iter == raise_at:
-                raise FloatingPointError("Loss became infinite or NaN")  # as detectron2 stops
-
-    return Loop()
-
-
 def test_the_hook_undoes_nonfinite_steps_before_the_later_hooks_and_counts_them():
     model = nn.Sequential(nn.BatchNorm2d(C), SyncBatchNorm2d(C), EvalNorm2d(C, learn=False)).train()
     reference = copy.deepcopy(model)
@@ -185,7 +170,7 @@ def test_the_hook_undoes_nonfinite_steps_before_the_later_hooks_and_counts_them(
         def after_step(self):
             seen.append(all(bool(torch.isfinite(m.running_mean).all()) for m in model))
 
-    loop = _loop(model, batches)
+    loop = batch_loop(model, batches)
     loop.register_hooks([StepGuardHook(), Spy(), StatisticsHealthHook()])
     loop.train(0, len(batches))
     for x in (batches[0], batches[2]):
@@ -200,7 +185,7 @@ def test_the_hook_undoes_nonfinite_steps_before_the_later_hooks_and_counts_them(
 def test_a_step_that_raises_still_leaves_finite_statistics():
     model = nn.Sequential(nn.BatchNorm2d(C), SyncBatchNorm2d(C)).train()
     batches = [batch(0), bad_batch(1)]
-    loop = _loop(model, batches, raise_at=1)
+    loop = batch_loop(model, batches, raise_at=1)
     loop.register_hooks([StepGuardHook()])
     with pytest.raises(FloatingPointError):
         loop.train(0, len(batches))
