@@ -353,6 +353,19 @@ def test_figures_written_and_linked(results, tmp_path):
     assert f"(results/{EXP}_ap_vs_images_per_batch.png)" in text
 
 
+def test_precise_bn_images_figure_when_several_n(tmp_path):
+    records = [make_record("e3", cell, seed, {"images_per_batch": 2, "setting": cell},
+                           {"ema": 10.0 + seed, "precise_bn:20": 8.0 + seed, "precise_bn:500": 11.0 + seed})
+               for cell in ("scratch", "finetune") for seed in (0, 1)]
+    figures = report.make_figures(records, str(tmp_path / "fig"))
+    (path,) = figures["e3"]
+    assert os.path.basename(path) == "e3_ap_vs_precise_bn_images.png"
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    one_n = [make_record("e3", "scratch", 0, {"images_per_batch": 2}, {"ema": 10.0, "precise_bn:500": 11.0})]
+    assert report.make_figures(one_n, str(tmp_path / "fig1")) == {}
+
+
 def test_no_figure_without_the_factors(tmp_path):
     record = make_record(EXP, "one", 0, {"setting": "scratch", "images_per_batch": 2}, {"ema": 20.0})
     assert report.make_figures([record], str(tmp_path / "fig")) == {}

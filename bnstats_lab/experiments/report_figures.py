@@ -1,5 +1,6 @@
-"""The report's figures: box AP against images per batch, and the train–test discrepancy of EMA
-statistics against scene diversity, per experiment, as PNG files (matplotlib, Agg backend).
+"""The report's figures: box AP against images per batch, the train–test discrepancy of EMA
+statistics against scene diversity, and box AP against PreciseBN's number of images, per experiment,
+as PNG files (matplotlib, Agg backend).
 
 Error bars are the sample standard deviation over seeds (see :func:`.report_stats.summarize`).
 """
@@ -115,14 +116,56 @@ def _plot_discrepancy_vs_diversity(summary: List[dict], experiment: str, path: s
     return path
 
 
+PRECISE_BN = re.compile(r"^precise_bn:(\d+)$")
+
+
+def _precise_bn_sizes(summary: List[dict]) -> List[int]:
+    return sorted({int(m.group(1)) for s in summary if s["n"] for m in [PRECISE_BN.match(s["strategy"])] if m})
+
+
+def _plot_ap_vs_precise_bn_images(summary: List[dict], experiment: str, path: str) -> str:
+    """Box AP of PreciseBN(N) against N, one line per cell, each cell's EMA as a dashed line of the
+    same colour with its ±std band."""
+    plt = _pyplot()
+    sizes = _precise_bn_sizes(summary)
+    cells = sorted({s["cell"] for s in summary if s["n"]})
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    for index, cell in enumerate(cells):
+        color = f"C{index % 10}"
+        pts = sorted((int(PRECISE_BN.match(s["strategy"]).group(1)), s["bbox"]["mean"], s["bbox"]["std"] or 0.0)
+                     for s in summary if s["cell"] == cell and s["n"] and PRECISE_BN.match(s["strategy"]))
+        if pts:
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                        capsize=3, color=color, label=f"{cell}: PreciseBN(N)")
+        ema = next((s for s in summary if s["cell"] == cell and s["strategy"] == REFERENCE and s["n"]), None)
+        if ema is not None:
+            mean, std = ema["bbox"]["mean"], ema["bbox"]["std"] or 0.0
+            ax.axhline(mean, color=color, linestyle="--", linewidth=1, label=f"{cell}: {REFERENCE}")
+            if std:
+                ax.axhspan(mean - std, mean + std, color=color, alpha=0.08)
+    ax.set_xscale("log")
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(n) for n in sizes])
+    ax.set_xlabel("PreciseBN: training images")
+    ax.set_ylabel("box AP (COCO, %)")
+    ax.set_title(f"{experiment}: PreciseBN against EMA statistics (mean ± std over seeds)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def make_figures(records: Sequence[dict], figures_dir: str) -> Dict[str, List[str]]:
     """Per experiment, the figures its records support, written atomically into ``figures_dir``:
     ``<experiment>_ap_vs_images_per_batch.png`` (box AP against images per batch, one line per
     strategy, one panel per combination of the other varying factors, error bars the std over seeds)
     when the factor ``images_per_batch`` takes more than one value, and
     ``<experiment>_discrepancy_vs_diversity.png`` (``discrepancy_l1`` of EMA statistics against the
-    factor ``diversity``) when that factor is present with a measured discrepancy. Returns
-    {experiment: [paths]}."""
+    factor ``diversity``) when that factor is present with a measured discrepancy, and
+    ``<experiment>_ap_vs_precise_bn_images.png`` (PreciseBN(N) against N, EMA as a reference line) when
+    PreciseBN was evaluated with more than one N. Returns {experiment: [paths]}."""
     out: Dict[str, List[str]] = {}
     for experiment in sorted({r["experiment"] for r in records}):
         summary = summarize(records, experiment)
@@ -135,6 +178,9 @@ def make_figures(records: Sequence[dict], figures_dir: str) -> Dict[str, List[st
                for s in summary):
             paths.append(_plot_discrepancy_vs_diversity(
                 summary, experiment, os.path.join(figures_dir, f"{_slug(experiment)}_discrepancy_vs_diversity.png")))
+        if len(_precise_bn_sizes(summary)) > 1:
+            paths.append(_plot_ap_vs_precise_bn_images(
+                summary, experiment, os.path.join(figures_dir, f"{_slug(experiment)}_ap_vs_precise_bn_images.png")))
         if paths:
             out[experiment] = paths
     return out
