@@ -144,14 +144,20 @@ def test_declarations_refuse_bad_tables():
         "a", "c.yaml", ("K", "V"), ("e1", "a"))
 
 
-def test_declared_experiments_name_existing_configs_and_strategies():
+@pytest.mark.parametrize("catalog", [None, "bnstats_lab.experiments.catalog_coco"])
+def test_declared_experiments_name_existing_configs_and_strategies(catalog):
     from d2_bnstats.compare.registry import registered_strategies
+    from d2_bnstats.d2.train import load_config
 
-    for experiment in default_experiments().values():
+    from bnstats_lab.experiments.catalog import load_experiments
+
+    for experiment in load_experiments(catalog).values():
         for cell in experiment.cells:
             assert os.path.isfile(os.path.join(REPO, cell.config)), cell.config
             for spec in cell.strategies:
                 assert spec.split(":")[0] in registered_strategies()
+            if catalog is not None:  # the GPU configs and their overrides load (checked) here too
+                load_config(os.path.join(REPO, cell.config), list(cell.overrides))
 
 
 def test_training_metrics_of_a_cut_metrics_file(tmp_path):

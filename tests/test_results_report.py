@@ -593,3 +593,18 @@ def test_main_writes_the_default_readme_and_refuses_broken_markers(lab_results, 
     assert report.main(args) == 1
     assert "markers" in capsys.readouterr().err
     assert readme.read_text() == broken and md.read_text() == edited
+
+
+def test_main_with_another_catalog_judges_its_claims_and_leaves_the_readme(lab_results, tmp_path, capsys):
+    root, _ = lab_results
+    readme = tmp_path / "README.md"
+    untouched = README_BEFORE + report_readme.BEGIN + "\nmine\n" + report_readme.END + README_AFTER
+    readme.write_text(untouched)
+    md = tmp_path / "docs" / "results_coco.md"
+    args = ["--results", root, "--output", str(md), "--figures", str(tmp_path / "fig"),
+            "--catalog", "bnstats_lab.experiments.catalog_coco"]
+    assert report.main(args) == 0
+    assert "which-norm" not in capsys.readouterr().out and readme.read_text() == untouched
+    text = md.read_text()
+    assert "### Experiment coco_e1" in text and "| coco_e1/scratch_2img |" in text
+    assert "e1/scratch_2img_d200" not in text.split("### Claims")[1]  # the lab's claims are not judged there

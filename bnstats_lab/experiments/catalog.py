@@ -182,19 +182,24 @@ def default_experiments() -> Dict[str, Experiment]:
     return {e.name: e for e in experiments}
 
 
-def load_experiments(catalog: Optional[str] = None) -> Dict[str, Experiment]:
-    """The experiments of ``catalog`` (a module name or a ``.py`` file defining ``EXPERIMENTS``, a
-    dict or list of :class:`Experiment`), or the lab's own."""
-    if catalog is None:
-        return default_experiments()
+def load_catalog(catalog: str):
+    """The module of ``catalog``: a module name or a ``.py`` file (which defines ``EXPERIMENTS``, a dict
+    or list of :class:`Experiment`, and may define ``CLAIMS``, the claims its report judges)."""
     if catalog.endswith(".py"):
         if not os.path.isfile(catalog):
             raise FileNotFoundError(f"experiment catalog {catalog} does not exist")
         spec = importlib.util.spec_from_file_location("bnstats_experiment_catalog", catalog)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(catalog)
+        return module
+    return importlib.import_module(catalog)
+
+
+def load_experiments(catalog: Optional[str] = None) -> Dict[str, Experiment]:
+    """The experiments of ``catalog`` (:func:`load_catalog`), or the lab's own."""
+    if catalog is None:
+        return default_experiments()
+    module = load_catalog(catalog)
     declared = getattr(module, "EXPERIMENTS", None)
     if declared is None:
         raise ValueError(f"experiment catalog {catalog} defines no EXPERIMENTS")

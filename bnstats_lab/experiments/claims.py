@@ -13,14 +13,15 @@ difference lies within the seeds' spread).
 
 The claims are tested on the benchmark's scenes (:data:`~bnstats_lab.experiments.catalog.BENCHMARK_SCENES`,
 the diversity level chosen before any AP run); the other scene sets of ``e1`` are reported in its
-tables but are not what the claims are judged on.
+tables but are not what the claims are judged on. :func:`e1_claims` gives the same claims for another
+E1-shaped experiment (the COCO catalog's ``coco_e1``).
 """
 import dataclasses
 from typing import Any, Mapping, Tuple
 
 from .catalog import BENCHMARK_SCENES
 
-__all__ = ["Claim", "CLAIMS", "EVALNORM", "RETHINKING"]
+__all__ = ["Claim", "CLAIMS", "e1_claims", "EVALNORM", "RETHINKING"]
 
 EVALNORM = "Singh & Shrivastava, EvalNorm: Estimating Batch Normalization Statistics for Evaluation, ICCV 2019"
 RETHINKING = "Wu & Johnson, Rethinking \"Batch\" in BatchNorm, 2021"
@@ -49,41 +50,47 @@ class Claim:
         return all(k in factors and factors[k] == v for k, v in self.factors.items())
 
 
-CLAIMS: Tuple[Claim, ...] = (
-    Claim(
-        "evalnorm-scratch-2img", f"{EVALNORM}, Table 2(a)",
-        "From random initialization at 2 images per batch, EvalNorm with learned α̂, β̂ beats EMA statistics "
-        "(Faster R-CNN R-50 on COCO: 22.0 → 23.5 AP, +1.5).",
-        "e1", {"setting": "scratch", "images_per_batch": 2, "scenes": BENCHMARK_SCENES},
-        "evalnorm_learned", "ema", +1),
-    Claim(
-        "evalnorm-finetune-2img", f"{EVALNORM}, Table 2(d)",
-        "With fine-tuned BN at 2 images per batch, EvalNorm with learned α̂, β̂ beats EMA statistics "
-        "(24.8 → 30.2 AP, +5.4).",
-        "e1", {"setting": "finetune", "images_per_batch": 2, "scenes": BENCHMARK_SCENES},
-        "evalnorm_learned", "ema", +1),
-    Claim(
-        "evalnorm-8img-equal", f"{EVALNORM}, Table 2(a), (d)",
-        "At 8 images per batch EvalNorm and EMA statistics are on par (Δ 0.0 AP from random init, +0.2 with "
-        "fine-tuned BN).",
-        "e1", {"images_per_batch": 8, "scenes": BENCHMARK_SCENES},
-        "evalnorm_learned", "ema", 0),
-    Claim(
-        "precise-bn-2img", f"{RETHINKING}, §3",
-        "Population statistics from PreciseBN (the fixed final weights) are at least as good as EMA statistics, "
-        "which lag the weights and vary between checkpoints.",
-        "e1", {"images_per_batch": 2, "scenes": BENCHMARK_SCENES},
-        "precise_bn:500", "ema", +1),
-    Claim(
-        "batch-stats-2img", f"{RETHINKING}, §4 (train–test inconsistency)",
-        "At a small batch, normalizing with mini-batch statistics at test time (k = 2, the training batch) "
-        "reduces the train–test inconsistency and beats EMA statistics.",
-        "e1", {"images_per_batch": 2, "scenes": BENCHMARK_SCENES},
-        "batch_stats:2", "ema", +1),
-    Claim(
-        "evalnorm-offline-2img", f"{EVALNORM}, Table 1",
-        "EvalNorm with α̂, β̂ estimated offline after training beats EMA statistics at a small batch "
-        "(ResNet-50 on ImageNet at 2 samples/GPU: 64.80 → 71.03 top-1), on par with online estimation.",
-        "e1", {"images_per_batch": 2, "scenes": BENCHMARK_SCENES},
-        "evalnorm_offline:500", "ema", +1),
-)
+def e1_claims(experiment: str = "e1", scenes: Any = BENCHMARK_SCENES) -> Tuple[Claim, ...]:
+    """The claims judged on an E1-shaped ``experiment`` (cells with the factors setting,
+    images_per_batch and scenes), on its cells of ``scenes``."""
+    return (
+        Claim(
+            "evalnorm-scratch-2img", f"{EVALNORM}, Table 2(a)",
+            "From random initialization at 2 images per batch, EvalNorm with learned α̂, β̂ beats EMA statistics "
+            "(Faster R-CNN R-50 on COCO: 22.0 → 23.5 AP, +1.5).",
+            experiment, {"setting": "scratch", "images_per_batch": 2, "scenes": scenes},
+            "evalnorm_learned", "ema", +1),
+        Claim(
+            "evalnorm-finetune-2img", f"{EVALNORM}, Table 2(d)",
+            "With fine-tuned BN at 2 images per batch, EvalNorm with learned α̂, β̂ beats EMA statistics "
+            "(24.8 → 30.2 AP, +5.4).",
+            experiment, {"setting": "finetune", "images_per_batch": 2, "scenes": scenes},
+            "evalnorm_learned", "ema", +1),
+        Claim(
+            "evalnorm-8img-equal", f"{EVALNORM}, Table 2(a), (d)",
+            "At 8 images per batch EvalNorm and EMA statistics are on par (Δ 0.0 AP from random init, +0.2 with "
+            "fine-tuned BN).",
+            experiment, {"images_per_batch": 8, "scenes": scenes},
+            "evalnorm_learned", "ema", 0),
+        Claim(
+            "precise-bn-2img", f"{RETHINKING}, §3",
+            "Population statistics from PreciseBN (the fixed final weights) are at least as good as EMA statistics, "
+            "which lag the weights and vary between checkpoints.",
+            experiment, {"images_per_batch": 2, "scenes": scenes},
+            "precise_bn:500", "ema", +1),
+        Claim(
+            "batch-stats-2img", f"{RETHINKING}, §4 (train–test inconsistency)",
+            "At a small batch, normalizing with mini-batch statistics at test time (k = 2, the training batch) "
+            "reduces the train–test inconsistency and beats EMA statistics.",
+            experiment, {"images_per_batch": 2, "scenes": scenes},
+            "batch_stats:2", "ema", +1),
+        Claim(
+            "evalnorm-offline-2img", f"{EVALNORM}, Table 1",
+            "EvalNorm with α̂, β̂ estimated offline after training beats EMA statistics at a small batch "
+            "(ResNet-50 on ImageNet at 2 samples/GPU: 64.80 → 71.03 top-1), on par with online estimation.",
+            experiment, {"images_per_batch": 2, "scenes": scenes},
+            "evalnorm_offline:500", "ema", +1),
+    )
+
+
+CLAIMS: Tuple[Claim, ...] = e1_claims()

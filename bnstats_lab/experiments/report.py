@@ -28,7 +28,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from d2_bnstats.outputs import write_text
 
-from .catalog import load_experiments
+from .catalog import load_catalog, load_experiments
 from .claims import CLAIMS, Claim
 from .records import RecordError, load_records, rows, strategy_entry
 from .report_figures import make_figures
@@ -309,10 +309,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--readme", default=None,
                         help="the README whose which-norm table (between its which-norm markers) is rewritten; "
                              "default: README.md in the folder above the page's (the repository root for "
-                             "docs/results.md) when it exists; '' for none")
+                             "docs/results.md) when it exists and no --catalog is given; '' for none")
     args = parser.parse_args(argv)
     readme = args.readme
-    if readme is None:
+    if readme is None and args.catalog is None:  # another catalog's records are not the README's table
         default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.output))), "README.md")
         readme = os.path.relpath(default) if os.path.isfile(default) else ""
     if not os.path.isdir(args.results):
@@ -325,8 +325,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           "is not written (add the markers where the table belongs)")
                     readme = ""
         experiments = list(load_experiments(args.catalog).values())
-        path, figure_paths, n = write_report(args.results, args.output, args.figures, experiments=experiments,
-                                             readme=readme)
+        claims = CLAIMS if args.catalog is None else tuple(getattr(load_catalog(args.catalog), "CLAIMS", ()))
+        path, figure_paths, n = write_report(args.results, args.output, args.figures, claims=claims,
+                                             experiments=experiments, readme=readme)
     except (ImportError, FileNotFoundError, ValueError) as e:  # RecordError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
