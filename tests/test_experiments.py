@@ -72,6 +72,16 @@ def test_runner_records_skips_and_reports_failures(tmp_path, datasets_root):
     assert record["train"]["resumed"] is False
     assert os.path.isfile(os.path.join(folder, "model_final.pth"))
     assert len(record["config_hash"]) == 64 and record["commit"]
+    # the learned α̂, β̂ and B of every EvalNorm layer, as the checkpoint holds them, backbone first
+    import torch
+
+    state = torch.load(os.path.join(folder, "model_final.pth"), map_location="cpu", weights_only=False)["model"]
+    layers = record["evalnorm_layers"]
+    assert len(layers) == sum(k.endswith(".alpha_hat") for k in state) > 0
+    assert layers[0]["layer"].startswith("backbone.bottom_up.")
+    for entry in layers:
+        for key, name in (("alpha_hat", "alpha_hat"), ("beta_hat", "beta_hat"), ("batch_size", "norm_batch_size")):
+            assert entry[key] == pytest.approx(float(state[f"{entry['layer']}.{name}"]), abs=1e-6)
 
     # second run: the recorded run is skipped (record untouched), the failed one is tried again
     mtime = os.path.getmtime(path)

@@ -115,6 +115,8 @@ def test_rows_carry_mask_ap(tmp_path):
     (json.dumps([1, 2]), "not a JSON object"),
     (json.dumps({"format": 1, "experiment": EXP, "cell": "c", "seed": 0, "factors": {},
                  "strategies": [{"strategy": "ema", "available": True}]}), "no numeric bbox AP"),
+    (json.dumps({"format": 1, "experiment": EXP, "cell": "c", "seed": 0, "factors": {}, "strategies": [],
+                 "evalnorm_layers": [{"layer": "x", "alpha_hat": "high"}]}), "evalnorm_layers must be a list"),
 ])
 def test_malformed_record_raises_naming_the_file(results, content, expected):
     folder = os.path.join(results, EXP, "c")
@@ -364,6 +366,25 @@ def test_precise_bn_images_figure_when_several_n(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     one_n = [make_record("e3", "scratch", 0, {"images_per_batch": 2}, {"ema": 10.0, "precise_bn:500": 11.0})]
     assert report.make_figures(one_n, str(tmp_path / "fig1")) == {}
+
+
+def test_evalnorm_weights_figure_from_trained_records(tmp_path):
+    records = []
+    for images in (2, 8):
+        for seed in (0, 1):
+            record = make_record("e1", f"scratch_{images}img", seed, {"images_per_batch": images}, {"ema": 10.0})
+            record["evalnorm_layers"] = [
+                {"layer": f"backbone.bottom_up.res{i}.0.conv1.norm", "alpha_hat": 0.5 / images + 0.01 * seed,
+                 "beta_hat": 0.6 / images, "batch_size": float(images)} for i in (2, 3, 4, 5)]
+            records.append(record)
+    evaluated = make_record("e4", "scratch_2img", 0, {"images_per_batch": 2}, {"ema": 10.0})
+    evaluated["evalnorm_layers"] = records[0]["evalnorm_layers"]
+    evaluated["train"]["checkpoint_of"] = "e1/scratch_2img"  # the same checkpoint: no second figure
+    figures = report.make_figures(records + [evaluated], str(tmp_path / "fig"))
+    assert [os.path.basename(p) for p in figures["e1"]] == ["e1_ap_vs_images_per_batch.png", "e1_evalnorm_alpha_beta.png"]
+    assert "e4" not in figures
+    with open(figures["e1"][1], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_no_figure_without_the_factors(tmp_path):

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from .records import config_hash, now, source_version, write_record
+from .records import config_hash, evalnorm_parameters, now, source_version, write_record
 from .spec import Cell, Experiment
 
 logger = logging.getLogger("bnstats_lab.experiments")
@@ -172,6 +172,7 @@ def run_cell(experiment: Experiment, cell: Cell, seed: int, results_root: str, w
         "evaluation_seconds": round(time.perf_counter() - evaluation_start, 1),
         "wall_seconds": round(time.perf_counter() - start, 1), "created": now(),
         "strategies": strategy_entries(cell, summary),
+        "evalnorm_layers": evalnorm_parameters(weights or os.path.join(output_dir, FINAL_MODEL)),
     }  # fmt: skip
     write_record(results_root, record)
     return record

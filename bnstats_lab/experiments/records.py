@@ -21,6 +21,7 @@ from d2_bnstats.outputs import write_json
 
 __all__ = [
     "FORMAT",
+    "evalnorm_parameters",
     "METRICS",
     "RecordError",
     "record_path",
@@ -120,6 +121,30 @@ def _problems(record) -> List[str]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         out.append(f"strategies listed twice: {', '.join(map(str, duplicates))}")
+    layers = record.get("evalnorm_layers")
+    if layers is not None and not (isinstance(layers, list) and all(
+            isinstance(e, dict) and isinstance(e.get("layer"), str)
+            and all(is_number(e.get(k)) for k in ("alpha_hat", "beta_hat", "batch_size")) for e in layers)):
+        out.append("evalnorm_layers must be a list of {layer, alpha_hat, beta_hat, batch_size}")
+    return out
+
+
+def evalnorm_parameters(checkpoint: str) -> List[Dict[str, object]]:
+    """The learned α̂, β̂ and the batch size B of every EvalNorm layer in a detectron2 checkpoint
+    (``<layer>.alpha_hat``, ``.beta_hat``, ``.norm_batch_size`` of its model state), backbone layers
+    first (stem to the last stage), then the others in the checkpoint's order; [] without EvalNorm."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = state.get("model", state) if isinstance(state, dict) else {}
+    names = [k[: -len(".alpha_hat")] for k in state if k.endswith(".alpha_hat")]
+    names.sort(key=lambda n: 0 if ".bottom_up." in f".{n}." else 1)  # stable: the checkpoint's order within
+    out = []
+    for name in names:
+        batch = state.get(f"{name}.norm_batch_size")
+        out.append({"layer": name, "alpha_hat": round(float(state[f"{name}.alpha_hat"]), 6),
+                    "beta_hat": round(float(state[f"{name}.beta_hat"]), 6),
+                    "batch_size": float(batch) if batch is not None else 0.0})
     return out
 
 

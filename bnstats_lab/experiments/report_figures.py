@@ -1,6 +1,6 @@
 """The report's figures: box AP against images per batch, the train–test discrepancy of EMA
-statistics against scene diversity, and box AP against PreciseBN's number of images, per experiment,
-as PNG files (matplotlib, Agg backend).
+statistics against scene diversity, box AP against PreciseBN's number of images, and the learned
+EvalNorm weights per layer, per experiment, as PNG files (matplotlib, Agg backend).
 
 Error bars are the sample standard deviation over seeds (see :func:`.report_stats.summarize`).
 """
@@ -157,6 +157,51 @@ def _plot_ap_vs_precise_bn_images(summary: List[dict], experiment: str, path: st
     return path
 
 
+def _short_layer(name: str) -> str:
+    for prefix in ("backbone.bottom_up.", "backbone.", "roi_heads."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name[: -len(".norm")] if name.endswith(".norm") else name
+
+
+def _trained_with_evalnorm(records: Sequence[dict]) -> List[dict]:
+    """Records of trained (not only evaluated) checkpoints that list their EvalNorm layers."""
+    return [r for r in records if r.get("evalnorm_layers") and not (r.get("train") or {}).get("checkpoint_of")]
+
+
+def _plot_evalnorm_parameters(records: Sequence[dict], experiment: str, path: str) -> str:
+    """α̂ and β̂ per layer (EvalNorm, Figure 3), one line per combination of the cells' varying
+    factors, mean over seeds with the seeds' range as a band."""
+    plt = _pyplot()
+    factor_dicts = [r["factors"] for r in records]
+    keys = [k for k in varying_factors(factor_dicts) if k != "diversity"] or ["images_per_batch"]
+    groups: Dict[tuple, List[dict]] = {}
+    for r in records:
+        groups.setdefault(tuple(value_key(k, r["factors"].get(k)) for k in keys), []).append(r)
+    layers = [e["layer"] for e in max(records, key=lambda r: len(r["evalnorm_layers"]))["evalnorm_layers"]]
+    fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.28 * len(layers)), 6.4), sharex=True)
+    for (ax, param) in zip(axes, ("alpha_hat", "beta_hat")):
+        for index, key in enumerate(sorted(groups)):
+            recs = groups[key]
+            per_layer = [[e[param] for r in recs for e in r["evalnorm_layers"] if e["layer"] == name] for name in layers]
+            xs = [i for i, v in enumerate(per_layer) if v]
+            means = [sum(per_layer[i]) / len(per_layer[i]) for i in xs]
+            color = f"C{index % 10}"
+            label = f"{_label(recs[0]['factors'], keys)} ({len(recs)} seed{'s' if len(recs) != 1 else ''})"
+            ax.plot(xs, means, marker="o", markersize=3, color=color, label=label)
+            ax.fill_between(xs, [min(per_layer[i]) for i in xs], [max(per_layer[i]) for i in xs], color=color, alpha=0.15)
+        ax.set_ylabel("α̂" if param == "alpha_hat" else "β̂")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[1].set_xticks(range(len(layers)))
+    axes[1].set_xticklabels([_short_layer(n) for n in layers], rotation=90, fontsize=6)
+    fig.suptitle(f"{experiment}: learned EvalNorm weights per layer (mean over seeds, band: range)", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def make_figures(records: Sequence[dict], figures_dir: str) -> Dict[str, List[str]]:
     """Per experiment, the figures its records support, written atomically into ``figures_dir``:
     ``<experiment>_ap_vs_images_per_batch.png`` (box AP against images per batch, one line per
@@ -165,7 +210,9 @@ def make_figures(records: Sequence[dict], figures_dir: str) -> Dict[str, List[st
     ``<experiment>_discrepancy_vs_diversity.png`` (``discrepancy_l1`` of EMA statistics against the
     factor ``diversity``) when that factor is present with a measured discrepancy, and
     ``<experiment>_ap_vs_precise_bn_images.png`` (PreciseBN(N) against N, EMA as a reference line) when
-    PreciseBN was evaluated with more than one N. Returns {experiment: [paths]}."""
+    PreciseBN was evaluated with more than one N, and ``<experiment>_evalnorm_alpha_beta.png`` (the learned
+    α̂, β̂ per layer, EvalNorm's Figure 3) when trained records list their EvalNorm layers. Returns
+    {experiment: [paths]}."""
     out: Dict[str, List[str]] = {}
     for experiment in sorted({r["experiment"] for r in records}):
         summary = summarize(records, experiment)
@@ -178,6 +225,10 @@ def make_figures(records: Sequence[dict], figures_dir: str) -> Dict[str, List[st
                for s in summary):
             paths.append(_plot_discrepancy_vs_diversity(
                 summary, experiment, os.path.join(figures_dir, f"{_slug(experiment)}_discrepancy_vs_diversity.png")))
+        trained = _trained_with_evalnorm([r for r in records if r["experiment"] == experiment])
+        if trained:
+            paths.append(_plot_evalnorm_parameters(
+                trained, experiment, os.path.join(figures_dir, f"{_slug(experiment)}_evalnorm_alpha_beta.png")))
         if len(_precise_bn_sizes(summary)) > 1:
             paths.append(_plot_ap_vs_precise_bn_images(
                 summary, experiment, os.path.join(figures_dir, f"{_slug(experiment)}_ap_vs_precise_bn_images.png")))
