@@ -319,6 +319,23 @@ def test_markdown_tables_and_not_run(results):
     assert [line for line in text.splitlines() if line.startswith("| **c-")][0].endswith("| not run | not run |")
 
 
+def test_tables_in_the_papers_layout(results):
+    from bnstats_lab.experiments.claims import PaperTable
+
+    records = report.load_records(results)
+    layout = PaperTable("Table 2 layout", EXP, {"scenes": "d100"}, "images_per_batch", "setting", "evalnorm_learned", "ema")
+    text = report.render_markdown(records, (), paper_tables=[layout])
+    section = text.split("### In the papers' layout")[1]
+    assert "| images_per_batch | scratch: ema | scratch: evalnorm_learned | scratch: Δ (paired) | finetune: ema |" in section
+    two, eight = _table_row(section, "2"), _table_row(section, "8")
+    values = AP["scratch_2img"]["ema"]
+    assert two[1] == f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (3)"
+    assert two[3] == "+1.00 ± 0.50 (3)"  # paired: 1.0, 1.5, 0.5
+    assert two[6] == f"+3.50 ± {statistics.stdev([4.0, 3.0]):.2f} (2)"  # finetune, seeds 0 and 2
+    assert eight[4:] == ["not run"] * 3  # no fine-tuned 8-image cell
+    assert "scratch_2img_plain" not in section and "### In the papers' layout" not in report.render_markdown(records, ())
+
+
 def test_declared_comparisons_get_their_paired_difference_table(results):
     records = report.load_records(results)
     declared = [Experiment(EXP, "synthetic", tuple(

@@ -13,7 +13,7 @@ ImageNet R-50). Each training runs on ``GPUS`` processes; the comparison of a ch
 The report judges E1's claims on these cells (``CLAIMS``) and leaves the README's table alone.
 """
 from .catalog import E1_STRATEGIES
-from .claims import e1_claims
+from .claims import e1_claims, e1_paper_tables
 from .spec import Cell, Experiment
 
 GPUS = 8
@@ -43,3 +43,4 @@ def _coco_e1() -> Experiment:
 
 EXPERIMENTS = [_coco_e1()]
 CLAIMS = e1_claims("coco_e1", "coco")  # the report judges the same claims on COCO
+PAPER_TABLES = e1_paper_tables("coco_e1", "coco")

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Tuple
 
 from .catalog import BENCHMARK_SCENES
 
-__all__ = ["Claim", "CLAIMS", "e1_claims", "EVALNORM", "RETHINKING"]
+__all__ = ["Claim", "CLAIMS", "e1_claims", "EVALNORM", "PaperTable", "PAPER_TABLES", "RETHINKING"]
 
 EVALNORM = "Singh & Shrivastava, EvalNorm: Estimating Batch Normalization Statistics for Evaluation, ICCV 2019"
 RETHINKING = "Wu & Johnson, Rethinking \"Batch\" in BatchNorm, 2021"
@@ -94,3 +94,27 @@ def e1_claims(experiment: str = "e1", scenes: Any = BENCHMARK_SCENES) -> Tuple[C
 
 
 CLAIMS: Tuple[Claim, ...] = e1_claims()
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperTable:
+    """A table in a paper's layout: rows are the values of the factor ``rows``, column groups the
+    values of ``columns``; each group shows strategy ``b`` (the baseline), strategy ``a`` and the
+    paired difference a − b (box AP), over the cells of ``experiment`` whose factors contain
+    ``factors``."""
+
+    title: str
+    experiment: str
+    factors: Mapping[str, Any]
+    rows: str
+    columns: str
+    strategy_a: str
+    strategy_b: str
+
+
+def e1_paper_tables(experiment: str = "e1", scenes: Any = BENCHMARK_SCENES) -> Tuple[PaperTable, ...]:
+    return (PaperTable(f"EvalNorm's Table 2 layout ({EVALNORM}): BN with EMA statistics against EvalNorm",
+                       experiment, {"scenes": scenes}, "images_per_batch", "setting", "evalnorm_learned", "ema"),)
+
+
+PAPER_TABLES: Tuple[PaperTable, ...] = e1_paper_tables()

@@ -29,10 +29,10 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 from d2_bnstats.outputs import write_text
 
 from .catalog import load_catalog, load_experiments
-from .claims import CLAIMS, Claim
+from .claims import CLAIMS, PAPER_TABLES, Claim, PaperTable
 from .records import RecordError, load_records, rows, strategy_entry
 from .report_figures import make_figures
-from .report_layout import REFERENCE, cell_rows, factor_order, strategy_order, varying_factors
+from .report_layout import REFERENCE, cell_rows, factor_order, strategy_order, value_key, varying_factors
 from .report_readme import BEGIN as README_BEGIN
 from .report_readme import END as README_END
 from .report_readme import has_markers, render_which_norm, splice_readme
@@ -216,9 +216,41 @@ def _claims_section(records: List[dict], claims: Sequence[Claim], experiments: S
     ]
 
 
+def _paper_table_section(records: List[dict], table: PaperTable) -> List[str]:
+    recs = [r for r in records if r["experiment"] == table.experiment
+            and all(r["factors"].get(k) == v for k, v in table.factors.items())]
+    if not recs:
+        return []
+    row_values = sorted({r["factors"].get(table.rows) for r in recs}, key=lambda v: value_key(table.rows, v))
+    col_values = sorted({r["factors"].get(table.columns) for r in recs}, key=lambda v: value_key(table.columns, v))
+    header = [table.rows]
+    for col in col_values:
+        header += [f"{col}: {table.strategy_b}", f"{col}: {table.strategy_a}", f"{col}: Δ (paired)"]
+    body = []
+    for row in row_values:
+        line = [str(row)]
+        for col in col_values:
+            cells = sorted({r["cell"] for r in recs if r["factors"].get(table.rows) == row
+                            and r["factors"].get(table.columns) == col})
+            if len(cells) != 1:
+                line += [NOT_RUN if not cells else "several cells"] * 3
+                continue
+            cell_recs = [r for r in recs if r["cell"] == cells[0]]
+            summary = {s["strategy"]: s for s in summarize(cell_recs, table.experiment)}
+            line += [_fmt(summary.get(s, {}).get("bbox")) or _missing(cell_recs, None, s)
+                     for s in (table.strategy_b, table.strategy_a)]
+            diff = paired_difference(cell_recs, table.experiment, cells[0], table.strategy_a, table.strategy_b,
+                                     ("bbox", "AP"))
+            line.append(_fmt(diff, signed=True) or NOT_AVAILABLE)
+        body.append(line)
+    where = ", ".join(f"{k} = {v}" for k, v in table.factors.items())
+    return [f"**{table.title}**; {table.experiment}, {where}; box AP, mean ± std (seeds)", _table(header, body)]
+
+
 def render_markdown(records: Sequence[dict], claims: Sequence[Claim] = CLAIMS, figures_dir: Optional[str] = None,
                     markdown_dir: str = "docs", experiments: Sequence[Any] = (), reference: str = REFERENCE,
-                    figures: Optional[Mapping[str, Sequence[str]]] = None) -> str:
+                    figures: Optional[Mapping[str, Sequence[str]]] = None,
+                    paper_tables: Sequence[PaperTable] = ()) -> str:
     """The generated part of the report (without the markers) for ``records``.
 
     Per experiment (recorded, declared in ``experiments`` (``spec.Experiment``-like objects, whose
@@ -238,6 +270,9 @@ def render_markdown(records: Sequence[dict], claims: Sequence[Claim] = CLAIMS, f
     for name in names:
         parts += _experiment_section(records, name, experiments, reference, figures.get(name, ()), markdown_dir)
     parts += _claims_section(records, claims, experiments)
+    layouts = [part for table in paper_tables for part in _paper_table_section(records, table)]
+    if layouts:
+        parts += ["### In the papers' layout"] + layouts
     return "\n\n".join(parts) + "\n"
 
 
@@ -263,7 +298,8 @@ def _splice(existing: str, generated: str, path: str) -> str:
 
 def write_report(results_root: str = "results", output_md: str = "docs/results.md",
                  figures_dir: str = "docs/results", claims: Sequence[Claim] = CLAIMS,
-                 experiments: Sequence[Any] = (), readme: Optional[str] = None) -> Tuple[str, List[str], int]:
+                 experiments: Sequence[Any] = (), readme: Optional[str] = None,
+                 paper_tables: Sequence[PaperTable] = PAPER_TABLES) -> Tuple[str, List[str], int]:
     """Write the report: the figures, then ``output_md`` atomically, its generated part between
     :data:`BEGIN` and :data:`END` (the rest of an existing file is kept; a file without markers gets
     them appended; a new file gets a short header). Without ``results_root`` every cell is "not
@@ -274,7 +310,8 @@ def write_report(results_root: str = "results", output_md: str = "docs/results.m
     figures = make_figures(records, figures_dir)
     markdown_dir = os.path.dirname(os.path.abspath(output_md))
     figures = {k: [os.path.abspath(p) for p in v] for k, v in figures.items()}
-    body = render_markdown(records, claims, figures_dir, markdown_dir, experiments, figures=figures)
+    body = render_markdown(records, claims, figures_dir, markdown_dir, experiments, figures=figures,
+                           paper_tables=paper_tables)
     generated = f"{BEGIN}\n{body}{END}"
     if os.path.exists(output_md):
         with open(output_md, encoding="utf-8") as f:
@@ -325,9 +362,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           "is not written (add the markers where the table belongs)")
                     readme = ""
         experiments = list(load_experiments(args.catalog).values())
-        claims = CLAIMS if args.catalog is None else tuple(getattr(load_catalog(args.catalog), "CLAIMS", ()))
+        module = load_catalog(args.catalog) if args.catalog is not None else None
+        claims = CLAIMS if module is None else tuple(getattr(module, "CLAIMS", ()))
+        tables = PAPER_TABLES if module is None else tuple(getattr(module, "PAPER_TABLES", ()))
         path, figure_paths, n = write_report(args.results, args.output, args.figures, claims=claims,
-                                             experiments=experiments, readme=readme)
+                                             experiments=experiments, readme=readme, paper_tables=tables)
     except (ImportError, FileNotFoundError, ValueError) as e:  # RecordError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
