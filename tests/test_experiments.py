@@ -193,3 +193,25 @@ def test_requirements_are_made_for_the_cells_that_name_them(tmp_path):
     assert os.path.exists(a) and not os.path.exists(b)  # b is named by no cell to run
     with pytest.raises(RuntimeError, match=f"the command that makes {c} failed"):
         make_requirements(experiment, [uses_c], log=lambda m: None)
+
+
+def test_a_record_written_meanwhile_by_another_runner_is_not_redone(tmp_path, monkeypatch):
+    """Two runners on one results folder: a run whose record appears while this runner is busy
+    with an earlier one is skipped, not redone."""
+    from bnstats_lab.experiments import runner
+    from bnstats_lab.experiments.records import write_record
+
+    experiment = Experiment("e", "", (Cell("a", "c.yaml"), Cell("b", "c.yaml")), seeds=(0,))
+    results, started = str(tmp_path / "results"), []
+
+    def run_cell_process(command, **kwargs):
+        cell = command[command.index("--cell") + 1]
+        started.append(cell)
+        for name in ("a", "b"):  # this run's record, and the other runner's record of b
+            write_record(results, {"format": 1, "experiment": "e", "cell": name, "seed": 0, "factors": {},
+                                   "strategies": []})
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(runner.subprocess, "run", run_cell_process)
+    summary = runner.run_experiment(experiment, results, str(tmp_path / "work"), log=lambda m: None)
+    assert started == ["a"] and summary.done == ["a/seed0"] and summary.skipped == ["b/seed0"]

@@ -83,6 +83,10 @@ def run_experiment(
     started = time.perf_counter()
     for index, (cell, seed) in enumerate(todo, 1):
         name = f"{cell.name}/seed{seed}"
+        if has_record(results_root, experiment.name, cell.name, seed):  # written meanwhile by another runner
+            summary.skipped.append(name)
+            log(f"[{index}/{len(todo)}] {experiment.name} {name}: skipped, its record appeared meanwhile")
+            continue
         source = source_checkpoint(cell, seed, work_root)
         if source is not None and not os.path.isfile(source):
             summary.failed.append(name)
