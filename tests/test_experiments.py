@@ -215,3 +215,18 @@ def test_a_record_written_meanwhile_by_another_runner_is_not_redone(tmp_path, mo
     monkeypatch.setattr(runner.subprocess, "run", run_cell_process)
     summary = runner.run_experiment(experiment, results, str(tmp_path / "work"), log=lambda m: None)
     assert started == ["a"] and summary.done == ["a/seed0"] and summary.skipped == ["b/seed0"]
+
+
+def test_an_attempt_without_checkpoint_leaves_no_metrics_to_mix(tmp_path):
+    from bnstats_lab.experiments.cell import clear_attempt_without_checkpoint
+
+    (tmp_path / "metrics.json").write_text('{"iteration": 0, "total_loss": 9.0}\n')
+    (tmp_path / "events.out.tfevents.1.vm.1.0").write_text("x")
+    (tmp_path / "run.log").write_text("kept")
+    assert sorted(os.path.basename(p) for p in clear_attempt_without_checkpoint(str(tmp_path))) == [
+        "events.out.tfevents.1.vm.1.0", "metrics.json"]
+    assert os.listdir(tmp_path) == ["run.log"]
+    # a run with a checkpoint resumes and keeps its metrics
+    (tmp_path / "metrics.json").write_text('{"iteration": 0, "total_loss": 9.0}\n')
+    (tmp_path / "last_checkpoint").write_text("model_0000199.pth")
+    assert clear_attempt_without_checkpoint(str(tmp_path)) == [] and (tmp_path / "metrics.json").exists()

@@ -40,6 +40,19 @@ def training_arguments(cell: Cell, seed: int, output_dir: str) -> List[str]:
     ]  # fmt: skip
 
 
+def clear_attempt_without_checkpoint(output_dir: str) -> List[str]:
+    """Remove the metrics of an attempt that stopped before its first checkpoint (no
+    ``last_checkpoint``): the run starts again at iteration 0 and detectron2 appends to
+    ``metrics.json``, which would mix the attempts' rows. Returns the removed paths."""
+    if os.path.isfile(os.path.join(output_dir, "last_checkpoint")):
+        return []
+    stale = [os.path.join(output_dir, "metrics.json")] + glob.glob(os.path.join(output_dir, "events.out.tfevents.*"))
+    removed = [p for p in stale if os.path.isfile(p)]
+    for path in removed:
+        os.remove(path)
+    return removed
+
+
 def train(cell: Cell, seed: int, output_dir: str) -> Dict[str, object]:
     """Train (or finish training) the cell; the training part of the record."""
     from d2_bnstats.d2.train import argument_parser, run
@@ -48,6 +61,7 @@ def train(cell: Cell, seed: int, output_dir: str) -> Dict[str, object]:
     resumed = os.path.isfile(os.path.join(output_dir, "last_checkpoint")) and not os.path.isfile(final)
     start = time.perf_counter()
     if not os.path.isfile(final):
+        clear_attempt_without_checkpoint(output_dir)
         run(argument_parser().parse_args(training_arguments(cell, seed, output_dir)))
     seconds = time.perf_counter() - start
     for path in glob.glob(os.path.join(output_dir, "model_[0-9]*.pth")):  # intermediate checkpoints
