@@ -12,7 +12,7 @@ import pytest
 
 from bnstats_lab.experiments import report
 from bnstats_lab.experiments.catalog import load_experiments
-from bnstats_lab.experiments.claims import CLAIMS, Claim
+from bnstats_lab.experiments.claims import CLAIMS, Claim, TrainingsClaim
 from bnstats_lab.experiments.spec import Cell, Experiment
 
 EXP = "ex"
@@ -247,13 +247,93 @@ def test_declared_claims_match_declared_cells():
     """Each claim of claims.py selects at least one cell of the lab's catalog that is evaluated under
     both of its strategies: a filter with a misspelt factor value would otherwise stay "not run"."""
     experiments = load_experiments()
-    assert len(CLAIMS) >= 6 and len({c.id for c in CLAIMS}) == len(CLAIMS)
+    assert len(CLAIMS) >= 9 and len({c.id for c in CLAIMS}) == len(CLAIMS)
     for c in CLAIMS:
         assert c.experiment in experiments, c.id
+        assert any(word in c.paper for word in ("ICCV 2019", "ICLR 2020", "2021")), c.id
+        if isinstance(c, TrainingsClaim):
+            cells = [cell for cell in experiments[c.experiment].cells
+                     if c.matches(cell.factor_dict) and c.strategy_a in cell.strategies]
+            assert cells, f"claim {c.id}: no cell of {c.experiment} matches {dict(c.factors)} with {c.strategy_a}"
+            for cell in cells:  # each has exactly one counterpart, evaluated under strategy_b
+                counterparts = [other for other in experiments[c.experiment_b].cells
+                                if c.matches_b(cell.factor_dict, other.factor_dict)]
+                assert len(counterparts) == 1, (c.id, cell.name, [o.name for o in counterparts])
+                assert c.strategy_b in counterparts[0].strategies, (c.id, counterparts[0].name)
+            continue
         cells = [cell for cell in experiments[c.experiment].cells
                  if c.matches(cell.factor_dict) and {c.strategy_a, c.strategy_b} <= set(cell.strategies)]
         assert cells, f"claim {c.id}: no cell of {c.experiment} matches {dict(c.factors)} with both strategies"
-        assert any(word in c.paper for word in ("ICCV 2019", "2021")), c.id
+
+
+# two trainings: cells of another experiment against the synthetic experiment's cells
+EXP_B = "other"
+FACTORS_B = {"mabn_scratch": {"setting": "scratch", "images_per_batch": 2, "scenes": "d100", "norm": "MABN"},
+             "mabn_finetune": {"setting": "finetune", "images_per_batch": 2, "scenes": "d100", "norm": "MABN"}}
+AP_B = {"mabn_scratch": [33.0, 35.5], "mabn_finetune": [19.0]}
+
+
+def trainings_claim(cid, factors_b, sign=+1, factors=None):
+    return TrainingsClaim(cid, "A. Author, Paper, ICLR 2020", f"text of {cid}", EXP_B, factors or {"norm": "MABN"},
+                          "ema", EXP, factors_b, "ema", sign)
+
+
+def test_claims_about_two_trainings(results):
+    """A claim about two trainings: the difference of the cells' means against √(sd_a² + sd_b²), each
+    cell with its counterpart of the same setting; one seed in either cell is inconclusive; a
+    counterpart without records is "not run"; an unconverged 8-image counterpart makes it inconclusive."""
+    for cell, values in AP_B.items():
+        for seed, value in enumerate(values):
+            write_record(results, make_record(EXP_B, cell, seed, FACTORS_B[cell], {"ema": value}))
+    records = report.load_records(results)
+    rows = {r["cell"]: r for r in report.evaluate_claims(records, [trainings_claim("t-2img", {"images_per_batch": 2,
+                                                                                                "scenes": "d100"})])}
+    assert sorted(rows) == ["mabn_finetune", "mabn_scratch"]
+    row = rows["mabn_scratch"]
+    a, b = AP_B["mabn_scratch"], AP["scratch_2img"]["ema"]
+    mean = statistics.mean(a) - statistics.mean(b)
+    spread = (statistics.stdev(a) ** 2 + statistics.stdev(b) ** 2) ** 0.5
+    assert row["cell_b"] == "scratch_2img" and row["status"] == "measured"
+    assert row["difference"]["mean"] == pytest.approx(mean) and row["difference"]["std"] == pytest.approx(spread)
+    assert row["difference"]["n"] == 2 and abs(mean) > spread  # the chosen values exceed their spread
+    assert row["verdict"] == "holds"
+    # paired by seed it would be a different number: the rule does not pair different trainings
+    paired = statistics.mean([x - y for x, y in zip(a, b)])
+    assert paired != pytest.approx(mean)
+    one_seed = rows["mabn_finetune"]
+    assert one_seed["cell_b"] == "finetune_2img" and one_seed["difference"]["std"] is None
+    assert one_seed["verdict"] == "inconclusive"
+
+    # the counterpart is declared but has no records: "not run", naming it
+    planned = [Experiment(EXP, "synthetic", (Cell("frozen_2img", "x.yaml", factors=(
+        ("setting", "frozen"), ("images_per_batch", 2), ("scenes", "d100"))),))]
+    frozen = trainings_claim("t-frozen", {"images_per_batch": 2, "scenes": "d100"},
+                             factors={"norm": "FrozenBN"})
+    write_record(results, make_record(EXP_B, "frozenbn_frozen", 0, {"setting": "frozen", "images_per_batch": 2,
+                                                                      "scenes": "d100", "norm": "FrozenBN"},
+                                      {"ema": 30.0}))
+    records = report.load_records(results)
+    row = report.evaluate_claims(records, [frozen], planned)[0]
+    assert (row["status"], row["cell_b"]) == ("not run", "frozen_2img")
+    # no counterpart at all: not available, saying so
+    row = report.evaluate_claims(records, [frozen])[0]
+    assert row["status"] == "not available" and f"no cell of {EXP}" in row["reason"]
+
+    # against the 8-image cell, which is unconverged by the loss rule: inconclusive with the note
+    losses = {"scratch_2img": 0.8, "scratch_8img": 1.2}
+    for cell, loss in losses.items():
+        for seed in range(3):
+            aps = {name: values[seed] for name, values in AP[cell].items()}
+            write_record(results, make_record(EXP, cell, seed, FACTORS[cell], aps, loss=loss))
+    records = report.load_records(results)
+    large = trainings_claim("t-8img", {"images_per_batch": 8}, sign=0, factors={"norm": "MABN", "setting": "scratch"})
+    row = report.evaluate_claims(records, [large])[0]
+    assert row["cell_b"] == "scratch_8img" and row["verdict"] == "inconclusive" and "unconverged" in row["note"]
+
+    text = report.render_markdown(records, [trainings_claim("t-2img", {"images_per_batch": 2, "scenes": "d100"})])
+    line = next(x for x in text.splitlines() if x.startswith("| **t-2img**: text of t-2img"))
+    assert f"{mean:+.2f} ± {spread:.2f} (2 vs 3 seeds)" in line and f"b = ema of {EXP}/scratch_2img" in line
+    assert "| holds |" in line
 
 
 # -------------------------------------------------------------------------------------- convergence

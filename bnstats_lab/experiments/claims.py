@@ -15,16 +15,23 @@ The claims are tested on the benchmark's scenes (:data:`~bnstats_lab.experiments
 the diversity level chosen before any AP run); the other scene sets of ``e1`` are reported in its
 tables but are not what the claims are judged on. :func:`e1_claims` gives the same claims for another
 E1-shaped experiment (the COCO catalog's ``coco_e1``).
+
+A :class:`TrainingsClaim` compares two different trainings (MABN against BN, say), which share no
+checkpoint: the difference of the two cells' means over seeds, judged against the spread of the
+difference of two independent trainings (:func:`bnstats_lab.experiments.report_stats.unpaired_difference`).
 """
 import dataclasses
 from typing import Any, Mapping, Tuple
 
 from .catalog import BENCHMARK_SCENES
 
-__all__ = ["Claim", "CLAIMS", "e1_claims", "EVALNORM", "PaperTable", "PAPER_TABLES", "RETHINKING"]
+__all__ = ["Claim", "CLAIMS", "e1_claims", "e2_claims", "EVALNORM", "MABN", "PaperTable", "PAPER_TABLES",
+           "RETHINKING", "TrainingsClaim"]
 
 EVALNORM = "Singh & Shrivastava, EvalNorm: Estimating Batch Normalization Statistics for Evaluation, ICCV 2019"
 RETHINKING = "Wu & Johnson, Rethinking \"Batch\" in BatchNorm, 2021"
+MABN = ("Yan et al., Towards Stabilizing Batch Statistics in Backward Propagation of Batch Normalization, "
+        "ICLR 2020")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +100,59 @@ def e1_claims(experiment: str = "e1", scenes: Any = BENCHMARK_SCENES) -> Tuple[C
     )
 
 
-CLAIMS: Tuple[Claim, ...] = e1_claims()
+@dataclasses.dataclass(frozen=True)
+class TrainingsClaim:
+    """A claim about two trainings: ``strategy_a`` on the cells of ``experiment`` whose factors contain
+    ``factors`` against ``strategy_b`` on the cell of ``experiment_b`` whose factors contain
+    ``factors_b`` and agree with the first cell on every factor named in ``shared`` (one row per
+    matching cell of ``experiment``). Not paired: the two cells are different models."""
+
+    id: str
+    paper: str
+    text: str
+    experiment: str
+    factors: Mapping[str, Any]
+    strategy_a: str
+    experiment_b: str
+    factors_b: Mapping[str, Any]
+    strategy_b: str
+    expected_sign: int
+    shared: Tuple[str, ...] = ("setting",)
+    metric: Tuple[str, str] = ("bbox", "AP")
+
+    __post_init__ = Claim.__post_init__
+    matches = Claim.matches
+
+    def matches_b(self, factors_a: Mapping[str, Any], factors_b: Mapping[str, Any]) -> bool:
+        """Whether a cell of ``experiment_b`` with ``factors_b`` is the counterpart of an ``experiment``
+        cell with ``factors_a``."""
+        return (all(k in factors_b and factors_b[k] == v for k, v in self.factors_b.items())
+                and all(factors_a.get(k) == factors_b.get(k) for k in self.shared))
+
+
+def e2_claims(scenes: Any = BENCHMARK_SCENES) -> Tuple[TrainingsClaim, ...]:
+    """E2's claims: its trainings against E1's BN cells (EvalNorm layers trained as BN, EMA statistics)."""
+    bn_2img = {"images_per_batch": 2, "scenes": scenes}
+    return (
+        TrainingsClaim(
+            "mabn-beats-bn-2img", f"{MABN}, the authors' COCO results",
+            "At 2 images per batch MABN beats BN (Mask R-CNN R-50-FPN from scratch: BN 32.4 → MABN 36.5 box AP).",
+            "e2", {"norm": "MABN", "arch": "frcnn", "scenes": scenes}, "ema", "e1", bn_2img, "ema", +1),
+        TrainingsClaim(
+            "mabn-reaches-large-batch", f"{MABN}, abstract and the authors' COCO results",
+            "MABN at 2 images per batch restores BN's large-batch accuracy (from scratch MABN 36.5 against "
+            "SyncBN over 16 images 36.8 box AP; fine-tuned 38.4 against 38.3).",
+            "e2", {"norm": "MABN", "arch": "frcnn", "scenes": scenes}, "ema",
+            "e1", {"images_per_batch": 8, "scenes": scenes}, "ema", 0),
+        TrainingsClaim(
+            "frozen-bn-late-2img", f"{RETHINKING}, §4 (train–test inconsistency)",
+            "At a small batch, switching to population statistics for the last part of training (FrozenBN late) "
+            "reduces the train–test inconsistency and beats BN with EMA statistics.",
+            "e2", {"norm": "BN, FrozenBN late", "arch": "frcnn", "scenes": scenes}, "ema", "e1", bn_2img, "ema", +1),
+    )
+
+
+CLAIMS: Tuple[Any, ...] = e1_claims() + e2_claims()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,8 @@ the discussion) is kept. Per experiment: a table with one row per cell (ordered 
 setting then images per batch) and one column per inference strategy, each entry "mean ± std (n)"
 over seeds; the paired differences to a reference strategy (default EMA) on the same checkpoints;
 figures (AP against images per batch, the train–test discrepancy against scene diversity). Then the
-claims of :mod:`bnstats_lab.experiments.claims`, each with our measurement and a verdict. A cell
+claims of :mod:`bnstats_lab.experiments.claims`, each with our measurement and a verdict (a paired
+difference on the same checkpoints, or for two trainings the unpaired difference of their cells). A cell
 that has not been run yet is shown as "not run": the report renders at every stage.
 
 It also rewrites the README's "Which norm at 2 images per GPU" table between
@@ -29,7 +30,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 from d2_bnstats.outputs import write_text
 
 from .catalog import load_catalog, load_experiments
-from .claims import CLAIMS, PAPER_TABLES, Claim, PaperTable
+from .claims import CLAIMS, PAPER_TABLES, Claim, PaperTable, TrainingsClaim
 from .records import RecordError, load_records, rows, strategy_entry
 from .report_figures import make_figures
 from .report_layout import REFERENCE, cell_rows, factor_order, strategy_order, value_key, varying_factors
@@ -37,7 +38,7 @@ from .report_readme import BEGIN as README_BEGIN
 from .report_readme import END as README_END
 from .report_readme import has_markers, render_which_norm, splice_readme
 from .report_stats import (CONVERGENCE_RATIO, NOT_RUN, convergence, evaluate_claims, paired_difference, summarize,
-                           verdict)
+                           unpaired_difference, verdict)
 
 __all__ = [
     "BEGIN",
@@ -47,6 +48,7 @@ __all__ = [
     "rows",
     "summarize",
     "paired_difference",
+    "unpaired_difference",
     "verdict",
     "convergence",
     "evaluate_claims",
@@ -185,6 +187,12 @@ def _experiment_section(records: List[dict], experiment: str, experiments: Seque
     return parts
 
 
+def _fmt_unpaired(diff: Mapping[str, Any]) -> str:
+    """ "mean ± spread (n_a vs n_b seeds)" of :func:`unpaired_difference`'s result."""
+    spread = "" if diff["std"] is None else f" ± {diff['std']:.2f}"
+    return f"{diff['mean']:+.2f}{spread} ({len(diff['values_a'])} vs {len(diff['values_b'])} seeds)"
+
+
 def _claims_section(records: List[dict], claims: Sequence[Claim], experiments: Sequence[Any]) -> List[str]:
     expected = {1: "a > b", -1: "a < b", 0: "a ≈ b"}
     body = []
@@ -194,11 +202,17 @@ def _claims_section(records: List[dict], claims: Sequence[Claim], experiments: S
         # a claim checked in several cells is described on its first row only
         text = f"**{claim.id}**" if claim.id in described else f"**{claim.id}**: {claim.text} ({claim.paper})"
         described.add(claim.id)
+        trainings = isinstance(claim, TrainingsClaim)
         comparison = f"a = {claim.strategy_a}, b = {claim.strategy_b} ({' '.join(claim.metric)})"
         where = f"{claim.experiment}/{row['cell']}" if row["cell"] else (
             f"{claim.experiment}: " + ", ".join(f"{k} = {v}" for k, v in claim.factors.items()))
+        if trainings:
+            comparison = (f"a = {claim.strategy_a} of {where}, b = {claim.strategy_b} of "
+                          f"{claim.experiment_b}/{row.get('cell_b') or '?'} ({' '.join(claim.metric)}; two trainings)")
         if row["status"] == "measured":
-            measurement, result = _fmt(row["difference"], signed=True), row["verdict"]
+            measurement = (_fmt_unpaired(row["difference"]) if trainings
+                           else _fmt(row["difference"], signed=True))
+            result = row["verdict"]
             if row.get("note"):
                 result = f"{result} ({row['note']})"
         elif row["status"] == NOT_RUN:
@@ -209,9 +223,11 @@ def _claims_section(records: List[dict], claims: Sequence[Claim], experiments: S
                      expected[claim.expected_sign], measurement, result])
     return [
         "### Claims",
-        "Per claim and cell: the paired difference a − b per seed, then mean ± std (number of seeds). "
+        "Per claim and cell: the paired difference a − b per seed, then mean ± std (number of seeds); for "
+        "two trainings (no shared checkpoint) the difference of the cells' means ± √(sd_a² + sd_b²). "
         "A claimed sign holds when the mean has that sign and |mean| > std, is inconclusive when "
-        "|mean| <= std or with fewer than 2 seeds; a claimed equality (≈) holds when |mean| <= std.",
+        "|mean| <= std or with fewer than 2 seeds (in each cell); a claimed equality (≈) holds when "
+        "|mean| <= std.",
         _table(["claim (paper)", "cell", "comparison", "expected", "ours: a − b", "verdict"], body),
     ]
 

@@ -3,7 +3,9 @@ convergence check and the claims' evaluation.
 
 Statistics: the mean and the sample standard deviation (ddof = 1) over seeds; one seed has no
 standard deviation. A paired difference is taken per seed on one checkpoint (the two strategies
-evaluated on the same weights), so the seed-to-seed variation of training cancels out of it.
+evaluated on the same weights), so the seed-to-seed variation of training cancels out of it. Two
+different trainings share no checkpoint: their unpaired difference is the difference of the cells'
+means, with the spread √(sd_a² + sd_b²) of the difference of two independent trainings.
 
 Convergence check on the batch-size axis (the protocol of ``docs/results.md``): a cell with more
 images per batch than the experiment's smallest is compared with its counterpart at the smallest
@@ -14,7 +16,7 @@ unconverged in the tables, and the claims judged on it are inconclusive.
 import math
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .claims import CLAIMS, Claim
+from .claims import CLAIMS, Claim, TrainingsClaim
 from .records import is_number, metric_value, strategy_entry
 from .report_layout import cell_rows, strategy_order
 
@@ -26,6 +28,7 @@ __all__ = [
     "CONVERGENCE_RATIO",
     "summarize",
     "paired_difference",
+    "unpaired_difference",
     "verdict",
     "convergence",
     "evaluate_claims",
@@ -98,6 +101,36 @@ def paired_difference(records: Iterable[dict], experiment: str, cell: str, strat
     mean, std = _mean_std(values)
     return {"experiment": experiment, "cell": cell, "strategy_a": strategy_a, "strategy_b": strategy_b,
             "metric": tuple(metric), "n": len(values), "mean": mean, "std": std, "seeds": seeds, "values": values}
+
+
+def _cell_values(records: Iterable[dict], experiment: str, cell: str, strategy: str,
+                 metric: Tuple[str, str]) -> Tuple[List[int], List[float]]:
+    seeds, values = [], []
+    for record in sorted((r for r in records if r["experiment"] == experiment and r["cell"] == cell),
+                         key=lambda r: r["seed"]):
+        value = metric_value(strategy_entry(record, strategy), metric)
+        if value is not None:
+            seeds.append(record["seed"])
+            values.append(value)
+    return seeds, values
+
+
+def unpaired_difference(records: Iterable[dict], a: Tuple[str, str, str], b: Tuple[str, str, str],
+                        metric: Tuple[str, str] = ("bbox", "AP")) -> dict:
+    """``metric`` of two different trainings, ``a`` and ``b`` each (experiment, cell, strategy): the
+    difference of the cells' means over seeds, ``std`` = √(sd_a² + sd_b²) (the standard deviation of
+    the difference of two independent trainings; None unless both cells have 2 seeds or more) and
+    ``n`` = the smaller number of seeds, with each side's ``seeds`` and ``values``."""
+    records = list(records)
+    seeds_a, values_a = _cell_values(records, *a, metric)
+    seeds_b, values_b = _cell_values(records, *b, metric)
+    mean_a, std_a = _mean_std(values_a)
+    mean_b, std_b = _mean_std(values_b)
+    mean = None if mean_a is None or mean_b is None else mean_a - mean_b
+    std = None if std_a is None or std_b is None else math.sqrt(std_a ** 2 + std_b ** 2)
+    return {"a": tuple(a), "b": tuple(b), "metric": tuple(metric), "n": min(len(values_a), len(values_b)),
+            "mean": mean, "std": std, "seeds_a": seeds_a, "values_a": values_a, "seeds_b": seeds_b,
+            "values_b": values_b}
 
 
 def verdict(mean: Optional[float], std: Optional[float], n: int, expected_sign: int) -> str:
@@ -179,6 +212,9 @@ def evaluate_claims(records: Sequence[dict], claims: Sequence[Claim] = CLAIMS,
     not have both strategies; kept only when no cell of the claim is measured or waiting to run)."""
     out = []
     for claim in claims:
+        if isinstance(claim, TrainingsClaim):
+            out += _evaluate_trainings_claim(records, claim, experiments)
+            continue
         recs = [r for r in records if r["experiment"] == claim.experiment]
         checked = convergence(recs, claim.experiment)
         measured, waiting, unavailable = [], [], []
@@ -203,6 +239,44 @@ def evaluate_claims(records: Sequence[dict], claims: Sequence[Claim] = CLAIMS,
         chosen = (measured + waiting) or unavailable
         out += chosen or [{"claim": claim, "cell": None, "factors": None, "status": NOT_RUN}]
     return out
+
+
+def _evaluate_trainings_claim(records: Sequence[dict], claim: TrainingsClaim, experiments: Sequence[Any]) -> List[dict]:
+    """:func:`evaluate_claims`'s rows for a claim about two trainings; ``cell_b`` names the counterpart."""
+    recs_a = [r for r in records if r["experiment"] == claim.experiment]
+    recs_b = [r for r in records if r["experiment"] == claim.experiment_b]
+    cells_b = cell_rows(recs_b, claim.experiment_b, experiments)
+    checked = convergence(recs_b, claim.experiment_b)
+    measured, waiting, unavailable = [], [], []
+    for cell, factors, _ in cell_rows(recs_a, claim.experiment, experiments):
+        if not claim.matches(factors):
+            continue
+        counterparts = [c for c, f, _ in cells_b if claim.matches_b(factors, f)]
+        base = {"claim": claim, "cell": cell, "factors": factors,
+                "cell_b": counterparts[0] if len(counterparts) == 1 else None}
+        if len(counterparts) != 1:
+            reason = (f"no cell of {claim.experiment_b} matches" if not counterparts
+                      else f"{len(counterparts)} cells of {claim.experiment_b} match: {', '.join(counterparts)}")
+            unavailable.append(dict(base, status="not available", reason=reason))
+            continue
+        cell_b = counterparts[0]
+        if not any(r["cell"] == cell for r in recs_a) or not any(r["cell"] == cell_b for r in recs_b):
+            waiting.append(dict(base, status=NOT_RUN))
+            continue
+        diff = unpaired_difference(records, (claim.experiment, cell, claim.strategy_a),
+                                   (claim.experiment_b, cell_b, claim.strategy_b), claim.metric)
+        if diff["mean"] is None:
+            side = claim.strategy_a if not diff["values_a"] else claim.strategy_b
+            unavailable.append(dict(base, status="not available", reason=f"no {'/'.join(claim.metric)} of {side}"))
+            continue
+        row = dict(base, status="measured", difference=diff,
+                   verdict=verdict(diff["mean"], diff["std"], diff["n"], claim.expected_sign))
+        check = checked.get(cell_b)
+        if check and not check["converged"]:
+            row.update(verdict=INCONCLUSIVE, note=_unconverged(check))
+        measured.append(row)
+    chosen = (measured + waiting) or unavailable
+    return chosen or [{"claim": claim, "cell": None, "cell_b": None, "factors": None, "status": NOT_RUN}]
 
 
 def _unconverged(check: Mapping[str, Any]) -> str:
