@@ -627,6 +627,28 @@ def test_readme_table_entries_match_statistics_module(lab_results):
     assert "90.00" not in text and "99.00" not in text  # other scenes, Mask R-CNN: not these rows' cells
 
 
+def test_which_norm_entries_and_figure(lab_results, tmp_path):
+    """The table's data: statistics per row and setting, the status of what was not measured, the
+    paired difference only for strategies on the same checkpoints; the figure draws it."""
+    from bnstats_lab.experiments.report_figures import plot_which_norm
+
+    root, experiments = lab_results
+    entries = report_readme.which_norm_entries(report.load_records(root), experiments)
+    by_label = {item["row"].label: item["settings"] for item in entries}
+    scratch = README_AP[("e1", f"scratch_2img_{BENCHMARK_SCENES}")]
+    learned = by_label["EvalNorm (learned)"][0]
+    assert learned["cell"] == f"scratch_2img_{BENCHMARK_SCENES}" and learned["status"] == "measured"
+    assert learned["bbox"]["mean"] == pytest.approx(statistics.mean(scratch["evalnorm_learned"]))
+    diffs = [a - b for a, b in zip(scratch["evalnorm_learned"], scratch["ema"])]
+    assert learned["difference"]["std"] == pytest.approx(statistics.stdev(diffs))
+    assert by_label["GN"][0]["difference"] is None  # another training
+    assert by_label["batch statistics at test"][1]["status"] == "n/a"
+    assert [e["status"] for e in by_label["FrozenBN (frozen setting)"]] == ["—", "measured"]
+    assert by_label["MABN"][0]["status"] == "not run" and by_label["MABN"][0]["cell"] == "mabn_scratch"
+    path = plot_which_norm(entries, report_readme.SETTINGS, str(tmp_path / "w.png"), "title")
+    assert os.path.getsize(path) > 0
+
+
 def test_readme_table_not_run_and_the_line_under_it(lab_results):
     root, experiments = lab_results
     text = report_readme.render_which_norm([], experiments)
@@ -700,6 +722,12 @@ def test_main_writes_the_default_readme_and_refuses_broken_markers(lab_results, 
     assert report.main(args) == 0
     assert "(which-norm table)" in capsys.readouterr().out
     assert "| GN | " + _expected(README_AP[("e2", "gn_scratch")]["ema"]) in readme.read_text()
+    # the page carries the same table (without the link to itself) and the figure, before the claims
+    page = md.read_text()
+    section = page.split("### Which norm at 2 images per GPU")[1].split("### Claims")[0]
+    assert "| GN | " + _expected(README_AP[("e2", "gn_scratch")]["ema"]) in section
+    assert "](results.md)" not in section and "![which_norm_2img](../fig/which_norm_2img.png)" in section
+    assert (tmp_path / "fig" / "which_norm_2img.png").stat().st_size > 0
     # --readme '' leaves it alone
     readme.write_text(README_BEFORE + report_readme.BEGIN + "\nmine\n" + report_readme.END + README_AFTER)
     assert report.main(args + ["--readme", ""]) == 0 and "mine" in readme.read_text()
@@ -726,3 +754,4 @@ def test_main_with_another_catalog_judges_its_claims_and_leaves_the_readme(lab_r
     text = md.read_text()
     assert "### Experiment coco_e1" in text and "| coco_e1/scratch_2img |" in text
     assert "e1/scratch_2img_d200" not in text.split("### Claims")[1]  # the lab's claims are not judged there
+    assert "### Which norm" not in text and not (tmp_path / "fig" / "which_norm_2img.png").exists()

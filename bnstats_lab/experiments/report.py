@@ -32,11 +32,12 @@ from d2_bnstats.outputs import write_text
 from .catalog import load_catalog, load_experiments
 from .claims import CLAIMS, PAPER_TABLES, Claim, PaperTable, TrainingsClaim
 from .records import RecordError, load_records, rows, strategy_entry
-from .report_figures import make_figures
+from .report_figures import make_figures, plot_which_norm
 from .report_layout import REFERENCE, cell_rows, factor_order, strategy_order, value_key, varying_factors
 from .report_readme import BEGIN as README_BEGIN
 from .report_readme import END as README_END
-from .report_readme import has_markers, render_which_norm, splice_readme
+from .report_readme import SETTINGS as WHICH_NORM_SETTINGS
+from .report_readme import has_markers, render_which_norm, splice_readme, which_norm_entries
 from .report_stats import (CONVERGENCE_RATIO, NOT_RUN, convergence, evaluate_claims, paired_difference, summarize,
                            unpaired_difference, verdict)
 
@@ -266,7 +267,7 @@ def _paper_table_section(records: List[dict], table: PaperTable) -> List[str]:
 def render_markdown(records: Sequence[dict], claims: Sequence[Claim] = CLAIMS, figures_dir: Optional[str] = None,
                     markdown_dir: str = "docs", experiments: Sequence[Any] = (), reference: str = REFERENCE,
                     figures: Optional[Mapping[str, Sequence[str]]] = None,
-                    paper_tables: Sequence[PaperTable] = ()) -> str:
+                    paper_tables: Sequence[PaperTable] = (), which_norm: Optional[str] = None) -> str:
     """The generated part of the report (without the markers) for ``records``.
 
     Per experiment (recorded, declared in ``experiments`` (``spec.Experiment``-like objects, whose
@@ -274,7 +275,9 @@ def render_markdown(records: Sequence[dict], claims: Sequence[Claim] = CLAIMS, f
     factor order; columns: strategies; "mean ± std (n)"), the paired differences to ``reference``,
     and links to its figures; then the claims table. Figures are written into ``figures_dir`` by
     :func:`make_figures` unless ``figures`` ({experiment: paths}) is given; links are relative to
-    ``markdown_dir``, the folder of the markdown file."""
+    ``markdown_dir``, the folder of the markdown file. With ``which_norm`` (the path of
+    :func:`plot_which_norm`'s figure), a section with the README's which-norm table and that figure
+    comes before the claims."""
     records = list(records)
     if figures is None:
         figures = make_figures(records, figures_dir) if figures_dir else {}
@@ -285,6 +288,13 @@ def render_markdown(records: Sequence[dict], claims: Sequence[Claim] = CLAIMS, f
              f"to that model; \"{NOT_PLANNED}\": not planned for that cell."]
     for name in names:
         parts += _experiment_section(records, name, experiments, reference, figures.get(name, ()), markdown_dir)
+    if which_norm:
+        rel = os.path.relpath(which_norm, markdown_dir).replace(os.sep, "/")
+        parts += ["### Which norm at 2 images per GPU",
+                  "E1's rows are inference strategies on the same EvalNorm-trained checkpoints; E2's rows are "
+                  "other trainings; the last row is the large-batch reference.",
+                  render_which_norm(records, experiments, None).rstrip("\n"),
+                  f"![which_norm_2img]({rel})"]
     parts += _claims_section(records, claims, experiments)
     layouts = [part for table in paper_tables for part in _paper_table_section(records, table)]
     if layouts:
@@ -315,19 +325,28 @@ def _splice(existing: str, generated: str, path: str) -> str:
 def write_report(results_root: str = "results", output_md: str = "docs/results.md",
                  figures_dir: str = "docs/results", claims: Sequence[Claim] = CLAIMS,
                  experiments: Sequence[Any] = (), readme: Optional[str] = None,
-                 paper_tables: Sequence[PaperTable] = PAPER_TABLES) -> Tuple[str, List[str], int]:
+                 paper_tables: Sequence[PaperTable] = PAPER_TABLES,
+                 which_norm: bool = False) -> Tuple[str, List[str], int]:
     """Write the report: the figures, then ``output_md`` atomically, its generated part between
     :data:`BEGIN` and :data:`END` (the rest of an existing file is kept; a file without markers gets
     them appended; a new file gets a short header). Without ``results_root`` every cell is "not
     run". With ``readme``, also its which-norm table between the markers of :mod:`.report_readme`
     (atomically, the rest kept; a README without them is left untouched). Both files' markers are
-    checked before either is written. Returns (``output_md``, figure paths, number of records)."""
+    checked before either is written. With ``which_norm``, the which-norm table and its figure
+    (``which_norm_2img.png``) go into the page too. Returns (``output_md``, figure paths, number of
+    records)."""
     records = load_records(results_root) if os.path.isdir(results_root) else []
     figures = make_figures(records, figures_dir)
     markdown_dir = os.path.dirname(os.path.abspath(output_md))
     figures = {k: [os.path.abspath(p) for p in v] for k, v in figures.items()}
+    which_norm_figure = None
+    if which_norm:
+        which_norm_figure = os.path.abspath(plot_which_norm(
+            which_norm_entries(records, experiments), WHICH_NORM_SETTINGS,
+            os.path.join(figures_dir, "which_norm_2img.png"),
+            "Which norm at 2 images per GPU: box AP, mean ± std over seeds (dots: seeds; hatched: unconverged)"))
     body = render_markdown(records, claims, figures_dir, markdown_dir, experiments, figures=figures,
-                           paper_tables=paper_tables)
+                           paper_tables=paper_tables, which_norm=which_norm_figure)
     generated = f"{BEGIN}\n{body}{END}"
     if os.path.exists(output_md):
         with open(output_md, encoding="utf-8") as f:
@@ -345,7 +364,8 @@ def write_report(results_root: str = "results", output_md: str = "docs/results.m
     write_text(output_md, text)
     if readme_text is not None:
         write_text(readme, readme_text)
-    return output_md, [p for paths in figures.values() for p in paths], len(records)
+    paths = [p for paths in figures.values() for p in paths] + ([which_norm_figure] if which_norm_figure else [])
+    return output_md, paths, len(records)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -382,7 +402,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         claims = CLAIMS if module is None else tuple(getattr(module, "CLAIMS", ()))
         tables = PAPER_TABLES if module is None else tuple(getattr(module, "PAPER_TABLES", ()))
         path, figure_paths, n = write_report(args.results, args.output, args.figures, claims=claims,
-                                             experiments=experiments, readme=readme, paper_tables=tables)
+                                             experiments=experiments, readme=readme, paper_tables=tables,
+                                             which_norm=args.catalog is None)
     except (ImportError, FileNotFoundError, ValueError) as e:  # RecordError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1

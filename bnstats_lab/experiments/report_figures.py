@@ -1,6 +1,7 @@
 """The report's figures: box AP against images per batch, the train–test discrepancy of EMA
 statistics against scene diversity, box AP against PreciseBN's number of images, and the learned
-EvalNorm weights per layer, per experiment, as PNG files (matplotlib, Agg backend).
+EvalNorm weights per layer, per experiment, as PNG files (matplotlib, Agg backend); and across
+experiments, the which-norm table as bars (:func:`plot_which_norm`).
 
 Error bars are the sample standard deviation over seeds (see :func:`.report_stats.summarize`).
 """
@@ -14,7 +15,7 @@ from .records import is_number
 from .report_layout import REFERENCE, value_key, varying_factors
 from .report_stats import summarize
 
-__all__ = ["make_figures"]
+__all__ = ["make_figures", "plot_which_norm"]
 
 
 def _pyplot():
@@ -24,6 +25,20 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, path: str) -> str:
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _errorbar(ax, points, **kwargs):
+    """One line of (x, mean, std) points, sorted by x; a missing std draws no bar."""
+    points = sorted(points, key=lambda p: p[0])
+    ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] or 0.0 for p in points],
+                marker="o", capsize=3, **kwargs)
 
 
 def _slug(text: str) -> str:
@@ -63,9 +78,7 @@ def _plot_ap_vs_images(summary: List[dict], experiment: str, path: str) -> str:
     for ax, panel in zip(axes.flat, sorted(panels)):
         factors, lines = panels[panel]
         for strategy, pts in lines.items():
-            pts = sorted(pts)
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
-                        marker="o", capsize=3, label=strategy)
+            _errorbar(ax, pts, label=strategy)
         if all(x > 0 for x in sizes):
             ax.set_xscale("log", base=2)
         ax.set_xticks(sizes)
@@ -78,10 +91,7 @@ def _plot_ap_vs_images(summary: List[dict], experiment: str, path: str) -> str:
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.suptitle(f"{experiment}: box AP against images per batch (mean ± std over seeds)", fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _plot_discrepancy_vs_diversity(summary: List[dict], experiment: str, path: str) -> str:
@@ -100,9 +110,8 @@ def _plot_discrepancy_vs_diversity(summary: List[dict], experiment: str, path: s
         lines.setdefault(key, []).append((x, d["mean"], d["std"] or 0.0, s["factors"]))
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for key in sorted(lines):
-        pts = sorted(lines[key], key=lambda p: p[0])
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                    label=_label(pts[0][3], line_keys) or REFERENCE)
+        pts = lines[key]
+        _errorbar(ax, [p[:3] for p in pts], label=_label(pts[0][3], line_keys) or REFERENCE)
     ax.set_xticks([position[v] for v in values])
     ax.set_xticklabels([str(v) for v in values])
     ax.set_xlabel("scene diversity")
@@ -110,10 +119,7 @@ def _plot_discrepancy_vs_diversity(summary: List[dict], experiment: str, path: s
     ax.set_title(f"{experiment}: discrepancy of EMA statistics (mean ± std over seeds)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 PRECISE_BN = re.compile(r"^precise_bn:(\d+)$")
@@ -135,8 +141,7 @@ def _plot_ap_vs_precise_bn_images(summary: List[dict], experiment: str, path: st
         pts = sorted((int(PRECISE_BN.match(s["strategy"]).group(1)), s["bbox"]["mean"], s["bbox"]["std"] or 0.0)
                      for s in summary if s["cell"] == cell and s["n"] and PRECISE_BN.match(s["strategy"]))
         if pts:
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                        capsize=3, color=color, label=f"{cell}: PreciseBN(N)")
+            _errorbar(ax, pts, color=color, label=f"{cell}: PreciseBN(N)")
         ema = next((s for s in summary if s["cell"] == cell and s["strategy"] == REFERENCE and s["n"]), None)
         if ema is not None:
             mean, std = ema["bbox"]["mean"], ema["bbox"]["std"] or 0.0
@@ -151,10 +156,7 @@ def _plot_ap_vs_precise_bn_images(summary: List[dict], experiment: str, path: st
     ax.set_title(f"{experiment}: PreciseBN against EMA statistics (mean ± std over seeds)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _short_layer(name: str) -> str:
@@ -196,10 +198,7 @@ def _plot_evalnorm_parameters(records: Sequence[dict], experiment: str, path: st
     axes[1].set_xticks(range(len(layers)))
     axes[1].set_xticklabels([_short_layer(n) for n in layers], rotation=90, fontsize=6)
     fig.suptitle(f"{experiment}: learned EvalNorm weights per layer (mean over seeds, band: range)", fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def make_figures(records: Sequence[dict], figures_dir: str) -> Dict[str, List[str]]:
@@ -235,3 +234,44 @@ def make_figures(records: Sequence[dict], figures_dir: str) -> Dict[str, List[st
         if paths:
             out[experiment] = paths
     return out
+
+
+def plot_which_norm(entries: Sequence[Mapping[str, Any]], settings: Sequence[Tuple[str, str]], path: str,
+                    title: str) -> str:
+    """The which-norm table (:func:`.report_readme.which_norm_entries`) as horizontal bars, one panel
+    per setting of ``settings`` ((setting, title) pairs): box AP mean, the seeds' std as error bar,
+    each seed as a dot. Rows that are strategies on one checkpoint (``paired``) in one colour, other
+    trainings in another, the large-batch reference (the last row) in grey and as a dashed line;
+    an entry that was not measured is written out ("not run", "n/a", "—")."""
+    plt = _pyplot()
+    labels = [item["row"].label for item in entries]
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings) + 2.6, 0.42 * len(labels) + 1.4),
+                             sharey=True, squeeze=False)
+    for ax, (index, (_, setting_title)) in zip(axes.flat, enumerate(settings)):
+        for y, item in enumerate(entries):
+            entry = item["settings"][index]
+            reference = y == len(entries) - 1
+            if entry["status"] != "measured":
+                ax.text(0.5, y, entry["status"], va="center", fontsize=7, color="0.4")
+                continue
+            stats = entry["bbox"]
+            color = "0.6" if reference else ("C0" if item["row"].paired else "C1")
+            ax.barh(y, stats["mean"], xerr=stats["std"] or 0.0, color=color, alpha=0.75, capsize=3,
+                    hatch="//" if entry["unconverged"] else None)
+            ax.plot(stats["values"], [y] * len(stats["values"]), "k.", markersize=4)
+            if reference:
+                ax.axvline(stats["mean"], color="0.4", linestyle="--", linewidth=1)
+        ax.set_title(setting_title, fontsize=9)
+        ax.set_xlabel("box AP (COCO, %)")
+        ax.grid(axis="x", alpha=0.3)
+    from matplotlib.patches import Patch
+
+    axes[0][-1].legend(handles=[Patch(color="C0", alpha=0.75, label="inference statistics, same checkpoints"),
+                                Patch(color="C1", alpha=0.75, label="another training"),
+                                Patch(color="0.6", alpha=0.75, label="large-batch reference")],
+                       fontsize=7, loc="lower right")
+    axes[0][0].set_yticks(range(len(labels)))
+    axes[0][0].set_yticklabels(labels, fontsize=7)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(title, fontsize=9)
+    return _save(plt, fig, path)

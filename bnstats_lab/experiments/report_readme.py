@@ -8,6 +8,7 @@ evaluated under several inference strategies, so their last column is the paired
 statistics on those same checkpoints; the rows of ``e2`` are other trainings and have none. ``e1``'s
 8-image cell under EMA is the large-batch reference.
 
+:func:`which_norm_entries` gives its data (also drawn by :mod:`.report_figures`),
 :func:`render_which_norm` renders the table; :func:`splice_readme` and :func:`write_readme` put it
 between :data:`BEGIN` and :data:`END` of the README and leave a README without them untouched.
 """
@@ -20,7 +21,8 @@ from .catalog import BENCHMARK_SCENES, DIVERSITY
 from .report_layout import cell_rows
 from .report_stats import NOT_RUN, convergence, paired_difference, summarize
 
-__all__ = ["BEGIN", "END", "ROWS", "Row", "render_which_norm", "has_markers", "splice_readme", "write_readme"]
+__all__ = ["BEGIN", "END", "ROWS", "Row", "which_norm_entries", "render_which_norm", "has_markers", "splice_readme",
+           "write_readme"]
 
 BEGIN = "<!-- which-norm:begin -->"
 END = "<!-- which-norm:end -->"
@@ -111,13 +113,14 @@ def _iterations(experiments: List[Any], records: List[dict], where: List[Tuple[s
     return sorted(out)
 
 
-def render_which_norm(records: Sequence[dict], experiments: Union[Mapping[str, Any], Sequence[Any], None] = (),
-                      results_link: str = "docs/results.md", rows: Sequence[Row] = ROWS) -> str:
-    """The table of :data:`ROWS` (at most 14) and the line under it, as markdown (without the markers).
-
-    ``experiments``: the declared experiments (a dict or a sequence of ``spec.Experiment``-like
-    objects); a declared cell without records shows "not run", as does a row no cell matches.
-    ``results_link``: the link to the full report, relative to the README."""
+def which_norm_entries(records: Sequence[dict], experiments: Union[Mapping[str, Any], Sequence[Any], None] = (),
+                       rows: Sequence[Row] = ROWS) -> List[dict]:
+    """The data of the which-norm table: per row of ``rows``, ``{"row": Row, "settings": [...]}`` with
+    per entry of :data:`SETTINGS` a dict: ``setting``, ``cell`` (None: none declared or recorded),
+    ``status`` ("measured", :data:`NOT_RUN`, :data:`NOT_AVAILABLE` for a strategy that does not
+    apply, :data:`NOT_APPLICABLE` for no such setting), ``bbox`` (:func:`.report_stats.summarize`'s
+    box AP statistics), ``unconverged`` and ``difference`` (the paired difference to
+    :data:`REFERENCE` on the same checkpoints; None unless the row is ``paired``), and ``experiment``."""
     records = list(records)
     declared = _experiment_list(experiments)
     by_experiment = {name: [r for r in records if r["experiment"] == name] for name in {row.experiment for row in rows}}
@@ -125,31 +128,57 @@ def render_which_norm(records: Sequence[dict], experiments: Union[Mapping[str, A
     summary = {name: {(s["cell"], s["strategy"]): s for s in summarize(recs, name)}
                for name, recs in by_experiment.items()}
     checked = {name: convergence(recs, name) for name, recs in by_experiment.items()}
-    used: Dict[Any, List[Tuple[str, str]]] = {}  # images per batch -> the (experiment, cell) shown
-
-    body = []
+    out = []
     for row in rows:
-        entries, differences = [], []
+        entries = []
         for setting in row.settings:
+            entry = {"setting": setting, "experiment": row.experiment, "cell": None, "bbox": None,
+                     "unconverged": False, "difference": None}
+            entries.append(entry)
             if setting is None:
-                entries.append(NOT_APPLICABLE)
-                differences.append(NOT_APPLICABLE)
+                entry["status"] = NOT_APPLICABLE
                 continue
             cell = _cell(cells[row.experiment], dict(row.factors, setting=setting), row)
-            recs = [r for r in by_experiment[row.experiment] if r["cell"] == cell] if cell else []
-            if cell:
-                used.setdefault(dict(row.factors).get("images_per_batch"), []).append((row.experiment, cell))
-            if not recs:
-                entries.append(NOT_RUN)
-                differences.append(NOT_RUN)
+            entry["cell"] = cell
+            if not cell or not any(r["cell"] == cell for r in by_experiment[row.experiment]):
+                entry["status"] = NOT_RUN
                 continue
-            entry = _fmt((summary[row.experiment].get((cell, row.strategy)) or {}).get("bbox")) or NOT_AVAILABLE
+            bbox = (summary[row.experiment].get((cell, row.strategy)) or {}).get("bbox")
+            entry["status"] = "measured" if bbox and bbox["n"] else NOT_AVAILABLE
+            entry["bbox"] = bbox if entry["status"] == "measured" else None
             check = checked[row.experiment].get(cell)
-            if check and not check["converged"]:
-                entry += " (unconverged)"
-            entries.append(entry)
-            diff = paired_difference(records, row.experiment, cell, row.strategy, REFERENCE)
-            differences.append(_fmt(diff, signed=True) or NOT_AVAILABLE)
+            entry["unconverged"] = bool(check and not check["converged"])
+            if row.paired and row.strategy != REFERENCE:
+                entry["difference"] = paired_difference(records, row.experiment, cell, row.strategy, REFERENCE)
+        out.append({"row": row, "settings": entries})
+    return out
+
+
+def render_which_norm(records: Sequence[dict], experiments: Union[Mapping[str, Any], Sequence[Any], None] = (),
+                      results_link: Optional[str] = "docs/results.md", rows: Sequence[Row] = ROWS) -> str:
+    """The table of :data:`ROWS` (at most 14) and the line under it, as markdown (without the markers).
+
+    ``experiments``: the declared experiments (a dict or a sequence of ``spec.Experiment``-like
+    objects); a declared cell without records shows "not run", as does a row no cell matches.
+    ``results_link``: the link to the full report, relative to the README (None: no link)."""
+    records = list(records)
+    declared = _experiment_list(experiments)
+    used: Dict[Any, List[Tuple[str, str]]] = {}  # images per batch -> the (experiment, cell) shown
+    body = []
+    for item in which_norm_entries(records, declared, rows):
+        row = item["row"]
+        entries, differences = [], []
+        for entry in item["settings"]:
+            if entry["cell"]:
+                used.setdefault(dict(row.factors).get("images_per_batch"), []).append((row.experiment, entry["cell"]))
+            status = entry["status"]
+            if status in (NOT_APPLICABLE, NOT_RUN):
+                entries.append(status)
+                differences.append(status)
+                continue
+            text = _fmt(entry["bbox"]) or NOT_AVAILABLE
+            entries.append(text + (" (unconverged)" if entry["unconverged"] else ""))
+            differences.append(_fmt(entry["difference"], signed=True) or NOT_AVAILABLE)
         paired = row.paired and row.strategy != REFERENCE
         body.append([row.label] + entries + [" / ".join(differences) if paired else ""])
 
@@ -161,7 +190,7 @@ def render_which_norm(records: Sequence[dict], experiments: Union[Mapping[str, A
 
 
 def _footnote(records: List[dict], declared: List[Any], rows: Sequence[Row], used: Mapping[Any, list],
-              results_link: str) -> str:
+              results_link: Optional[str]) -> str:
     names = {row.experiment for row in rows}
     seeds = sorted({s for exp in declared if exp.name in names for s in exp.seeds}
                    or {r["seed"] for r in records if r["experiment"] in names})
@@ -177,8 +206,8 @@ def _footnote(records: List[dict], declared: List[Any], rows: Sequence[Row], use
             f"{schedule}, {len(seeds)} seeds; Δ: the row minus BN + EMA per seed on the same checkpoint; "
             f"differences smaller than the seeds' spread are inconclusive. "
             f"\"{NOT_RUN}\": not trained yet, \"{NOT_AVAILABLE}\": does not apply to that model, "
-            f"\"{NOT_APPLICABLE}\": no such setting. "
-            f"Full tables, protocol and claims: [{results_link}]({results_link}).")
+            f"\"{NOT_APPLICABLE}\": no such setting."
+            + (f" Full tables, protocol and claims: [{results_link}]({results_link})." if results_link else ""))
 
 
 # ------------------------------------------------------------------------------------------ writing
