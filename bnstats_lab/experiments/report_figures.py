@@ -27,8 +27,8 @@ def _pyplot():
     return plt
 
 
-def _save(plt, fig, path: str) -> str:
-    fig.tight_layout()
+def _save(plt, fig, path: str, rect=(0, 0, 1, 1)) -> str:
+    fig.tight_layout(rect=rect)
     save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
@@ -266,12 +266,12 @@ def plot_which_norm(entries: Sequence[Mapping[str, Any]], settings: Sequence[Tup
         ax.grid(axis="x", alpha=0.3)
     from matplotlib.patches import Patch
 
-    axes[0][-1].legend(handles=[Patch(color="C0", alpha=0.75, label="inference statistics, same checkpoints"),
-                                Patch(color="C1", alpha=0.75, label="another training"),
-                                Patch(color="0.6", alpha=0.75, label="large-batch reference")],
-                       fontsize=7, loc="lower right")
+    fig.legend(handles=[Patch(color="C0", alpha=0.75, label="inference statistics, same checkpoints"),
+                        Patch(color="C1", alpha=0.75, label="another training"),
+                        Patch(color="0.6", alpha=0.75, label="large-batch reference")],
+               fontsize=7, loc="lower center", ncol=3, frameon=False)
     axes[0][0].set_yticks(range(len(labels)))
     axes[0][0].set_yticklabels(labels, fontsize=7)
     axes[0][0].invert_yaxis()
     fig.suptitle(title, fontsize=9)
-    return _save(plt, fig, path)
+    return _save(plt, fig, path, rect=(0, 0.05, 1, 1))
