@@ -230,15 +230,26 @@ def evaluate_claims(records: Sequence[dict], claims: Sequence[Claim] = CLAIMS,
             if diff["n"] == 0:
                 unavailable.append(dict(base, status="not available", reason=_why_unavailable(cell_recs, claim)))
                 continue
-            row = dict(base, status="measured", difference=diff,
-                       verdict=verdict(diff["mean"], diff["std"], diff["n"], claim.expected_sign))
-            check = checked.get(cell)
-            if check and not check["converged"]:
-                row.update(verdict=INCONCLUSIVE, note=_unconverged(check))
-            measured.append(row)
-        chosen = (measured + waiting) or unavailable
-        out += chosen or [{"claim": claim, "cell": None, "factors": None, "status": NOT_RUN}]
+            measured.append(_measured_row(base, diff, claim, checked.get(cell)))
+        out += _chosen_rows(claim, measured, waiting, unavailable)
     return out
+
+
+def _measured_row(base: dict, diff: dict, claim: Any, check: Optional[Mapping[str, Any]]) -> dict:
+    """A claim's row with its difference and verdict; inconclusive when ``check`` (the convergence
+    check of the cell the batch-size axis compares) failed."""
+    row = dict(base, status="measured", difference=diff,
+               verdict=verdict(diff["mean"], diff["std"], diff["n"], claim.expected_sign))
+    if check and not check["converged"]:
+        row.update(verdict=INCONCLUSIVE, note=_unconverged(check))
+    return row
+
+
+def _chosen_rows(claim: Any, measured: List[dict], waiting: List[dict], unavailable: List[dict]) -> List[dict]:
+    """The measured and not-yet-run rows; the unavailable ones only when there is neither; one
+    "not run" row when no cell matches."""
+    chosen = (measured + waiting) or unavailable
+    return chosen or [{"claim": claim, "cell": None, "cell_b": None, "factors": None, "status": NOT_RUN}]
 
 
 def _evaluate_trainings_claim(records: Sequence[dict], claim: TrainingsClaim, experiments: Sequence[Any]) -> List[dict]:
@@ -269,14 +280,8 @@ def _evaluate_trainings_claim(records: Sequence[dict], claim: TrainingsClaim, ex
             side = claim.strategy_a if not diff["values_a"] else claim.strategy_b
             unavailable.append(dict(base, status="not available", reason=f"no {'/'.join(claim.metric)} of {side}"))
             continue
-        row = dict(base, status="measured", difference=diff,
-                   verdict=verdict(diff["mean"], diff["std"], diff["n"], claim.expected_sign))
-        check = checked.get(cell_b)
-        if check and not check["converged"]:
-            row.update(verdict=INCONCLUSIVE, note=_unconverged(check))
-        measured.append(row)
-    chosen = (measured + waiting) or unavailable
-    return chosen or [{"claim": claim, "cell": None, "cell_b": None, "factors": None, "status": NOT_RUN}]
+        measured.append(_measured_row(base, diff, claim, checked.get(cell_b)))
+    return _chosen_rows(claim, measured, waiting, unavailable)
 
 
 def _unconverged(check: Mapping[str, Any]) -> str:
