@@ -32,7 +32,7 @@ from .. import batch_statistics, set_evalnorm_mode
 from ..d2.evalnorm_offline import convert_to_evalnorm, estimate_evalnorm, refusal_reason
 from ..d2.population import PreciseBNRunner, default_precise_bn_loader_factory
 from ..layers.evalnorm import evalnorm_layers
-from ..layers.population_protocol import unwrap
+from ..layers.population_protocol import population_layers, unwrap
 
 
 @dataclasses.dataclass
@@ -48,6 +48,17 @@ class CompareContext:
 
 def model_has_evalnorm(model: nn.Module) -> bool:
     return bool(evalnorm_layers(unwrap(model)))
+
+
+def no_population_layers_reason(model: nn.Module, include_frozen: bool) -> Optional[str]:
+    """Why a strategy that acts on population-statistics layers has nothing to act on, or None.
+
+    A GN or FrozenBN model would otherwise be evaluated exactly as under EMA and its row would
+    suggest a measured equality where nothing was changed."""
+    if population_layers(unwrap(model), include_frozen=include_frozen):
+        return None
+    return ("the model has no layers with population statistics (its norms are GN, FrozenBN or none): "
+            "the result would be EMA's")
 
 
 def set_evalnorm_ema_if_present(model: nn.Module) -> None:
@@ -96,6 +107,9 @@ class PreciseBNStrategy(Strategy):
         self.num_images = num_images
         self.name = f"PreciseBN({num_images})"
 
+    def unavailable(self, ctx):
+        return no_population_layers_reason(ctx.model, include_frozen=False)  # PreciseBN skips frozen layers
+
     def prepare(self, ctx, model):
         super().prepare(ctx, model)
         cfg = ctx.cfg
@@ -120,6 +134,9 @@ class BatchStatsStrategy(Strategy):
             raise ValueError(f"batch statistics at test need k >= 1 images per test batch, got {k}")
         self.test_batch_size = k
         self.name = f"batch stats (k={k})"
+
+    def unavailable(self, ctx):
+        return no_population_layers_reason(ctx.model, include_frozen=True)
 
     def inference(self, model):
         return batch_statistics(model)
