@@ -136,6 +136,24 @@ def test_evalnorm_with_precise_bn_is_the_learned_formula_on_precise_bn_statistic
     assert build_strategy("evalnorm_precise_bn:4", OPTIONS).name == "EvalNorm learned + PreciseBN(4)"
 
 
+def _untrained_model_context(tmp_path, config):
+    """A freshly built model of ``configs/cpu/<config>`` and its comparison context. The frozen and
+    fine-tuned settings start from a pre-trained file; the layers do not depend on it, so none is loaded."""
+    import os
+
+    from detectron2.modeling import build_model
+
+    from d2_bnstats.compare import CompareContext
+    from d2_bnstats.d2.train import load_config
+    from d2_bnstats.d2.trainer import Trainer
+
+    from .conftest import REPO, tiny_opts
+
+    cfg = load_config(os.path.join(REPO, "configs", "cpu", config), tiny_opts(tmp_path, **{"MODEL.WEIGHTS": ""}))
+    model = build_model(cfg)
+    return model, CompareContext(cfg, model, Trainer)
+
+
 @pytest.mark.parametrize("config, expected", [
     ("frcnn_r18_gn_2img_scratch.yaml", {"PreciseBN(4)": False, "batch stats (k=2)": False, "EMA": True}),
     ("frcnn_r18_frozenbn_2img_frozen.yaml", {"PreciseBN(4)": False, "batch stats (k=2)": False, "EMA": True}),
@@ -144,24 +162,12 @@ def test_evalnorm_with_precise_bn_is_the_learned_formula_on_precise_bn_statistic
 def test_strategies_that_act_on_population_statistics_are_unavailable_without_such_layers(tmp_path, config, expected):
     """Reference: the model's own modules — a GN or FrozenBN model has no BatchNorm with running
     statistics, so PreciseBN and batch statistics would silently evaluate it as EMA does."""
-    import os
-
-    from detectron2.modeling import build_model
     from torch import nn
 
-    from d2_bnstats.compare import CompareContext
-    from d2_bnstats.d2.train import load_config
-    from d2_bnstats.d2.trainer import Trainer
-
-    from .conftest import REPO, tiny_opts
-
-    # the frozen and fine-tuned settings start from a pre-trained file; the layers do not depend on it
-    cfg = load_config(os.path.join(REPO, "configs", "cpu", config), tiny_opts(tmp_path, **{"MODEL.WEIGHTS": ""}))
-    model = build_model(cfg)
+    model, ctx = _untrained_model_context(tmp_path, config)
     has_running_stats = any(isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) and m.running_mean is not None
                             for m in model.modules())
     assert has_running_stats == expected["PreciseBN(4)"]  # the reference agrees with the expectation
-    ctx = CompareContext(cfg, model, Trainer)
     for spec in ("precise_bn:4", "batch_stats:2", "ema"):
         strategy = build_strategy(spec, OPTIONS)
         why = strategy.unavailable(ctx)
@@ -172,20 +178,9 @@ def test_strategies_that_act_on_population_statistics_are_unavailable_without_su
 
 def test_precise_bn_is_unavailable_when_every_layer_is_frozen_but_batch_statistics_are_not(tmp_path):
     """PreciseBN leaves frozen layers alone; batch statistics at test use them."""
-    import os
-
-    from detectron2.modeling import build_model
-
-    from d2_bnstats.compare import CompareContext
-    from d2_bnstats.d2.train import load_config
-    from d2_bnstats.d2.trainer import Trainer
     from d2_bnstats.layers.frozen_bn import freeze_batch_statistics
 
-    from .conftest import REPO, tiny_opts
-
-    cfg = load_config(os.path.join(REPO, "configs", "cpu", "frcnn_r18_bn_2img_scratch.yaml"), tiny_opts(tmp_path))
-    model = build_model(cfg)
+    model, ctx = _untrained_model_context(tmp_path, "frcnn_r18_bn_2img_scratch.yaml")
     assert freeze_batch_statistics(model)
-    ctx = CompareContext(cfg, model, Trainer)
     assert build_strategy("precise_bn:4", OPTIONS).unavailable(ctx) is not None
     assert build_strategy("batch_stats:2", OPTIONS).unavailable(ctx) is None
