@@ -43,3 +43,12 @@ def tiny_opts(output_dir, max_iter=2, **extra):
     }
     opts.update({k: str(v) for k, v in extra.items()})
     return [x for kv in opts.items() for x in kv]
+
+
+def assert_detection_loss_logged(rows):
+    """Every training row of a ``metrics.json`` has ``detection_loss``, below the total by about the
+    auxiliary loss (the writers log medians over a window, so the relation is not exact row by row)."""
+    steps = [m for m in rows if "total_loss" in m]
+    assert steps and all("detection_loss" in m for m in steps)
+    for m in steps:
+        assert 0 < m["detection_loss"] < m["total_loss"]

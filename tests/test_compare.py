@@ -119,8 +119,7 @@ def test_evalnorm_with_precise_bn_is_the_learned_formula_on_precise_bn_statistic
     precise, combined = copy.deepcopy(model), copy.deepcopy(model)
 
     def prepare(spec, copy_of_model):
-        np.random.seed(0)  # the training loader's order and flips
-        torch.manual_seed(0)
+        np.random.seed(int(torch.randint(1000, ())))  # disturbed: each strategy seeds its own draw
         return build_strategy(spec, OPTIONS).prepare(ctx, copy_of_model)
 
     prepare("precise_bn:4", precise)
@@ -134,6 +133,31 @@ def test_evalnorm_with_precise_bn_is_the_learned_formula_on_precise_bn_statistic
         assert not torch.equal(b.running_var, original.running_var), name  # not the checkpoint's statistics
         assert torch.equal(b.alpha_hat, original.alpha_hat) and torch.equal(b.beta_hat, original.beta_hat)
     assert build_strategy("evalnorm_precise_bn:4", OPTIONS).name == "EvalNorm learned + PreciseBN(4)"
+
+
+def test_precise_bn_draws_the_images_its_seed_names(datasets_root, tmp_path):
+    """The same seed gives the same statistics whatever the random state before; another seed
+    draws other images; the seed is part of the strategy's facts."""
+    import copy
+
+    import numpy as np
+
+    from d2_bnstats.layers.population_protocol import population_layers
+
+    model, ctx = _untrained_model_context(tmp_path, "frcnn_r18_bn_2img_scratch.yaml")
+
+    def statistics_after(seed, disturbance):
+        np.random.seed(disturbance)
+        torch.manual_seed(disturbance)
+        ctx.options["training_images_seed"] = seed
+        candidate = copy.deepcopy(model)
+        facts = build_strategy("precise_bn:4", OPTIONS).prepare(ctx, candidate)
+        assert facts["images_seed"] == seed and facts["images"] == 4
+        return [layer.running_mean.clone() for _, layer in population_layers(candidate)]
+
+    first, again, other = statistics_after(0, 1), statistics_after(0, 2), statistics_after(5, 1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
 
 
 def _untrained_model_context(tmp_path, config):

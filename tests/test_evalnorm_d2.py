@@ -21,7 +21,7 @@ from d2_bnstats.d2.train import argument_parser, load_config, main
 from d2_bnstats.layers.evalnorm import evalnorm_layers
 from d2_bnstats.layers.evalnorm_projection import attach_projection_hook
 
-from .conftest import REPO, tiny_opts
+from .conftest import REPO, assert_detection_loss_logged, tiny_opts
 from .distributed import run_distributed
 
 EN_CPU = os.path.join(REPO, "configs", "cpu", "frcnn_r18_evalnorm_2img.yaml")
@@ -328,3 +328,28 @@ def test_ddp_two_processes_learn_identical_alpha_beta(datasets_root, tmp_path):
     assert all(v[2] == 4 for n, v in values.items() if n.startswith("backbone.fpn_"))  # SyncEvalNorm: global batch
     metrics = read_metrics(tmp_path)
     assert [m["iteration"] for m in metrics if "loss_evalnorm" in m][-1] == 2
+
+
+def test_plugin_trainer_logs_the_detection_loss(datasets_root, tmp_path):
+    """Per step, ``detection_loss`` is the sum of the step's losses without ``loss_evalnorm``; it reaches
+    metrics.json (the console line: the LazyConfig tool's test)."""
+    from d2_bnstats.d2.trainer import Trainer
+
+    trainer = Trainer(load_config(EN_CPU, small_opts(tmp_path, max_iter=3)))
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    histories = trainer.storage.histories()
+    per_step = {}
+    for name, history in histories.items():
+        if name.startswith("loss_") and name != "loss_evalnorm":
+            for value, iteration in history.values():
+                per_step[iteration] = per_step.get(iteration, 0.0) + value
+    logged = {iteration: value for value, iteration in histories["detection_loss"].values()}
+    assert sorted(logged) == [0, 1, 2] and sorted(per_step) == [0, 1, 2]
+    for iteration, value in logged.items():
+        assert value == pytest.approx(per_step[iteration], rel=1e-9)
+    totals = {iteration: value for value, iteration in histories["total_loss"].values()}
+    evalnorm = {iteration: value for value, iteration in histories["loss_evalnorm"].values()}
+    for iteration, value in logged.items():
+        assert value == pytest.approx(totals[iteration] - evalnorm[iteration], rel=1e-5)
+    assert_detection_loss_logged(read_metrics(tmp_path))

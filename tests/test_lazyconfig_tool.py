@@ -27,7 +27,7 @@ from d2_bnstats.d2.lazy.train import LazyConfigError, argument_parser, check_run
 from d2_bnstats.layers.evalnorm import evalnorm_layers
 from d2_bnstats.layers.population_protocol import population_layers
 
-from .conftest import REPO
+from .conftest import REPO, assert_detection_loss_logged
 
 TOOL = os.path.join(REPO, "tools", "lazyconfig_train_net.py")
 CONFIG = os.path.join(REPO, "configs", "lazy", "cpu", "faster_rcnn_R_18_FPN_fashion{}.py")
@@ -118,12 +118,14 @@ def test_train_resume_and_eval_only(datasets_root, tmp_path):
     steps = [r for r in rows if "total_loss" in r]
     assert [r["iteration"] for r in steps] == [0, 1, 2]
     assert all(math.isfinite(r["loss_evalnorm"]) and r["loss_evalnorm"] > 0 for r in steps)
+    assert_detection_loss_logged(rows)
     for name in layers:  # logged before each step: iteration 0 holds the initial values
         for p in ("alpha", "beta"):
             assert steps[0][f"evalnorm/{name}/{p}"] == pytest.approx(initial[f"{name}.{p}_hat"].item(), abs=1e-6)
 
     # PreciseBN after the last step, before the checkpoint and the evaluation; every population layer
     lines = log_lines(out)
+    assert any("detection_loss:" in line for line in lines)  # detectron2's console line shows it
     precise_bn = first(lines, "PreciseBN (iteration 3): updated")
     assert f"updated {len(population_layers(reference))} layers" in lines[precise_bn]
     assert precise_bn < first(lines, "Saving checkpoint to") and precise_bn < first(lines, "Start inference")

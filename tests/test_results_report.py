@@ -5,14 +5,15 @@ and paired difference is recomputed here with the ``statistics`` module from the
 No training.
 """
 import json
+import math
 import os
 import statistics
 
 import pytest
 
-from bnstats_lab.experiments import report
+from bnstats_lab.experiments import report, report_stats
 from bnstats_lab.experiments.catalog import load_experiments
-from bnstats_lab.experiments.claims import CLAIMS, Claim, TrainingsClaim
+from bnstats_lab.experiments.claims import CLAIMS, Claim, TrainingsClaim, TrendClaim
 from bnstats_lab.experiments.spec import Cell, Experiment
 
 EXP = "ex"
@@ -200,13 +201,54 @@ def test_paired_difference_is_per_seed(results):
     (0.0, 0.0, 1, 0, "inconclusive"),
     (float("nan"), 0.5, 3, +1, "inconclusive"),
 ])
-def test_verdict_rule(mean, std, n, sign, expected):
-    assert report.verdict(mean, std, n, sign) == expected
+def test_spread_verdict_rule_before_the_revision(mean, std, n, sign, expected):
+    assert report_stats.spread_verdict(mean, std, n, sign) == expected
+
+
+# t quantiles (0.975 and 0.95) from published tables, the independent reference of the intervals
+T975 = {1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445}
+T95 = {1: 6.313752, 2: 2.919986, 3: 2.353363, 4: 2.131847}
+
+
+def paired(values):
+    """A paired difference with its t intervals computed here from the table above."""
+    n = len(values)
+    mean = statistics.mean(values)
+    se = statistics.stdev(values) / math.sqrt(n) if n > 1 else None
+    out = {"n": n, "mean": mean, "ci95": None, "ci90": None}
+    if se is not None and n - 1 in T975:
+        out["ci95"] = (mean - T975[n - 1] * se, mean + T975[n - 1] * se)
+        out["ci90"] = (mean - T95[n - 1] * se, mean + T95[n - 1] * se)
+    return out
+
+
+@pytest.mark.parametrize("values, sign, expected", [
+    ([2.6, 3.0, 3.2], +1, "holds"),  # interval well above 0
+    ([2.6, 3.0, 3.2], -1, "does not hold"),
+    ([-0.35, 0.56, 0.58], +1, "inconclusive"),  # mean 0.26: the interval contains 0
+    ([0.02, 0.44, 0.68], +1, "inconclusive"),  # mean > sd (the old rule's "holds"), interval still contains 0
+    ([0.44, 0.26], +1, "inconclusive"),  # two seeds: too few whatever the interval
+    ([0.1, -0.1, 0.05, 0.0], 0, "holds"),  # 90% interval inside ±0.5
+    ([-0.02, 0.77, 0.4], 0, "inconclusive"),  # on par by the old rule; its interval reaches beyond 0.5
+    ([2.0, 2.2, 2.1], 0, "does not hold"),  # the 95% interval lies beyond +0.5
+])
+def test_verdict_rule_from_intervals(values, sign, expected):
+    assert report.verdict(paired(values), sign) == expected
+
+
+def test_verdict_intervals_match_the_difference_functions(results):
+    records = report.load_records(results)
+    d = report.paired_difference(records, EXP, "scratch_2img", "evalnorm_learned", "ema")
+    reference = paired(d["values"])
+    assert d["ci95"] == pytest.approx(reference["ci95"], abs=1e-5)
+    assert d["ci90"] == pytest.approx(reference["ci90"], abs=1e-5)
 
 
 def test_verdict_refuses_other_signs():
     with pytest.raises(ValueError, match="expected_sign"):
-        report.verdict(1.0, 0.5, 3, 2)
+        report.verdict(paired([1.0, 2.0, 3.0]), 2)
+    with pytest.raises(ValueError, match="expected_sign"):
+        report_stats.spread_verdict(1.0, 0.5, 3, 2)
 
 
 # ------------------------------------------------------------------------------------------- claims
@@ -228,10 +270,14 @@ def test_claims_measured_not_run_and_unavailable(results):
     diffs = [a - b for a, b in zip(AP["scratch_2img"]["evalnorm_learned"], AP["scratch_2img"]["ema"])]
     row = rows["c-2img"]
     assert row["cell"] == "scratch_2img" and row["status"] == "measured"
-    assert row["verdict"] == report.verdict(statistics.mean(diffs), statistics.stdev(diffs), 3, +1) == "holds"
+    # differences 1.0, 1.5, 0.5: mean twice their sd, but the 95% interval [-0.24, +2.24] contains 0
+    assert row["verdict"] == report.verdict(paired(diffs), +1) == "inconclusive"
+    assert row["previous_verdict"] == report_stats.spread_verdict(
+        statistics.mean(diffs), statistics.stdev(diffs), 3, +1) == "holds"
     diffs8 = [a - b for a, b in zip(AP["scratch_8img"]["evalnorm_learned"], AP["scratch_8img"]["ema"])]
     assert abs(statistics.mean(diffs8)) <= statistics.stdev(diffs8)  # the chosen values are within the spread
-    assert rows["c-8img"]["verdict"] == "holds"
+    assert rows["c-8img"]["previous_verdict"] == "holds"  # "on par" by the old rule; the 90% interval is ±1.3 wide
+    assert rows["c-8img"]["verdict"] == report.verdict(paired(diffs8), 0) == "inconclusive"
     assert rows["c-missing"]["status"] == "not run" and rows["c-missing"]["cell"] is None
     assert rows["c-nostrategy"]["status"] == "not available"
     assert "batch_stats:2 not evaluated" in rows["c-nostrategy"]["reason"]
@@ -250,6 +296,11 @@ def test_declared_claims_match_declared_cells():
     assert len(CLAIMS) >= 9 and len({c.id for c in CLAIMS}) == len(CLAIMS)
     for c in CLAIMS:
         assert c.experiment in experiments, c.id
+        if isinstance(c, TrendClaim):  # the project's own hypothesis: at least 3 levels, each with both strategies
+            cells = [cell for cell in experiments[c.experiment].cells
+                     if c.matches(cell.factor_dict) and {c.strategy_a, c.strategy_b} <= set(cell.strategies)]
+            assert len({cell.factor_dict[c.x] for cell in cells}) >= 3, c.id
+            continue
         assert any(word in c.paper for word in ("ICCV 2019", "ICLR 2020", "2021")), c.id
         if isinstance(c, TrainingsClaim):
             cells = [cell for cell in experiments[c.experiment].cells
@@ -296,7 +347,9 @@ def test_claims_about_two_trainings(results):
     assert row["cell_b"] == "scratch_2img" and row["status"] == "measured"
     assert row["difference"]["mean"] == pytest.approx(mean) and row["difference"]["std"] == pytest.approx(spread)
     assert row["difference"]["n"] == 2 and abs(mean) > spread  # the chosen values exceed their spread
-    assert row["verdict"] == "holds"
+    assert row["previous_verdict"] == "holds" and row["verdict"] == "inconclusive"  # 2 seeds are too few now
+    low, high = row["difference"]["ci95"]
+    assert low < mean < high
     # paired by seed it would be a different number: the rule does not pair different trainings
     paired = statistics.mean([x - y for x, y in zip(a, b)])
     assert paired != pytest.approx(mean)
@@ -332,8 +385,10 @@ def test_claims_about_two_trainings(results):
 
     text = report.render_markdown(records, [trainings_claim("t-2img", {"images_per_batch": 2, "scenes": "d100"})])
     line = next(x for x in text.splitlines() if x.startswith("| **t-2img**: text of t-2img"))
-    assert f"{mean:+.2f} ± {spread:.2f} (2 vs 3 seeds)" in line and f"b = ema of {EXP}/scratch_2img" in line
-    assert "| holds |" in line
+    low, high = report.evaluate_claims(
+        records, [trainings_claim("t-2img", {"images_per_batch": 2, "scenes": "d100"})])[0]["difference"]["ci95"]
+    assert f"{mean:+.2f} [{low:+.2f}, {high:+.2f}] (2 vs 3 seeds)" in line and f"b = ema of {EXP}/scratch_2img" in line
+    assert line.rstrip().endswith("| inconclusive | holds |")
 
 
 # -------------------------------------------------------------------------------------- convergence
@@ -391,7 +446,7 @@ def test_markdown_tables_and_not_run(results):
     # the paired-difference table: evalnorm_learned − ema
     assert finetune[1].split("|")[6].strip() == f"+3.50 ± {statistics.stdev([4.0, 3.0]):.2f} (2)"
     claim_rows = [line for line in text.splitlines() if line.startswith("| **c-")]
-    assert "holds" in claim_rows[0] and "+1.00 ± 0.50 (3)" in claim_rows[0]
+    assert claim_rows[0].endswith("| +1.00 [-0.24, +2.24] (3) | inconclusive | holds |")
     assert claim_rows[1].endswith("| not run | not run |") and "frozen_2img" in claim_rows[1]
     assert "### Experiment e9" in text and claim_rows[2].endswith("| not run | not run |")
     # without the declaration the cell is still "not run" in the claims table
@@ -594,7 +649,9 @@ def _expected(values, signed=False):
 
 
 def _difference(a, b):
-    return _expected([x - y for x, y in zip(a, b) if x is not None and y is not None], signed=True)
+    """ "mean [95% interval] (n)" of the paired differences, the interval from the t table above."""
+    d = paired([x - y for x, y in zip(a, b) if x is not None and y is not None])
+    return f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] ({d['n']})"
 
 
 def test_readme_table_entries_match_statistics_module(lab_results):
@@ -617,7 +674,7 @@ def test_readme_table_entries_match_statistics_module(lab_results):
                          else _difference(setting[strategy], setting["ema"]) for setting in (scratch, finetune)]
         assert row[3] == " / ".join(expected_diff), label
     # learned EvalNorm fine-tuned: seeds 0 and 2 only, paired per seed (3.0 and 2.5)
-    assert _table_row(text, "EvalNorm (learned)")[3].endswith(f"+2.75 ± {statistics.stdev([3.0, 2.5]):.2f} (2)")
+    assert _table_row(text, "EvalNorm (learned)")[3].endswith(" / " + _difference([3.0, 2.5], [0.0, 0.0]))
     gn = _table_row(text, "GN")
     assert gn[1] == _expected(README_AP[("e2", "gn_scratch")]["ema"]) and gn[3] == ""  # another training: no Δ
     assert _table_row(text, "FrozenBN (frozen setting)")[1:] == ["—", "27.25 (1)", ""]
@@ -662,8 +719,10 @@ def test_readme_table_not_run_and_the_line_under_it(lab_results):
         assert _table_row(text, label)[1:] == ["not run", "not run", ""], label
     assert _table_row(text, "GN")[2] == "not run"
     line = text.rstrip("\n").splitlines()[-1]
-    assert "differences smaller than the seeds' spread are inconclusive" in line
-    assert f"scenes {BENCHMARK_SCENES}" in line and "3 seeds" in line and "[docs/results.md](docs/results.md)" in line
+    assert "an interval that contains 0, or fewer than 3 seeds, is inconclusive" in line
+    assert f"scenes {BENCHMARK_SCENES}" in line and "[docs/results.md](docs/results.md)" in line
+    # the seed counts as they are: the entries have 1 to 3 seeds, 3 declared
+    assert "3 seeds declared, 1 to 3 run per entry" in line
     # a row no declared or recorded cell matches is "not run" too
     assert _table_row(report_readme.render_which_norm([], ()), "GN")[1:3] == ["not run", "not run"]
 

@@ -93,6 +93,11 @@ def _levels() -> Experiment:
     return Experiment("levels", "train–test discrepancy vs appearance diversity (level choice)", tuple(cells), seeds=(0,))
 
 
+# The dose-response cells (random init, 2 images, at the two intermediate diversity levels): the
+# strategies of the figure of EvalNorm's, batch statistics' and PreciseBN's gains against d.
+DOSE_RESPONSE_STRATEGIES = ("ema", "precise_bn:500", "evalnorm_learned", "batch_stats:2")
+
+
 def _e1() -> Experiment:
     cells = []
     for scenes in (BENCHMARK_SCENES, "default"):
@@ -110,8 +115,18 @@ def _e1() -> Experiment:
                              ("diversity", DIVERSITY[scenes]), ("norm", "EvalNorm")),
                     compare_options=("--discrepancy-images", "16", "--batch-sizes", "2"),
                 ))
-    return Experiment("e1", "EvalNorm Table 2 in miniature", tuple(cells),
-                      requires=((SHORT_PRETRAINED, PRETRAIN_SHORT),))
+    for scenes in ("d050", "d100"):
+        cells.append(Cell(
+            name=f"scratch_2img_{scenes}",
+            config="configs/cpu/frcnn_r18_evalnorm_2img_scratch.yaml",
+            overrides=scene_overrides(scenes) + SCHEDULE_2IMG,
+            strategies=DOSE_RESPONSE_STRATEGIES,
+            factors=(("setting", "scratch"), ("images_per_batch", 2), ("scenes", scenes),
+                     ("diversity", DIVERSITY[scenes]), ("norm", "EvalNorm")),
+            compare_options=("--discrepancy-images", "16", "--batch-sizes", "2"),
+        ))
+    return Experiment("e1", "EvalNorm Table 2 in miniature, and its 2-image random-init cell at every diversity level",
+                      tuple(cells), requires=((SHORT_PRETRAINED, PRETRAIN_SHORT),))
 
 
 E2_STRATEGIES = ("ema", "precise_bn:500", "batch_stats:2")

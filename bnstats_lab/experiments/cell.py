@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from d2_bnstats.d2.losses import DETECTION_LOSS_KEY
+
 from .records import config_hash, evalnorm_parameters, now, source_version, write_record
 from .spec import Cell, Experiment
 
@@ -86,7 +88,7 @@ def training_metrics(metrics_path: str) -> Dict[str, object]:
     if not training_rows:
         return {"iterations": None, "s_per_iter": None, "final_losses": {}}
     last = training_rows[-LOSS_WINDOW:]
-    loss_keys = sorted(k for k in last[-1] if k == "total_loss" or k.startswith("loss_"))
+    loss_keys = sorted(k for k in last[-1] if k in ("total_loss", DETECTION_LOSS_KEY) or k.startswith("loss_"))
     losses = {k: round(statistics.median(r[k] for r in last if k in r), 5) for k in loss_keys}
     times = [r["time"] for r in training_rows if "time" in r]
     return {
@@ -142,6 +144,8 @@ def strategy_entries(cell: Cell, summary: dict) -> List[dict]:
         entry = {"strategy": spec, "label": done["name"], "description": done.get("description"),
                  "available": done.get("available", True), "reason": done.get("reason"),
                  "test_batch_size": done.get("test_batch_size")}
+        if "images_seed" in (done.get("prepare") or {}):  # the training images a strategy drew
+            entry["images_seed"] = done["prepare"]["images_seed"]
         results = done.get("results") or {}
         if results:
             tasks = next(iter(results.values()))

@@ -30,16 +30,16 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 from d2_bnstats.outputs import write_text
 
 from .catalog import load_catalog, load_experiments
-from .claims import CLAIMS, PAPER_TABLES, Claim, PaperTable, TrainingsClaim
+from .claims import CLAIMS, PAPER_TABLES, Claim, PaperTable, TrainingsClaim, TrendClaim
 from .records import RecordError, load_records, rows, strategy_entry
 from .report_figures import make_figures, plot_which_norm
-from .report_layout import REFERENCE, cell_rows, factor_order, strategy_order, value_key, varying_factors
+from .report_layout import REFERENCE, cell_rows, fmt_interval, factor_order, strategy_order, value_key, varying_factors
 from .report_readme import BEGIN as README_BEGIN
 from .report_readme import END as README_END
 from .report_readme import SETTINGS as WHICH_NORM_SETTINGS
 from .report_readme import has_markers, render_which_norm, splice_readme, which_norm_entries
-from .report_stats import (CONVERGENCE_RATIO, NOT_RUN, convergence, evaluate_claims, paired_difference, summarize,
-                           unpaired_difference, verdict)
+from .report_stats import (CONVERGENCE_RATIO, EQUIVALENCE_MARGIN, MIN_SEEDS, NOT_RUN, convergence, evaluate_claims,
+                           paired_difference, summarize, unpaired_difference, verdict)
 
 __all__ = [
     "BEGIN",
@@ -171,7 +171,8 @@ def _experiment_section(records: List[dict], experiment: str, experiments: Seque
             _fmt(summary.get((cell, strategy), {}).get("discrepancy_l1"), spec=".4g")
             or _missing(cell_recs, plan, strategy))))
     if checked:
-        parts.append(f"Convergence check (final total loss against the smallest images per batch, at most "
+        parts.append(f"Convergence check (final detection loss, the training loss without the norms' auxiliary "
+                     f"losses, against the smallest images per batch, at most "
                      f"{CONVERGENCE_RATIO}×):\n" + "\n".join(
                          f"- {cell}: {c['loss']:.3f} vs {c['reference_cell']} {c['reference_loss']:.3f}, "
                          f"{c['ratio']:.3f}×: {'converged' if c['converged'] else '**unconverged**'}"
@@ -188,14 +189,17 @@ def _experiment_section(records: List[dict], experiment: str, experiments: Seque
     return parts
 
 
-def _fmt_unpaired(diff: Mapping[str, Any]) -> str:
-    """ "mean ± spread (n_a vs n_b seeds)" of :func:`unpaired_difference`'s result."""
-    spread = "" if diff["std"] is None else f" ± {diff['std']:.2f}"
-    return f"{diff['mean']:+.2f}{spread} ({len(diff['values_a'])} vs {len(diff['values_b'])} seeds)"
+def _fmt_trend(result: Mapping[str, Any]) -> str:
+    ci = result.get("ci95")
+    if result.get("slope") is None:
+        return f"{len(result['points'])} points: no slope yet"
+    interval = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""
+    per_level = "; ".join(f"{cell} {_fmt(d, signed=True) or NOT_AVAILABLE}" for cell, d in result["per_cell"].items())
+    return f"slope {result['slope']:+.2f} AP per unit{interval} ({len(result['points'])} points; {per_level})"
 
 
 def _claims_section(records: List[dict], claims: Sequence[Claim], experiments: Sequence[Any]) -> List[str]:
-    expected = {1: "a > b", -1: "a < b", 0: "a ≈ b"}
+    expected = {1: "a > b", -1: "a < b", 0: f"a ≈ b (±{EQUIVALENCE_MARGIN})"}
     body = []
     described = set()
     for row in evaluate_claims(records, claims, experiments):
@@ -210,26 +214,34 @@ def _claims_section(records: List[dict], claims: Sequence[Claim], experiments: S
         if trainings:
             comparison = (f"a = {claim.strategy_a} of {where}, b = {claim.strategy_b} of "
                           f"{claim.experiment_b}/{row.get('cell_b') or '?'} ({' '.join(claim.metric)}; two trainings)")
+        if isinstance(claim, TrendClaim):
+            comparison = f"slope of a − b against {claim.x}; a = {claim.strategy_a}, b = {claim.strategy_b}"
+        previous = NOT_RUN
         if row["status"] == "measured":
-            measurement = (_fmt_unpaired(row["difference"]) if trainings
-                           else _fmt(row["difference"], signed=True))
+            measurement = _fmt_trend(row["trend"]) if "trend" in row else fmt_interval(row["difference"])
             result = row["verdict"]
             if row.get("note"):
                 result = f"{result} ({row['note']})"
+            previous = row.get("previous_verdict") or "— (declared with the revision)"
         elif row["status"] == NOT_RUN:
             measurement, result = NOT_RUN, NOT_RUN
         else:
             measurement, result = f"{NOT_AVAILABLE}: {row['reason']}", NOT_AVAILABLE
-        body.append([text, where, comparison,
-                     expected[claim.expected_sign], measurement, result])
+            previous = NOT_AVAILABLE
+        body.append([text, where, comparison, expected[claim.expected_sign], measurement, result, previous])
     return [
         "### Claims",
-        "Per claim and cell: the paired difference a − b per seed, then mean ± std (number of seeds); for "
-        "two trainings (no shared checkpoint) the difference of the cells' means ± √(sd_a² + sd_b²). "
-        "A claimed sign holds when the mean has that sign and |mean| > std, is inconclusive when "
-        "|mean| <= std or with fewer than 2 seeds (in each cell); a claimed equality (≈) holds when "
-        "|mean| <= std.",
-        _table(["claim (paper)", "cell", "comparison", "expected", "ours: a − b", "verdict"], body),
+        "Per claim and cell: the paired difference a − b per seed on the same checkpoints, then its mean, "
+        "[95% interval] (Student's t) and number of seeds; for two trainings (no shared checkpoint) the "
+        "difference of the cells' means with Welch's interval. Verdict (docs/results.md, \"Revision\"): "
+        f"inconclusive with fewer than {MIN_SEEDS} seeds; a claimed sign holds when the interval lies on that "
+        "side of 0, does not hold when it lies on the other side, is inconclusive when it contains 0; a "
+        f"claimed equality holds when the 90% interval lies within ±{EQUIVALENCE_MARGIN} box AP (two one-sided "
+        "tests), does not hold when the 95% interval lies outside it. The last column is the verdict of the "
+        "rule used before the revision (|mean| against the standard deviation of the differences, convergence "
+        "judged on the total loss).",
+        _table(["claim (paper)", "cell", "comparison", "expected", "ours: a − b [95% interval] (seeds)",
+                "verdict", "verdict before the revision"], body),
     ]
 
 

@@ -80,3 +80,14 @@ def cell_rows(recs: List[dict], experiment: str, experiments: Sequence[Any]):
 def varying_factors(factor_dicts: List[Mapping[str, Any]]) -> List[str]:
     """The factors that take more than one value across the cells, in table order."""
     return [k for k in factor_order(factor_dicts) if len({repr(f.get(k)) for f in factor_dicts}) > 1]
+
+
+def fmt_interval(diff: Mapping[str, Any]) -> Optional[str]:
+    """ "mean [95% interval] (n)" of a paired difference ("n_a vs n_b seeds" for two trainings);
+    "mean (n)" without an interval; None without values."""
+    if not diff or diff.get("mean") is None:
+        return None
+    ci = diff.get("ci95")
+    interval = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""
+    seeds = f"{len(diff['values_a'])} vs {len(diff['values_b'])} seeds" if "values_a" in diff else str(diff["n"])
+    return f"{diff['mean']:+.2f}{interval} ({seeds})"

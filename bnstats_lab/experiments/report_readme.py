@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from d2_bnstats.outputs import write_text
 
 from .catalog import BENCHMARK_SCENES, DIVERSITY
-from .report_layout import cell_rows
+from .report_layout import cell_rows, fmt_interval
 from .report_stats import NOT_RUN, convergence, paired_difference, summarize
 
 __all__ = ["BEGIN", "END", "ROWS", "Row", "which_norm_entries", "render_which_norm", "has_markers", "splice_readme",
@@ -165,6 +165,7 @@ def render_which_norm(records: Sequence[dict], experiments: Union[Mapping[str, A
     declared = _experiment_list(experiments)
     used: Dict[Any, List[Tuple[str, str]]] = {}  # images per batch -> the (experiment, cell) shown
     body = []
+    seed_counts = set()
     for item in which_norm_entries(records, declared, rows):
         row = item["row"]
         entries, differences = [], []
@@ -176,9 +177,11 @@ def render_which_norm(records: Sequence[dict], experiments: Union[Mapping[str, A
                 entries.append(status)
                 differences.append(status)
                 continue
+            if entry["bbox"]:
+                seed_counts.add(entry["bbox"]["n"])
             text = _fmt(entry["bbox"]) or NOT_AVAILABLE
             entries.append(text + (" (unconverged)" if entry["unconverged"] else ""))
-            differences.append(_fmt(entry["difference"], signed=True) or NOT_AVAILABLE)
+            differences.append(fmt_interval(entry["difference"]) or NOT_AVAILABLE)
         paired = row.paired and row.strategy != REFERENCE
         body.append([row.label] + entries + [" / ".join(differences) if paired else ""])
 
@@ -186,11 +189,11 @@ def render_which_norm(records: Sequence[dict], experiments: Union[Mapping[str, A
         f"Δ to BN + EMA ({' / '.join(title for _, title in SETTINGS)})"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(line) + " |" for line in body]
-    return "\n".join(lines) + "\n\n" + _footnote(records, declared, rows, used, results_link) + "\n"
+    return "\n".join(lines) + "\n\n" + _footnote(records, declared, rows, used, results_link, sorted(seed_counts)) + "\n"
 
 
 def _footnote(records: List[dict], declared: List[Any], rows: Sequence[Row], used: Mapping[Any, list],
-              results_link: Optional[str]) -> str:
+              results_link: Optional[str], seed_counts: Sequence[int] = ()) -> str:
     names = {row.experiment for row in rows}
     seeds = sorted({s for exp in declared if exp.name in names for s in exp.seeds}
                    or {r["seed"] for r in records if r["experiment"] in names})
@@ -202,9 +205,12 @@ def _footnote(records: List[dict], declared: List[Any], rows: Sequence[Row], use
     schedule = ", ".join(schedule) if schedule else "the declared schedules"
     diversity = DIVERSITY.get(BENCHMARK_SCENES)
     scenes = f"scenes {BENCHMARK_SCENES}" + (f" (appearance diversity {diversity:g})" if diversity is not None else "")
+    low, high = (min(seed_counts), max(seed_counts)) if seed_counts else (None, None)
+    seeds_text = (f"{len(seeds)} seeds declared, " + (f"{low}" if low == high else f"{low} to {high}")
+                  + " run per entry: (n) gives each" if seed_counts else f"{len(seeds)} seeds declared")
     return (f"Box AP (COCO, %), mean ± std over seeds (n); Faster R-CNN R-18-FPN on the benchmark {scenes}, "
-            f"{schedule}, {len(seeds)} seeds; Δ: the row minus BN + EMA per seed on the same checkpoint; "
-            f"differences smaller than the seeds' spread are inconclusive. "
+            f"{schedule}, {seeds_text}; Δ: the row minus BN + EMA per seed on the same checkpoint, its mean "
+            f"[95% interval] (n); an interval that contains 0, or fewer than 3 seeds, is inconclusive. "
             f"\"{NOT_RUN}\": not trained yet, \"{NOT_AVAILABLE}\": does not apply to that model, "
             f"\"{NOT_APPLICABLE}\": no such setting."
             + (f" Full tables, protocol and claims: [{results_link}]({results_link})." if results_link else ""))

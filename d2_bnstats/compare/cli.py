@@ -55,6 +55,9 @@ TOOL_OPTIONS = (
     (("--max-images",), dict(type=int, default=0, help="evaluate only the first N test images (0: all)")),
     (("--precise-bn-samples",), dict(type=int, default=1000,
                                      help="training images for the PreciseBN strategy (default 1000)")),
+    (("--training-images-seed",), dict(type=int, default=0, metavar="S",
+                                       help="seed of the training images PreciseBN and offline EvalNorm draw: the "
+                                            "same images for every such strategy and every rerun (default 0)")),
     (("--batch-sizes",), dict(nargs="+", default=None, metavar="K",
                               help="k for batch statistics at test (default: BNSTATS.TEST_BATCH_STATS.IMS_PER_BATCH)")),
     (("--discrepancy-images",), dict(type=int, default=8,
@@ -155,7 +158,8 @@ def main(args) -> dict:
     batch_sizes = args.batch_sizes or [cfg.BNSTATS.TEST_BATCH_STATS.IMS_PER_BATCH]
     summary = compare(
         cfg, output, strategies=args.strategies, max_images=args.max_images,
-        precise_bn_samples=args.precise_bn_samples, batch_sizes=batch_sizes,
+        precise_bn_samples=args.precise_bn_samples, training_images_seed=args.training_images_seed,
+        batch_sizes=batch_sizes,
         discrepancy_images=args.discrepancy_images, hist_layers=args.hist_layers, plots=not args.no_plots,
     )
     if comm.is_main_process():

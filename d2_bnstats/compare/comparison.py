@@ -129,6 +129,7 @@ def compare(
     strategies: Optional[Sequence[str]] = None,
     max_images: int = 0,
     precise_bn_samples: int = 1000,
+    training_images_seed: int = 0,
     batch_sizes: Sequence[int] = (2,),
     discrepancy_images: int = 8,
     hist_layers: Sequence[str] = (),
@@ -137,10 +138,15 @@ def compare(
 ) -> dict:
     """Evaluate ``cfg.MODEL.WEIGHTS`` under every strategy and write ``compare.json``, ``compare.md``,
     ``ap.png``, ``discrepancy_layers.png`` and ``discrepancy_hist_<layer>.png`` into ``output_dir``.
-    Returns the summary (the JSON content; on the main process also ``"text"``, the tables)."""
+    Returns the summary (the JSON content; on the main process also ``"text"``, the tables).
+
+    Every strategy that draws training images (PreciseBN, EvalNorm offline, EvalNorm with PreciseBN's
+    statistics) seeds the random generators with ``training_images_seed`` right before its draw, so
+    the strategies of one comparison see the same images and a comparison run again sees them too."""
     trainer_cls = Trainer if trainer_cls is None else trainer_cls
     check_inputs(cfg)
-    options = {"precise_bn_samples": precise_bn_samples, "test_batch_size": batch_sizes[0] if batch_sizes else 2,
+    options = {"precise_bn_samples": precise_bn_samples, "training_images_seed": training_images_seed,
+               "test_batch_size": batch_sizes[0] if batch_sizes else 2,
                "batch_sizes": list(batch_sizes) or [2], "max_images": max_images}
     built = build_strategies(strategies, options)
     os.makedirs(output_dir, exist_ok=True)

@@ -25,6 +25,8 @@ from typing import Dict, List, Optional
 
 import torch
 from detectron2.data import build_detection_train_loader
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 from torch import nn
 
@@ -59,6 +61,15 @@ def no_population_layers_reason(model: nn.Module, include_frozen: bool) -> Optio
         return None
     return ("the model has no layers with population statistics (its norms are GN, FrozenBN or none): "
             "the result would be EMA's")
+
+
+def seed_training_draw(ctx: CompareContext) -> int:
+    """Seed the random generators before a strategy draws training images (the sampler's order and
+    the augmentation), so that every strategy and every rerun draws the same images; returns the
+    seed (stored with the strategy's facts)."""
+    seed = int(ctx.options.get("training_images_seed", 0))
+    seed_all_rng(seed + comm.get_rank())
+    return seed
 
 
 def set_evalnorm_ema_if_present(model: nn.Module) -> None:
@@ -115,11 +126,13 @@ class PreciseBNStrategy(Strategy):
         cfg = ctx.cfg
         batches = max(1, math.ceil(self.num_images / cfg.SOLVER.IMS_PER_BATCH))
         runner = PreciseBNRunner(cfg, model, default_precise_bn_loader_factory(cfg, ctx.trainer_cls), batches)
+        seed = seed_training_draw(ctx)  # the loader is built and drawn from inside run()
         report = runner.run(f"PreciseBN({self.num_images})")
         if report is None:
-            return {"images": 0, "layers_updated": 0}
+            return {"images": 0, "layers_updated": 0, "images_seed": seed}
         return {
             "images": batches * cfg.SOLVER.IMS_PER_BATCH,
+            "images_seed": seed,
             "layers_updated": len(report.updated),
             "layers_without_data": report.skipped,
             "seconds": round(report.seconds, 2),
@@ -210,9 +223,10 @@ class EvalNormOfflineStrategy(EvalNormStrategy):
         return None
 
     def prepare(self, ctx, model):
+        seed = seed_training_draw(ctx)
         converted = estimate_evalnorm_offline(ctx.cfg, unwrap(model), self.num_images)
         set_evalnorm_mode(unwrap(model), "learned")
-        return {"mode": "learned", "images": self.num_images, "converted_layers": len(converted)}
+        return {"mode": "learned", "images": self.num_images, "images_seed": seed, "converted_layers": len(converted)}
 
 
 class EvalNormPreciseBNStrategy(PreciseBNStrategy):

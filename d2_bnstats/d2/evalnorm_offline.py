@@ -46,7 +46,7 @@ from tabulate import tabulate
 from torch import nn
 
 from ..layers.evalnorm import EvalNorm2d, evalnorm_layers, evalnorm_state
-from ..layers.evalnorm_aux import AuxLossHook
+from ..layers.evalnorm_aux import EVALNORM_LOSS_KEY, AuxLossHook
 from ..layers.evalnorm_projection import attach_projection_hook
 from ..layers.sync_bn import SyncBatchNorm2d
 from ..outputs import check_outputs, save_torch, write_yaml
@@ -221,7 +221,7 @@ def _only_alpha_beta_train(model: nn.Module, layers, trainable, batch_sizes: Dic
         layer.register_forward_pre_hook(lambda m, inp, name=name: batch_sizes[name].append(int(inp[0].shape[0])))
         for name, layer in layers
     ]
-    hook = AuxLossHook(model, weight=1.0, key="loss_evalnorm")
+    hook = AuxLossHook(model, weight=1.0, key=EVALNORM_LOSS_KEY)
     try:
         for p in model.parameters():
             p.requires_grad_(id(p) in ids)
@@ -245,8 +245,8 @@ def _only_alpha_beta_train(model: nn.Module, layers, trainable, batch_sizes: Dic
 def _evalnorm_loss(output, layers) -> torch.Tensor:
     """``loss_evalnorm`` of a model's output, or the sum of the layers' L_aux if the model does not
     return a dict of losses."""
-    if isinstance(output, dict) and "loss_evalnorm" in output:
-        return output["loss_evalnorm"]
+    if isinstance(output, dict) and EVALNORM_LOSS_KEY in output:
+        return output[EVALNORM_LOSS_KEY]
     losses = [layer.aux_loss for _, layer in layers if layer.aux_loss is not None]
     if not losses:
         raise RuntimeError("no EvalNorm layer ran in training mode during the forward pass")

@@ -36,6 +36,7 @@ from detectron2.utils import comm
 from .config import bnstats_node
 from .datasets import FileNamingMapper
 from .evaluation import build_coco_evaluator
+from .losses import DetectionLossHook
 from .population import build_batched_test_loader, build_population_hooks, evaluation_statistics, test_batch_stats_enabled
 from .replicas import ReplicaCheck
 from .statistics_health import StatisticsHealthHook, StepGuardHook
@@ -184,7 +185,7 @@ class Trainer(DefaultTrainer):
         ret[position:position] = ours
         # before the writers, so the skip counts go out with the same step's metrics
         writer = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)), len(ret))
-        ret.insert(writer, StatisticsHealthHook())
+        ret[writer:writer] = [StatisticsHealthHook(), DetectionLossHook()]
         # first: the step's non-finite statistics are undone before any other hook sees them
         ret.insert(0, StepGuardHook())
         bnstats = bnstats_node(cfg)

@@ -17,6 +17,9 @@ from torch import nn
 
 from .evalnorm import EvalNorm2d, evalnorm_layers
 
+# The key of the auxiliary loss in the model's loss dict.
+EVALNORM_LOSS_KEY = "loss_evalnorm"
+
 
 class AuxLossHook:
     """Adds the EvalNorm auxiliary loss to a model's training loss dict.
@@ -34,7 +37,7 @@ class AuxLossHook:
         self,
         model: nn.Module,
         weight: float = 1.0,
-        key: str = "loss_evalnorm",
+        key: str = EVALNORM_LOSS_KEY,
         callback: Optional[Callable[[List[Tuple[str, EvalNorm2d]]], None]] = None,
     ):
         self.layers = evalnorm_layers(model)
@@ -79,7 +82,7 @@ class AuxLossHook:
         return None
 
 
-def attach_aux_loss_hook(model: nn.Module, weight: float = 1.0, key: str = "loss_evalnorm", callback=None) -> Optional[AuxLossHook]:
+def attach_aux_loss_hook(model: nn.Module, weight: float = 1.0, key: str = EVALNORM_LOSS_KEY, callback=None) -> Optional[AuxLossHook]:
     """Attach :class:`AuxLossHook` to ``model`` once (None if it has no EvalNorm layer that learns)."""
     existing = getattr(model, "_evalnorm_aux_hook", None)
     if existing is not None:

@@ -52,6 +52,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..datasets import DatasetError, FileNamingMapper, add_register_coco_argument, check_datasets, register_coco_from_args
 from ..launch import launch_from_args
+from ..losses import DetectionLossHook
 from ..statistics_health import StatisticsHealthHook
 from ..trainer import checkpoint_training_state
 from ..weights import check_weights_file
@@ -292,6 +293,7 @@ def do_train(args, cfg):
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main_process else None,
             hooks.EvalHook(cfg.train.eval_period, evaluate_and_keep),
             StatisticsHealthHook(),  # before the writers: its counts go out with the same step's metrics
+            DetectionLossHook(),  # before the writers, as above
             hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
             if main_process
             else None,
