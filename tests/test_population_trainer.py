@@ -240,6 +240,19 @@ def test_compare_tool_end_to_end(trained, datasets_root, tmp_path):
     ema = summary["strategies"][0]["results"]["fashion_scenes_tiny_val"]["bbox"]
     assert ema["AP"] == pytest.approx(plain["bbox"]["AP"], abs=1e-9)
     assert summary["strategies"][1]["prepare"]["images"] == 4
+    # each available strategy against EMA: its difference is the COCO evaluator's AP difference, with a
+    # paired bootstrap interval over the test images; the recommendation names a strategy only if its
+    # interval lies above 0
+    versus = summary["versus_ema"]
+    available = [s for s in summary["strategies"][1:] if s["available"]]
+    assert sorted(versus["strategies"]) == sorted(s["name"] for s in available)
+    for s in available:
+        r = versus["strategies"][s["name"]]
+        assert r["difference"] == pytest.approx(s["results"]["fashion_scenes_tiny_val"]["bbox"]["AP"] - ema["AP"], abs=1e-6)
+        assert r["low"] <= r["high"] and r["rounds"] == 1000 and r["how_to_apply"]
+    chosen = versus["recommendation"]["strategy"]
+    assert chosen is None or versus["strategies"][chosen]["low"] > 0
+    assert "Recommendation: " + versus["recommendation"]["text"] in proc.stdout
     # the offline strategy converted the BN model (backbone and FPN norms) before estimating α̂, β̂
     assert summary["strategies"][-1]["prepare"]["converted_layers"] == 28
     # discrepancy: batch statistics with the training batch (k = 2) reproduce training normalisation

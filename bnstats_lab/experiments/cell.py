@@ -146,6 +146,9 @@ def strategy_entries(cell: Cell, summary: dict) -> List[dict]:
                  "test_batch_size": done.get("test_batch_size")}
         if "images_seed" in (done.get("prepare") or {}):  # the training images a strategy drew
             entry["images_seed"] = done["prepare"]["images_seed"]
+        versus = ((summary.get("versus_ema") or {}).get("strategies") or {}).get(done["name"])
+        if versus:  # box AP − EMA's on this checkpoint, 95% paired bootstrap interval over the test images
+            entry["versus_ema"] = {k: versus[k] for k in ("difference", "low", "high", "rounds")}
         results = done.get("results") or {}
         if results:
             tasks = next(iter(results.values()))

@@ -58,6 +58,9 @@ TOOL_OPTIONS = (
     (("--training-images-seed",), dict(type=int, default=0, metavar="S",
                                        help="seed of the training images PreciseBN and offline EvalNorm draw: the "
                                             "same images for every such strategy and every rerun (default 0)")),
+    (("--bootstrap-rounds",), dict(type=int, default=1000, metavar="R",
+                                   help="draws of the test images for each strategy's 95%% interval of its box AP "
+                                        "difference to EMA, and the recommendation (0: skip; default 1000)")),
     (("--batch-sizes",), dict(nargs="+", default=None, metavar="K",
                               help="k for batch statistics at test (default: BNSTATS.TEST_BATCH_STATS.IMS_PER_BATCH)")),
     (("--discrepancy-images",), dict(type=int, default=8,
@@ -152,13 +155,15 @@ def main(args) -> dict:
     args = copy.copy(args)
     args.opts = list(args.opts) + ["OUTPUT_DIR", output]
     cfg = setup(args)
-    for value, flag in ((args.max_images, "--max-images"), (args.discrepancy_images, "--discrepancy-images")):
+    for value, flag in ((args.max_images, "--max-images"), (args.discrepancy_images, "--discrepancy-images"),
+                        (args.bootstrap_rounds, "--bootstrap-rounds")):
         if value < 0:
-            raise ValueError(f"{flag} = {value}: give a number of images >= 0 (0 = all / skip)")
+            raise ValueError(f"{flag} = {value}: give a number >= 0 (0 = all images / skip)")
     batch_sizes = args.batch_sizes or [cfg.BNSTATS.TEST_BATCH_STATS.IMS_PER_BATCH]
     summary = compare(
         cfg, output, strategies=args.strategies, max_images=args.max_images,
         precise_bn_samples=args.precise_bn_samples, training_images_seed=args.training_images_seed,
+        bootstrap_rounds=args.bootstrap_rounds,
         batch_sizes=batch_sizes,
         discrepancy_images=args.discrepancy_images, hist_layers=args.hist_layers, plots=not args.no_plots,
     )

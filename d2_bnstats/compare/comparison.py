@@ -21,6 +21,7 @@ from ..d2.population import batched_loader
 from ..d2.trainer import Trainer
 from .discrepancy import discrepancy_report
 from .plots import write_plots
+from .recommend import intervals_against_reference
 from .registry import build_strategy, default_strategy_specs
 from .report import slug, write_text_and_json
 from .strategies import CompareContext, Strategy
@@ -130,6 +131,7 @@ def compare(
     max_images: int = 0,
     precise_bn_samples: int = 1000,
     training_images_seed: int = 0,
+    bootstrap_rounds: int = 1000,
     batch_sizes: Sequence[int] = (2,),
     discrepancy_images: int = 8,
     hist_layers: Sequence[str] = (),
@@ -142,7 +144,11 @@ def compare(
 
     Every strategy that draws training images (PreciseBN, EvalNorm offline, EvalNorm with PreciseBN's
     statistics) seeds the random generators with ``training_images_seed`` right before its draw, so
-    the strategies of one comparison see the same images and a comparison run again sees them too."""
+    the strategies of one comparison see the same images and a comparison run again sees them too.
+
+    With ``bootstrap_rounds`` > 0 and EMA among the strategies, each strategy's box AP difference to
+    EMA gets a 95% paired bootstrap interval over the test images and the summary a recommendation
+    (``versus_ema``, :mod:`.recommend`)."""
     trainer_cls = Trainer if trainer_cls is None else trainer_cls
     check_inputs(cfg)
     options = {"precise_bn_samples": precise_bn_samples, "training_images_seed": training_images_seed,
@@ -159,6 +165,9 @@ def compare(
         summary["strategies"].append(entry)
         if candidate is not None:
             prepared[strategy.name] = candidate
+    if comm.is_main_process():  # the evaluators wrote the detections there
+        summary["versus_ema"] = intervals_against_reference(summary, built, output_dir, bootstrap_rounds,
+                                                            max_images=max_images)
     report = {"layers": [], "note": "skipped (--discrepancy-images 0)"}
     if discrepancy_images > 0:
         report = discrepancy_report(ctx, [s for s in built if s.name in prepared], prepared,

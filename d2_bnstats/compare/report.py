@@ -86,10 +86,25 @@ def json_default(value):
     return str(value)
 
 
+def format_versus_ema(versus: dict) -> str:
+    """Each strategy's box AP difference to EMA with its paired bootstrap interval, and the
+    recommendation line."""
+    from tabulate import tabulate
+
+    rows = [[name, f"{r['difference']:+.2f}", f"[{r['low']:+.2f}, {r['high']:+.2f}]",
+             "yes" if r["low"] > 0 else ("below EMA" if r["high"] < 0 else "no (interval contains 0)")]
+            for name, r in versus["strategies"].items()]
+    table = tabulate(rows, headers=["strategy", "Δ box AP vs EMA", "95% interval", "beats EMA"], tablefmt="github")
+    return (f"Difference to EMA on the same checkpoint ({versus['dataset']}; 95% paired bootstrap over its test "
+            f"images, {versus['rounds']} draws)\n{table}\n\nRecommendation: {versus['recommendation']['text']}")
+
+
 def write_text_and_json(summary: dict, output_dir: str) -> str:
-    """Write ``compare.md`` (COCO and discrepancy tables) and ``compare.json`` (the summary);
-    returns the text."""
+    """Write ``compare.md`` (COCO and discrepancy tables, the differences to EMA with their intervals
+    and the recommendation) and ``compare.json`` (the summary); returns the text."""
     text = format_table(summary) + "\n\n" + format_discrepancy(summary["discrepancy"])
+    if summary.get("versus_ema"):
+        text += "\n\n" + format_versus_ema(summary["versus_ema"])
     write_text(os.path.join(output_dir, "compare.md"), text + "\n")
     write_json(os.path.join(output_dir, "compare.json"), finite(summary), indent=1, default=json_default)
     return text

@@ -87,6 +87,10 @@ class Strategy:
     description = ""
     test_batch_size = 1
 
+    def how_to_apply(self) -> str:
+        """What a user sets to evaluate (and deploy) with this strategy."""
+        return "nothing: the checkpoint's own statistics"
+
     def unavailable(self, ctx: CompareContext) -> Optional[str]:
         return None
 
@@ -121,6 +125,10 @@ class PreciseBNStrategy(Strategy):
     def unavailable(self, ctx):
         return no_population_layers_reason(ctx.model, include_frozen=False)  # PreciseBN skips frozen layers
 
+    def how_to_apply(self):
+        return (f"TEST.PRECISE_BN.ENABLED True BNSTATS.PRECISE_BN.NUM_SAMPLES {self.num_images} (PreciseBN before "
+                "every evaluation, --eval-only included; the checkpoint saved after it holds the statistics)")
+
     def prepare(self, ctx, model):
         super().prepare(ctx, model)
         cfg = ctx.cfg
@@ -147,6 +155,10 @@ class BatchStatsStrategy(Strategy):
             raise ValueError(f"batch statistics at test need k >= 1 images per test batch, got {k}")
         self.test_batch_size = k
         self.name = f"batch stats (k={k})"
+
+    def how_to_apply(self):
+        return (f"BNSTATS.TEST_BATCH_STATS.ENABLED True BNSTATS.TEST_BATCH_STATS.IMS_PER_BATCH {self.test_batch_size} "
+                f"(test batches of {self.test_batch_size} images normalized by their own statistics)")
 
     def unavailable(self, ctx):
         return no_population_layers_reason(ctx.model, include_frozen=True)
@@ -197,6 +209,9 @@ class EvalNormStrategy(Strategy):
         set_evalnorm_mode(unwrap(model), self.mode)
         return {"mode": self.mode}
 
+    def how_to_apply(self):
+        return f"BNSTATS.EVALNORM.MODE {self.mode}"
+
     def discrepancy_groups(self, x, images):
         return [x]
 
@@ -222,6 +237,10 @@ class EvalNormOfflineStrategy(EvalNormStrategy):
             return "the model has neither EvalNorm layers nor trainable BN layers to convert"
         return None
 
+    def how_to_apply(self):
+        return (f"tools/estimate_evalnorm.py on {self.num_images} training images writes the converted weights; "
+                "evaluate them with BNSTATS.EVALNORM.MODE learned")
+
     def prepare(self, ctx, model):
         seed = seed_training_draw(ctx)
         converted = estimate_evalnorm_offline(ctx.cfg, unwrap(model), self.num_images)
@@ -243,6 +262,10 @@ class EvalNormPreciseBNStrategy(PreciseBNStrategy):
         if not model_has_evalnorm(ctx.model):
             return "the model has no EvalNorm layers (no MODEL.*.NORM is EvalNorm)"
         return None
+
+    def how_to_apply(self):
+        return (f"BNSTATS.EVALNORM.MODE learned TEST.PRECISE_BN.ENABLED True BNSTATS.PRECISE_BN.NUM_SAMPLES "
+                f"{self.num_images}")
 
     def prepare(self, ctx, model):
         facts = super().prepare(ctx, model)  # EvalNorm layers as BN ("ema") while PreciseBN reads their inputs
