@@ -1,16 +1,16 @@
 """Confidence intervals for few paired values: Student's t distribution, the paired and the Welch
-interval of a difference, a least-squares slope, and a paired bootstrap over items.
+interval of a difference, and a least-squares slope.
 
 Everything the lab's verdicts and benchmark ratios rest on, in one place and in plain Python (no
-SciPy here). The t quantile inverts the t CDF, written with the regularized incomplete beta function
-I_x(a, b) (evaluated by its continued fraction, Abramowitz & Stegun 26.5.8; the modified Lentz
-method), by bisection: t quantiles for n = 2 to 100 seeds or rounds need no more.
+SciPy here); the comparison tool's bootstrap over test images is the plug-in's
+(``d2_bnstats.compare.bootstrap``). The t quantile inverts the t CDF, written with the regularized
+incomplete beta function I_x(a, b) (evaluated by its continued fraction, Abramowitz & Stegun 26.5.8;
+the modified Lentz method), by bisection: t quantiles for n = 2 to 100 seeds or rounds need no more.
 """
 import math
-import random
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
-__all__ = ["t_cdf", "t_quantile", "mean_interval", "welch_interval", "slope_interval", "paired_bootstrap"]
+__all__ = ["t_cdf", "t_quantile", "mean_interval", "welch_interval", "slope_interval"]
 
 
 def _beta_continued_fraction(a: float, b: float, x: float) -> float:
@@ -124,27 +124,3 @@ def slope_interval(x: Sequence[float], y: Sequence[float], level: float = 0.95) 
     se = math.sqrt(residual / (n - 2) / sxx)
     low, high = _interval(slope, se, n - 2, level)
     return {"mean": slope, "intercept": intercept, "se": se, "df": float(n - 2), "low": low, "high": high}
-
-
-def paired_bootstrap(
-    items_a: Sequence, items_b: Sequence, statistic: Callable[[List], float], rounds: int = 1000,
-    level: float = 0.95, seed: int = 0,
-) -> Dict[str, float]:
-    """Percentile bootstrap interval of ``statistic(resample of a) − statistic(resample of b)`` where
-    both resamples take the same item indices (``items_a[i]`` and ``items_b[i]`` belong to item i: the
-    same test image under two strategies). Returns ``difference`` (on all items), ``low``, ``high``
-    and ``rounds``."""
-    n = len(items_a)
-    if n != len(items_b) or n == 0:
-        raise ValueError(f"the two item lists must be equal in length and non-empty, got {n} and {len(items_b)}")
-    rng = random.Random(seed)
-    diffs = []
-    for _ in range(rounds):
-        idx = [rng.randrange(n) for _ in range(n)]
-        diffs.append(statistic([items_a[i] for i in idx]) - statistic([items_b[i] for i in idx]))
-    diffs.sort()
-    tail = (1.0 - level) / 2.0
-    low = diffs[max(0, int(math.floor(tail * rounds)))]
-    high = diffs[min(rounds - 1, int(math.ceil((1.0 - tail) * rounds)) - 1)]
-    return {"difference": statistic(list(items_a)) - statistic(list(items_b)), "low": low, "high": high,
-            "rounds": float(rounds)}

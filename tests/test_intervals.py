@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from bnstats_lab.intervals import mean_interval, paired_bootstrap, slope_interval, t_cdf, t_quantile, welch_interval
+from bnstats_lab.intervals import mean_interval, slope_interval, t_cdf, t_quantile, welch_interval
 
 # Student's t quantiles from published tables (two-sided 95% and 90%)
 T975 = {1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445, 5: 2.570582, 10: 2.228139, 30: 2.042272}
@@ -59,20 +59,3 @@ def test_slope_interval_against_the_normal_equations():
     assert got["high"] - got["mean"] == pytest.approx(t_quantile(0.975, 10) * se)
     assert got["low"] < 1.2 < got["high"]
     assert slope_interval([1, 1, 1], [1, 2, 3]) is None
-
-
-def test_paired_bootstrap_resamples_items_jointly():
-    # b = a + 1 per item: every joint resample gives a difference of exactly −1, whatever the spread of a
-    a = [float(v) for v in range(20)]
-    b = [v + 1.0 for v in a]
-    got = paired_bootstrap(a, b, statistics.fmean, rounds=200)
-    assert got["difference"] == pytest.approx(-1.0) and got["low"] == pytest.approx(-1.0)
-    assert got["high"] == pytest.approx(-1.0)
-    # independent noise: the interval contains the difference on all items and has a width
-    rng = random.Random(1)
-    a = [rng.gauss(0, 1) for _ in range(50)]
-    b = [rng.gauss(0, 1) for _ in range(50)]
-    got = paired_bootstrap(a, b, statistics.fmean, rounds=500)
-    assert got["low"] < got["difference"] < got["high"]
-    with pytest.raises(ValueError):
-        paired_bootstrap([1.0], [1.0, 2.0], statistics.fmean)

@@ -814,3 +814,38 @@ def test_main_with_another_catalog_judges_its_claims_and_leaves_the_readme(lab_r
     assert "### Experiment coco_e1" in text and "| coco_e1/scratch_2img |" in text
     assert "e1/scratch_2img_d200" not in text.split("### Claims")[1]  # the lab's claims are not judged there
     assert "### Which norm" not in text and not (tmp_path / "fig" / "which_norm_2img.png").exists()
+
+
+# ------------------------------------------------------------------------------------ dose-response
+def test_trend_claim_slope_interval_and_figure(results, tmp_path):
+    """The slope of the per-seed differences against the factor, against a direct least-squares fit;
+    inconclusive while a level has fewer than 3 seeds; the figure is drawn once two levels exist."""
+    from bnstats_lab.experiments.claims import TrendClaim
+    from bnstats_lab.experiments.report_figures import make_trend_figures
+    from bnstats_lab.intervals import t_quantile
+
+    records = report.load_records(results)
+    claim = TrendClaim("gain", "ours", "grows", EXP, {"setting": "scratch", "images_per_batch": 2}, "diversity",
+                       "evalnorm_learned", "ema", +1)
+    row = report.evaluate_claims(records, [claim])[0]
+    # scratch_2img (diversity 1, 3 seeds: differences 1.0, 1.5, 0.5) and the plain scenes (diversity 0, 1 seed: 0.4)
+    x = [1.0, 1.0, 1.0, 0.0]
+    y = [1.0, 1.5, 0.5, 0.4]
+    mx, my = statistics.mean(x), statistics.mean(y)
+    sxx = sum((v - mx) ** 2 for v in x)
+    slope = sum((u - mx) * (v - my) for u, v in zip(x, y)) / sxx
+    rss = sum((v - my - slope * (u - mx)) ** 2 for u, v in zip(x, y))
+    half = t_quantile(0.975, 2) * math.sqrt(rss / 2 / sxx)
+    assert row["status"] == "measured" and row["trend"]["slope"] == pytest.approx(slope)
+    assert row["trend"]["ci95"] == pytest.approx((slope - half, slope + half))
+    assert row["verdict"] == "inconclusive" and "fewer than 3" in row["note"]  # the plain scenes have one seed
+    # three seeds at diversity 0 with a clearly smaller gain (−0.6, −0.5, −0.7): a positive slope
+    for seed, (ema, learned) in ((0, (26.0, 25.4)), (1, (26.0, 25.5)), (2, (26.0, 25.3))):
+        write_record(results, make_record(EXP, "scratch_2img_plain", seed, FACTORS["scratch_2img_plain"],
+                                          {"ema": ema, "evalnorm_learned": learned, "precise_bn:500": ema}))
+    records = report.load_records(results)
+    row = report.evaluate_claims(records, [claim])[0]
+    assert row["trend"]["ci95"][0] > 0 and row["verdict"] == "holds"
+    paths = make_trend_figures(records, [claim], (), str(tmp_path / "fig"))
+    (path,) = paths[EXP]
+    assert path.endswith(f"{EXP}_gain_vs_diversity.png") and os.path.getsize(path) > 0

@@ -32,7 +32,7 @@ from d2_bnstats.outputs import write_text
 from .catalog import load_catalog, load_experiments
 from .claims import CLAIMS, PAPER_TABLES, Claim, PaperTable, TrainingsClaim, TrendClaim
 from .records import RecordError, load_records, rows, strategy_entry
-from .report_figures import make_figures, plot_which_norm
+from .report_figures import make_figures, make_trend_figures, plot_which_norm
 from .report_layout import REFERENCE, cell_rows, fmt_interval, factor_order, strategy_order, value_key, varying_factors
 from .report_readme import BEGIN as README_BEGIN
 from .report_readme import END as README_END
@@ -293,6 +293,9 @@ def render_markdown(records: Sequence[dict], claims: Sequence[Claim] = CLAIMS, f
     records = list(records)
     if figures is None:
         figures = make_figures(records, figures_dir) if figures_dir else {}
+        for experiment, paths in (make_trend_figures(records, claims, experiments, figures_dir)
+                                  if figures_dir else {}).items():
+            figures.setdefault(experiment, []).extend(paths)
     names = sorted({r["experiment"] for r in records} | {e.name for e in experiments} | {c.experiment for c in claims})
     parts = [f"Generated from {len(records)} result records by `python -m bnstats_lab.experiments.report`; "
              "edit the text outside the markers, not this part. Entries: mean ± sample std over seeds "
@@ -349,6 +352,8 @@ def write_report(results_root: str = "results", output_md: str = "docs/results.m
     records)."""
     records = load_records(results_root) if os.path.isdir(results_root) else []
     figures = make_figures(records, figures_dir)
+    for experiment, paths in make_trend_figures(records, claims, experiments, figures_dir).items():
+        figures.setdefault(experiment, []).extend(paths)
     markdown_dir = os.path.dirname(os.path.abspath(output_md))
     figures = {k: [os.path.abspath(p) for p in v] for k, v in figures.items()}
     which_norm_figure = None

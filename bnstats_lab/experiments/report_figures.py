@@ -13,9 +13,9 @@ from d2_bnstats.outputs import save_figure
 
 from .records import is_number
 from .report_layout import REFERENCE, value_key, varying_factors
-from .report_stats import summarize
+from .report_stats import summarize, trend
 
-__all__ = ["make_figures", "plot_which_norm"]
+__all__ = ["make_figures", "make_trend_figures", "plot_which_norm"]
 
 
 def _pyplot():
@@ -199,6 +199,67 @@ def _plot_evalnorm_parameters(records: Sequence[dict], experiment: str, path: st
     axes[1].set_xticklabels([_short_layer(n) for n in layers], rotation=90, fontsize=6)
     fig.suptitle(f"{experiment}: learned EvalNorm weights per layer (mean over seeds, band: range)", fontsize=10)
     return _save(plt, fig, path)
+
+
+# The dose-response figure: the gains over EMA against the trend claims' factor
+DOSE_STRATEGIES = ("evalnorm_learned", "batch_stats:2", "precise_bn:500")
+
+
+def _plot_gain_vs_factor(records: Sequence[dict], claim: Any, cells: Sequence[str], path: str) -> str:
+    """Per strategy of :data:`DOSE_STRATEGIES`, its paired difference to the claim's reference
+    against the claim's factor: per-seed points and the mean with its 95% t interval."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.8, 3.9))
+    offsets = {s: (i - 1) * 0.03 for i, s in enumerate(DOSE_STRATEGIES)}
+    for strategy in DOSE_STRATEGIES:
+        result = trend(records, claim.experiment, cells, claim.x, strategy, claim.strategy_b)
+        levels = {}
+        for cell, diff in result["per_cell"].items():
+            level = next((r["factors"].get(claim.x) for r in records
+                          if r["experiment"] == claim.experiment and r["cell"] == cell), None)
+            if diff["n"] and is_number(level):
+                levels[float(level)] = diff
+        if not levels:
+            continue
+        xs = sorted(levels)
+        shift = offsets[strategy]
+        means = [levels[x]["mean"] for x in xs]
+        low = [levels[x]["mean"] - levels[x]["ci95"][0] if levels[x]["ci95"] else 0.0 for x in xs]
+        high = [levels[x]["ci95"][1] - levels[x]["mean"] if levels[x]["ci95"] else 0.0 for x in xs]
+        line = ax.errorbar([x + shift for x in xs], means, yerr=[low, high], marker="o", capsize=3,
+                           label=f"{strategy} − {claim.strategy_b}")
+        for x in xs:
+            ax.scatter([x + shift] * len(levels[x]["values"]), levels[x]["values"], s=9, alpha=0.5,
+                       color=line[0].get_color())
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel(f"{claim.x} (appearance diversity of the scenes)" if claim.x == "diversity" else claim.x)
+    ax.set_ylabel(f"box AP difference to {claim.strategy_b}")
+    where = ", ".join(f"{k} = {v}" for k, v in claim.factors.items())
+    ax.set_title(f"{claim.experiment} ({where}): mean and 95% interval over seeds; dots: seeds", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def make_trend_figures(records: Sequence[dict], claims: Sequence[Any], experiments: Sequence[Any],
+                       figures_dir: str) -> Dict[str, List[str]]:
+    """Per trend claim whose cells have records at two levels or more of its factor,
+    ``<experiment>_gain_vs_<factor>.png`` (:func:`_plot_gain_vs_factor`). Returns {experiment: [paths]}."""
+    from .claims import TrendClaim
+    from .report_layout import cell_rows
+
+    out: Dict[str, List[str]] = {}
+    for claim in claims:
+        if not isinstance(claim, TrendClaim):
+            continue
+        recs = [r for r in records if r["experiment"] == claim.experiment]
+        cells = [c for c, f, _ in cell_rows(recs, claim.experiment, experiments) if claim.matches(f)]
+        levels = {r["factors"].get(claim.x) for r in recs if r["cell"] in cells}
+        if len(levels) < 2:
+            continue
+        path = os.path.join(figures_dir, f"{_slug(claim.experiment)}_gain_vs_{_slug(claim.x)}.png")
+        out.setdefault(claim.experiment, []).append(_plot_gain_vs_factor(recs, claim, cells, path))
+    return out
 
 
 def make_figures(records: Sequence[dict], figures_dir: str) -> Dict[str, List[str]]:
