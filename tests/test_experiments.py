@@ -230,3 +230,34 @@ def test_an_attempt_without_checkpoint_leaves_no_metrics_to_mix(tmp_path):
     (tmp_path / "metrics.json").write_text('{"iteration": 0, "total_loss": 9.0}\n')
     (tmp_path / "last_checkpoint").write_text("model_0000199.pth")
     assert clear_attempt_without_checkpoint(str(tmp_path)) == [] and (tmp_path / "metrics.json").exists()
+
+
+def test_intermediate_checkpoint_cells_point_at_kept_checkpoints(tmp_path):
+    """An evaluation of the checkpoint after N iterations reads detectron2's model_{N-1}.pth of the
+    source run, which that run keeps; a checkpoint the source does not keep is refused at declaration,
+    and one the checkpoint period never writes when the training starts."""
+    from bnstats_lab.experiments.cell import source_checkpoint, train, training_arguments
+    from bnstats_lab.experiments.catalog import load_experiments
+
+    source = Cell("long", "c.yaml", factors=(("checkpoint", "final"), ("n", 2)), keep_iterations=(800, 1600))
+    at800 = evaluation_of("x", source, ("ema",), iteration=800, name="long_at800",
+                          factors=(("checkpoint", "after 800 iterations"),))
+    assert at800.factor_dict == {"checkpoint": "after 800 iterations", "n": 2} and at800.name == "long_at800"
+    path = source_checkpoint(at800, 3, str(tmp_path))
+    assert path == os.path.join(str(tmp_path), "x", "long", "seed3", "model_0000799.pth")
+    with pytest.raises(ValueError, match="does not keep its checkpoint at iteration 900"):
+        evaluation_of("x", source, ("ema",), iteration=900)
+    with pytest.raises(ValueError, match="not multiples of the checkpoint period"):
+        training_arguments(Cell("odd", "c.yaml", keep_iterations=(850,)), 0, str(tmp_path))
+    # the training keeps exactly the declared checkpoints (a finished run: nothing is trained again)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name in ("model_final.pth", "model_0000199.pth", "model_0000799.pth", "model_0001599.pth"):
+        (folder / name).write_bytes(b"x")
+    train(source, 0, str(folder))
+    assert sorted(os.listdir(folder)) == ["model_0000799.pth", "model_0001599.pth", "model_final.pth"]
+    # the declared converged-detector experiment: every evaluation cell's checkpoint is kept by its source
+    e5 = load_experiments()["e5"]
+    for cell in e5.cells:
+        if cell.checkpoint_iteration is not None:
+            assert cell.checkpoint_iteration in e5.cell(cell.checkpoint_of[1]).keep_iterations

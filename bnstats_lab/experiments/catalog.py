@@ -14,6 +14,8 @@
   2-image checkpoints on the benchmark scenes (no training).
 - ``e4``: EvalNorm with learned α̂, β̂ and PreciseBN's population statistics against each alone,
   evaluations of every E1 checkpoint on the benchmark scenes (no training).
+- ``e5``: converged detectors: E1's 2-image cells on the benchmark scenes trained 3200 iterations
+  (4x), evaluated after 800, 1600 and 3200; the 8-image cells at the same epochs (800 iterations).
 
 Schedules are cut from the config matrix's (``configs/cpu``: 4500 iterations at 2 images) to fit the
 CPU budget: 800 iterations at 2 images (the demo's schedule), 400 at 8 images (the linear scaling
@@ -192,8 +194,45 @@ def _e4() -> Experiment:
                                    ("evalnorm_precise_bn:500", "precise_bn:500")))
 
 
+# Converged detectors: E1's 2-image cells at the benchmark level trained 4x longer (the same LR-step
+# fractions), evaluated after 800, 1600 and 3200 iterations; the 8-image cell at the same epochs.
+LONG_ITERATIONS = 3200
+SCHEDULE_2IMG_LONG = ("SOLVER.MAX_ITER", "3200", "SOLVER.STEPS", "(2240, 2880)", "SOLVER.WARMUP_ITERS", "100")
+SCHEDULE_8IMG_LONG = ("SOLVER.MAX_ITER", "800", "SOLVER.STEPS", "(560, 720)", "SOLVER.WARMUP_ITERS", "100")
+CONVERGED_STRATEGIES = DOSE_RESPONSE_STRATEGIES
+
+
+def _e5() -> Experiment:
+    """Converged detectors (docs/results.md, "Revision"): does EvalNorm's gain persist as the detector
+    converges?"""
+    training, evaluations = [], []
+    for setting in ("scratch", "finetune"):
+        for images, schedule, iterations, keep in ((2, SCHEDULE_2IMG_LONG, LONG_ITERATIONS, (800, 1600)),
+                                                   (8, SCHEDULE_8IMG_LONG, 800, ())):
+            overrides = scene_overrides(BENCHMARK_SCENES) + schedule
+            if setting == "finetune":
+                overrides += ("MODEL.WEIGHTS", SHORT_PRETRAINED)
+            cell = Cell(
+                name=f"{setting}_{images}img_{iterations}it",
+                config=f"configs/cpu/frcnn_r18_evalnorm_{images}img_{setting}.yaml",
+                overrides=overrides, strategies=CONVERGED_STRATEGIES,
+                # the same epochs at 2 and 8 images: "final" pairs them for the convergence check
+                factors=(("setting", setting), ("images_per_batch", images), ("checkpoint", "final"),
+                         ("scenes", BENCHMARK_SCENES), ("diversity", DIVERSITY[BENCHMARK_SCENES]),
+                         ("norm", "EvalNorm")),
+                compare_options=("--discrepancy-images", "16", "--batch-sizes", "2"),
+                keep_iterations=keep,
+            )
+            training.append(cell)
+            evaluations += [evaluation_of("e5", cell, CONVERGED_STRATEGIES, iteration=i,
+                                          name=f"{setting}_{images}img_{LONG_ITERATIONS}it_at{i}",
+                                          factors=(("checkpoint", f"after {i} iterations"),)) for i in keep]
+    return Experiment("e5", "converged detectors: 4x longer training at 2 images, evaluated along the way",
+                      tuple(training + evaluations), requires=((SHORT_PRETRAINED, PRETRAIN_SHORT),))
+
+
 def default_experiments() -> Dict[str, Experiment]:
-    experiments = [_levels(), _e1(), _e2(), _e3(), _e4()]
+    experiments = [_levels(), _e1(), _e2(), _e3(), _e4(), _e5()]
     return {e.name: e for e in experiments}
 
 

@@ -35,6 +35,10 @@ def run_folder(work_root: str, experiment: str, cell: str, seed: int) -> str:
 
 
 def training_arguments(cell: Cell, seed: int, output_dir: str) -> List[str]:
+    not_saved = [i for i in cell.keep_iterations if i % CHECKPOINT_PERIOD]
+    if not_saved:
+        raise ValueError(f"cell {cell.name}: keep_iterations {not_saved} are not multiples of the checkpoint "
+                         f"period {CHECKPOINT_PERIOD}, so no checkpoint is saved there")
     return [
         "--config-file", cell.config, "--resume", "--num-gpus", str(cell.num_processes),
         *cell.overrides,
@@ -66,14 +70,17 @@ def train(cell: Cell, seed: int, output_dir: str) -> Dict[str, object]:
         clear_attempt_without_checkpoint(output_dir)
         run(argument_parser().parse_args(training_arguments(cell, seed, output_dir)))
     seconds = time.perf_counter() - start
+    kept = {checkpoint_name(i) for i in cell.keep_iterations}
     for path in glob.glob(os.path.join(output_dir, "model_[0-9]*.pth")):  # intermediate checkpoints
-        os.remove(path)
+        if os.path.basename(path) not in kept:
+            os.remove(path)
     return dict(training_metrics(os.path.join(output_dir, "metrics.json")), seconds=round(seconds, 1), resumed=resumed)
 
 
-def training_metrics(metrics_path: str) -> Dict[str, object]:
+def training_metrics(metrics_path: str, up_to: Optional[int] = None) -> Dict[str, object]:
     """Iterations, median s/iter and the final losses (median of the last logged values) of a
-    detectron2 ``metrics.json`` (one JSON object per line)."""
+    detectron2 ``metrics.json`` (one JSON object per line); with ``up_to``, of its first ``up_to``
+    iterations only (the losses at an intermediate checkpoint)."""
     rows = []
     if os.path.isfile(metrics_path):
         with open(metrics_path) as f:
@@ -84,7 +91,7 @@ def training_metrics(metrics_path: str) -> Dict[str, object]:
                         rows.append(json.loads(line))
                     except ValueError:  # a line cut by a killed run
                         continue
-    training_rows = [r for r in rows if "total_loss" in r]
+    training_rows = [r for r in rows if "total_loss" in r and (up_to is None or r.get("iteration", -1) < up_to)]
     if not training_rows:
         return {"iterations": None, "s_per_iter": None, "final_losses": {}}
     last = training_rows[-LOSS_WINDOW:]
@@ -107,11 +114,18 @@ def compare_arguments(cell: Cell, output_dir: str, compare_dir: str, weights: Op
     ]  # fmt: skip
 
 
+def checkpoint_name(iterations: int) -> str:
+    """detectron2's name of the checkpoint saved after ``iterations`` iterations (its iteration index
+    is ``iterations − 1``)."""
+    return f"model_{iterations - 1:07d}.pth"
+
+
 def source_checkpoint(cell: Cell, seed: int, work_root: str) -> Optional[str]:
     """The checkpoint an evaluation cell (``checkpoint_of``) evaluates, or None for a training cell."""
     if cell.checkpoint_of is None:
         return None
-    return os.path.join(run_folder(work_root, *cell.checkpoint_of, seed), FINAL_MODEL)
+    name = FINAL_MODEL if cell.checkpoint_iteration is None else checkpoint_name(cell.checkpoint_iteration)
+    return os.path.join(run_folder(work_root, *cell.checkpoint_of, seed), name)
 
 
 def evaluate(cell: Cell, output_dir: str, weights: Optional[str] = None) -> dict:
@@ -182,8 +196,11 @@ def run_cell(experiment: Experiment, cell: Cell, seed: int, results_root: str, w
             raise FileNotFoundError(f"{experiment.name}/{cell.name} seed {seed} evaluates {weights}, which does not "
                                     f"exist: run {'/'.join(cell.checkpoint_of)} seed {seed} first")
         os.makedirs(output_dir, exist_ok=True)
-        training = dict(training_metrics(os.path.join(os.path.dirname(weights), "metrics.json")),
+        training = dict(training_metrics(os.path.join(os.path.dirname(weights), "metrics.json"),
+                                         cell.checkpoint_iteration),
                         checkpoint_of="/".join(cell.checkpoint_of))
+        if cell.checkpoint_iteration is not None:
+            training["checkpoint_iteration"] = cell.checkpoint_iteration
     evaluation_start = time.perf_counter()
     summary = evaluate(cell, output_dir, weights)
     record = {

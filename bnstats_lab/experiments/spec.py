@@ -33,6 +33,10 @@ class Cell:
     # (experiment, cell): evaluate that cell's checkpoint of the same seed instead of training one;
     # config and overrides must then be that cell's (:func:`evaluation_of` copies them)
     checkpoint_of: Optional[Tuple[str, str]] = None
+    # with checkpoint_of: evaluate the checkpoint saved after this many iterations instead of the final one
+    checkpoint_iteration: Optional[int] = None
+    # iterations whose checkpoints the training keeps (for evaluation cells of intermediate checkpoints)
+    keep_iterations: Tuple[int, ...] = ()
 
     def __post_init__(self):
         if not _NAME.match(self.name):
@@ -47,6 +51,12 @@ class Cell:
             raise ValueError(f"cell {self.name}: num_processes must be >= 1, got {self.num_processes}")
         if self.checkpoint_of is not None and (len(self.checkpoint_of) != 2 or not all(self.checkpoint_of)):
             raise ValueError(f"cell {self.name}: checkpoint_of is (experiment, cell), got {self.checkpoint_of!r}")
+        if self.checkpoint_iteration is not None and (self.checkpoint_of is None or self.checkpoint_iteration < 1):
+            raise ValueError(f"cell {self.name}: checkpoint_iteration ({self.checkpoint_iteration!r}) needs "
+                             "checkpoint_of and a number of iterations >= 1")
+        if any(not isinstance(i, int) or i < 1 for i in self.keep_iterations):
+            raise ValueError(f"cell {self.name}: keep_iterations are numbers of iterations >= 1, got "
+                             f"{self.keep_iterations!r}")
 
     @property
     def factor_dict(self) -> Dict[str, Factor]:
@@ -54,11 +64,20 @@ class Cell:
 
 
 def evaluation_of(experiment: str, source: Cell, strategies: Tuple[str, ...], compare_options: Tuple[str, ...] = (),
-                  factors: Tuple[Tuple[str, Factor], ...] = ()) -> Cell:
+                  factors: Tuple[Tuple[str, Factor], ...] = (), iteration: Optional[int] = None,
+                  name: Optional[str] = None) -> Cell:
     """A cell that evaluates ``source``'s checkpoints (cell of ``experiment``, one per seed) under other
-    ``strategies``, without training: same name, config, overrides and factors (plus ``factors``)."""
-    return Cell(source.name, source.config, source.overrides, strategies, source.factors + factors,
-                compare_options or source.compare_options, source.num_processes, (experiment, source.name))
+    ``strategies``, without training: same name (or ``name``), config, overrides and factors (plus
+    ``factors``, which replace source factors of the same key). With ``iteration``, the checkpoint saved
+    after that many iterations (``source`` must keep it: :attr:`Cell.keep_iterations`)."""
+    if iteration is not None and iteration not in source.keep_iterations:
+        raise ValueError(f"cell {source.name} does not keep its checkpoint at iteration {iteration} "
+                         f"(keep_iterations: {list(source.keep_iterations)})")
+    replaced = {k for k, _ in factors}
+    merged = tuple((k, v) for k, v in source.factors if k not in replaced) + tuple(factors)
+    return Cell(name or source.name, source.config, source.overrides, strategies, merged,
+                compare_options or source.compare_options, source.num_processes, (experiment, source.name),
+                checkpoint_iteration=iteration)
 
 
 @dataclasses.dataclass(frozen=True)
