@@ -36,6 +36,7 @@ __all__ = [
     "save_figure",
     "same_file",
     "check_outputs",
+    "remove_stale_temporaries",
 ]
 
 
@@ -76,12 +77,50 @@ def _open_temporary(folder: str, name: str) -> str:
     """Create an empty, new temporary file next to the destination (mode 0o666 minus the umask, as
     ``open(path, "w")`` would give the destination)."""
     while True:
-        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        tmp = os.path.join(folder, f"{_temporary_prefix(name)}{os.getpid()}-{secrets.token_hex(4)}")
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
         except FileExistsError:
             continue
+
+
+def _temporary_prefix(dest: str) -> str:
+    return f".{os.path.basename(dest)}.tmp-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's process, or no signals here: assume alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str) -> int:
+    """Remove the temporary files that writers of ``path`` on this machine left when they were killed
+    (SIGKILL, power loss) before they could clean up: those whose writer process no longer runs.
+    Returns how many were removed. Writers still running are left alone."""
+    dest = _destination(os.fspath(path))
+    folder = os.path.dirname(os.path.abspath(dest))
+    prefix = _temporary_prefix(dest)
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, name))
+            removed += 1
+    return removed
 
 
 def _fsync_folder(folder: str) -> None:

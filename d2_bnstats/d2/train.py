@@ -9,13 +9,13 @@ Follows detectron2's ``tools/train_net.py`` conventions (``--config-file``, ``--
 import logging
 import os
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from .checkpoint import AtomicCheckpointer, CheckpointError, resume_checkpoint
 from .config import check_batch_config, check_norm_keys, resolve_device
 from .datasets import DatasetError, add_register_coco_argument, check_datasets, register_coco_from_args
 from .launch import launch_from_args
@@ -78,7 +78,7 @@ def evaluate_checkpoint(cfg, resume: bool = False, trainer_cls=Trainer):
     """The ``--eval-only`` path: build the model, load ``MODEL.WEIGHTS`` (or the last checkpoint of
     ``OUTPUT_DIR`` with ``resume``), apply FrozenBN/PreciseBN as the config asks, COCO-evaluate."""
     model = trainer_cls.build_model(cfg)
-    checkpoint = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    checkpoint = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
     prepare_for_evaluation(cfg, model, checkpoint, trainer_cls=trainer_cls)
     results = trainer_cls.test(cfg, model)
     if comm.is_main_process():
@@ -101,8 +101,10 @@ def check_arguments(args) -> None:
     traceback from a worker. Raises ``SystemExit`` with that line."""
     try:
         register_coco_from_args(getattr(args, "register_coco", ()))
-        load_config(args.config_file, args.opts, world_size=args.num_gpus * args.num_machines)
-    except (OSError, ValueError, KeyError, AssertionError, DatasetError) as e:  # yacs asserts unknown keys
+        cfg = load_config(args.config_file, args.opts, world_size=args.num_gpus * args.num_machines)
+        if args.resume:
+            resume_checkpoint(cfg.OUTPUT_DIR)  # a damaged last checkpoint without a readable one to fall back on
+    except (OSError, ValueError, KeyError, AssertionError, DatasetError, CheckpointError) as e:  # yacs asserts unknown keys
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         raise SystemExit(f"train_net: {message}") from None
 

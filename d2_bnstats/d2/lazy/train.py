@@ -35,7 +35,6 @@ import os
 from typing import List, Optional, Sequence
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
     AMPTrainer,
@@ -50,6 +49,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ..checkpoint import AtomicCheckpointer, CheckpointError, resume_checkpoint
 from ..datasets import DatasetError, FileNamingMapper, add_register_coco_argument, check_datasets, register_coco_from_args
 from ..launch import launch_from_args
 from ..statistics_health import StatisticsHealthHook
@@ -204,6 +204,11 @@ def check_run(args):
         check_lazy_datasets(cfg, _dataset_splits(cfg, args.eval_only))
     except DatasetError as e:
         raise LazyConfigError(f"{args.config_file}: {e}") from e
+    if args.resume:
+        try:
+            resume_checkpoint(cfg.train.output_dir)
+        except CheckpointError as e:
+            raise LazyConfigError(str(e)) from e
     return cfg
 
 
@@ -268,7 +273,7 @@ def do_train(args, cfg):
 
     model = create_ddp_model(model, **_ddp_options(cfg))
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     added = checkpoint_training_state(
         checkpointer, trainer.state_dict(), {"optimizer": optimizer, "grad_scaler": getattr(trainer, "grad_scaler", None)}
     )
@@ -313,7 +318,7 @@ def evaluate_checkpoint(cfg, resume: bool = False):
     (:func:`~.loop.prepare_for_evaluation`), evaluate (:func:`do_test`)."""
     model = build_lazy_model(cfg)
     model.to(cfg.train.device)
-    checkpointer = DetectionCheckpointer(model, save_dir=cfg.train.output_dir)
+    checkpointer = AtomicCheckpointer(model, save_dir=cfg.train.output_dir)
     if not cfg.train.init_checkpoint and not (resume and checkpointer.has_checkpoint()):
         logger.warning("--eval-only without train.init_checkpoint: evaluating the model as initialized")
     checkpoint = checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
