@@ -281,6 +281,16 @@ class EvalNorm2d(nn.BatchNorm2d):
             s += ", sync=True"
         return s
 
+    def __getstate__(self):
+        # ``aux_loss`` is part of the last training forward's graph (not a leaf): torch cannot
+        # deep-copy it, so ``copy.deepcopy`` (the deployment conversions, weight averaging) and
+        # pickling would fail on any model copied right after a training step; a copy has not run
+        # that forward, so it starts without it
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state["aux_loss"] = None
+        state["_aux_collecting"] = False
+        return state
+
     # ---------------------------------------------------------------------------- checkpoints
     # torch's BatchNorm writes version 2 and detectron2's FrozenBatchNorm2d 3, so 4 and above mark this
     # layer's own format; 5 added the L_aux step (see the module docstring).
