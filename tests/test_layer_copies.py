@@ -6,7 +6,9 @@ exactly as an uninterrupted run: same parameters, buffers and extra state, same 
 The copy point is inside the schedules that matter (MABN's warm-up over, its SMA and renormalization
 ahead; a per-level cursor that is not at level 0), and the original model stays alive meanwhile,
 so nothing the copy needs may stay behind with it (MABN's step ends, EvalNorm's L_aux, the level
-cursor). The layers' own maths are tested against references in their own test files.
+cursor). The layers' own maths are tested against references in their own test files. The loss is
+the model's output alone, as for BN, so EvalNorm warns that its L_aux is left out (what that
+warning says is tested in tests/test_evalnorm.py).
 """
 import copy
 import functools
@@ -106,6 +108,7 @@ def _uninterrupted(name):
     return _state(model), outputs
 
 
+@pytest.mark.filterwarnings("ignore:EvalNorm2d. the last training step")
 @pytest.mark.parametrize("how", ["deepcopy", "torch.save", "pickle", "state_dict"])
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_a_copy_made_mid_training_ends_as_the_uninterrupted_run(name, how):
@@ -119,6 +122,7 @@ def test_a_copy_made_mid_training_ends_as_the_uninterrupted_run(name, how):
         assert torch.equal(a, b)
 
 
+@pytest.mark.filterwarnings("ignore:EvalNorm2d. the last training step")
 def test_the_layers_trained_and_the_copy_point_matters():
     """The comparison above can fail: each layer's state moved in training, and MABN's schedule and
     the per-level cursor are where a lost piece of state would show."""
