@@ -1,7 +1,8 @@
 """Writing output files: atomically, never over an input, with errors that name the file.
 
 Every file the plug-in's tools and hooks write goes through :func:`atomic_write` (or one of the
-writers built on it: text, JSON, YAML, ``torch.save``, pickle, matplotlib figures). The content goes
+writers built on it: text, JSON, YAML, ``torch.save``, pickle, matplotlib figures), or, for writers
+that take a file name (TorchScript, ONNX), :func:`atomic_path`. The content goes
 to a temporary file in the destination's own folder, is flushed and ``fsync``-ed, and is then moved
 over the destination with ``os.replace``, which is atomic within one file system; the folder is
 ``fsync``-ed too, so that the rename survives a crash. A reader therefore sees either the old file or
@@ -27,6 +28,7 @@ from typing import IO, Any, Iterator, Mapping, Optional
 __all__ = [
     "OutputWriteError",
     "OutputIsInputError",
+    "atomic_path",
     "atomic_write",
     "write_text",
     "write_json",
@@ -137,24 +139,26 @@ def _fsync_folder(folder: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str, mode: str = "w", encoding: Optional[str] = "utf-8") -> Iterator[IO]:
-    """``with atomic_write(path, "wb") as f: ...``: the file object of a temporary file that replaces
-    ``path`` when the block ends without an exception (module docstring). The folder is created if
-    needed. ``mode`` is "w" (text) or "wb" (binary)."""
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_write writes whole files: mode must be 'w' or 'wb', got {mode!r}")
+def atomic_path(path: str) -> Iterator[str]:
+    """``with atomic_path(path) as tmp: writer(tmp)``: for writers that take a file name rather than
+    a file object (``torch.jit.save``, ``torch.onnx.export``). ``tmp`` names an empty temporary file
+    next to ``path`` with the permissions an ordinary write of ``path`` would give it; when the block
+    ends without an exception it is fsync-ed and moved over ``path``, otherwise removed (the errors
+    as for :func:`atomic_write`). The folder is created if needed."""
     if not path:
-        raise ValueError("atomic_write: empty output path")
+        raise ValueError("atomic write: empty output path")
     dest = _destination(os.fspath(path))
     folder = os.path.dirname(os.path.abspath(dest))
     tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
         tmp = _open_temporary(folder, os.path.basename(dest))
-        with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, dest)
         tmp = None
         _fsync_folder(folder)
@@ -171,6 +175,21 @@ def atomic_write(path: str, mode: str = "w", encoding: Optional[str] = "utf-8") 
         if add_note is not None and isinstance(exc, Exception):
             add_note(f"while writing {path} (not written; the previous file, if any, is unchanged)")
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w", encoding: Optional[str] = "utf-8") -> Iterator[IO]:
+    """``with atomic_write(path, "wb") as f: ...``: the file object of a temporary file that replaces
+    ``path`` when the block ends without an exception (module docstring). The folder is created if
+    needed. ``mode`` is "w" (text) or "wb" (binary)."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write writes whole files: mode must be 'w' or 'wb', got {mode!r}")
+    if not path:
+        raise ValueError("atomic_write: empty output path")
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+            f.flush()
 
 
 def write_text(path: str, text: str) -> str:
@@ -263,3 +282,4 @@ def check_outputs(outputs: Mapping[str, Optional[str]], inputs: Mapping[str, Opt
                     f"{out_label} = {out_path!r} and {other_label} = {other_path!r} are the same file; "
                     "choose different output paths"
                 )
+
