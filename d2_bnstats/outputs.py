@@ -12,7 +12,8 @@ leaves the old file untouched and no temporary file behind, and is raised as
 reports a full disk as a ``RuntimeError`` without the file name). A destination that is a symbolic
 link is written through the link: the file it points to is replaced, the link stays.
 
-:func:`check_outputs` refuses, before any work is done, an output that is the same file as one of the
+:func:`check_output_folder` refuses, before any work is done, an output folder that is a file, lies
+under a file or cannot be created or written. :func:`check_outputs` refuses, before any work is done, an output that is the same file as one of the
 inputs or as another output, also when the names differ (relative paths, ``..``, symbolic or hard
 links), so that a tool never overwrites the checkpoint or config it reads.
 
@@ -38,6 +39,9 @@ __all__ = [
     "save_figure",
     "same_file",
     "check_outputs",
+    "check_output_file",
+    "check_output_folder",
+    "OutputFolderError",
     "remove_stale_temporaries",
 ]
 
@@ -59,6 +63,11 @@ class OutputWriteError(OSError):
 
 class OutputIsInputError(ValueError):
     """An output path names the same file as an input (or as another output)."""
+
+
+class OutputFolderError(ValueError):
+    """An output folder that cannot be one: it, or a folder above it, is a file, or the folder that
+    would hold it is not writable. The message is one line naming the path."""
 
 
 def _free_space_note(path: str) -> str:
@@ -283,3 +292,45 @@ def check_outputs(outputs: Mapping[str, Optional[str]], inputs: Mapping[str, Opt
                     "choose different output paths"
                 )
 
+
+
+def _folder_problem(full: str) -> Optional[str]:
+    """Why the folder ``full`` (absolute) cannot be created and written, or None."""
+    if os.path.exists(full) and not os.path.isdir(full):
+        return "is a file, not a folder"
+    existing = full
+    while not os.path.exists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        return f"cannot be created: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return "is not writable by this user" if existing == full else f"cannot be created: {existing} is not writable"
+    return None
+
+
+def check_output_folder(path: str, label: str = "output folder") -> None:
+    """Refuse, without creating anything, an output folder ``path`` (named ``label`` in the message,
+    e.g. ``"OUTPUT_DIR"``) that is an existing file, lies under a file, or whose nearest existing
+    folder is not writable (``path`` itself if it exists). URLs (``scheme://``) and "" pass.
+    Raises :class:`OutputFolderError`."""
+    if not _is_local(path):
+        return
+    problem = _folder_problem(os.path.abspath(os.fspath(path)))
+    if problem:
+        raise OutputFolderError(f"{label} = {path!r} {problem}" + ("; choose a folder for the outputs" if "is a file" in problem else ""))
+
+
+def check_output_file(path: str, label: str = "output") -> None:
+    """Refuse, without creating anything, an output file ``path`` that is an existing folder or whose
+    folder cannot be created or written (:func:`check_output_folder`). Raises :class:`OutputFolderError`."""
+    if not _is_local(path):
+        return
+    full = os.path.abspath(os.fspath(path))
+    if os.path.isdir(full):
+        raise OutputFolderError(f"{label} = {path!r} is a folder: name the file to write")
+    problem = _folder_problem(os.path.dirname(full))
+    if problem:
+        raise OutputFolderError(f"{label} = {path!r} cannot be written: its folder {os.path.dirname(full)} {problem}")

@@ -49,6 +49,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ...outputs import OutputFolderError, check_output_folder
 from ..checkpoint import AtomicCheckpointer, CheckpointError, resume_checkpoint
 from ..datasets import DatasetError, FileNamingMapper, add_register_coco_argument, check_datasets, register_coco_from_args
 from ..launch import launch_from_args
@@ -192,8 +193,9 @@ def _dataset_splits(cfg, eval_only: bool) -> List[str]:
 
 def check_run(args):
     """Everything a run checks before it starts, in this process, for ``args.num_gpus`` x
-    ``args.num_machines`` processes: ``--register-coco``, the config, its data sets. Returns the
-    config; errors: :class:`LazyConfigError`."""
+    ``args.num_machines`` processes: ``--register-coco``, the config, its data sets,
+    ``train.output_dir`` (a folder that can be created and written) and, with ``--resume``, the last
+    checkpoint. Returns the config; errors: :class:`LazyConfigError`."""
     try:
         register_coco_from_args(getattr(args, "register_coco", ()))
     except DatasetError as e:
@@ -204,23 +206,27 @@ def check_run(args):
         check_lazy_datasets(cfg, _dataset_splits(cfg, args.eval_only))
     except DatasetError as e:
         raise LazyConfigError(f"{args.config_file}: {e}") from e
-    if args.resume:
-        try:
+    try:
+        check_output_folder(cfg.train.output_dir, "train.output_dir")
+        if args.resume:
             resume_checkpoint(cfg.train.output_dir)
-        except CheckpointError as e:
-            raise LazyConfigError(str(e)) from e
+    except (OutputFolderError, CheckpointError) as e:
+        raise LazyConfigError(f"{args.config_file}: {e}") from e
     return cfg
 
 
 def setup(args):
-    """In every process: ``--register-coco``, the config (:func:`load_config`), detectron2's
-    ``default_setup`` (loggers, ``config.yaml`` in ``train.output_dir``, seed), the plug-in's logger,
-    the data sets (checked once per process and file). Returns the config."""
+    """In every process: ``--register-coco``, the config (:func:`load_config`), the data sets (checked
+    once per process and file) and ``train.output_dir``, then detectron2's ``default_setup``
+    (loggers, ``config.yaml`` in ``train.output_dir``, seed) and the plug-in's logger. Returns the
+    config."""
     register_coco_from_args(getattr(args, "register_coco", ()))  # in every process: launch spawns them
     cfg = load_config(args.config_file, args.opts, eval_only=args.eval_only)
+    # before default_setup, which prints the config and writes config.yaml into train.output_dir
+    check_lazy_datasets(cfg, _dataset_splits(cfg, args.eval_only))
+    check_output_folder(cfg.train.output_dir, "train.output_dir")
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="d2_bnstats", abbrev_name="bnstats")
-    check_lazy_datasets(cfg, _dataset_splits(cfg, args.eval_only))
     return cfg
 
 
@@ -342,4 +348,5 @@ def run(args):
     """Check the run in this process (:func:`check_run`; errors: :class:`LazyConfigError`), then
     launch :func:`main` in ``args.num_gpus`` processes per machine (gloo on CPU)."""
     check_run(args)
+    print("Command Line Args:", args)  # after the checks: a run that cannot start says one line
     return launch_from_args(main, args)
