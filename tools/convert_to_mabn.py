@@ -20,9 +20,10 @@ import json
 import sys
 
 import bnstats_lab  # noqa: F401  (registers the fashion-scenes data sets)
-from d2_bnstats.d2.datasets import register_coco_from_args
-from d2_bnstats.d2.train import argument_parser, load_config
-from d2_bnstats.outputs import OutputIsInputError, OutputWriteError, check_outputs, write_json
+from d2_bnstats.d2.datasets import check_datasets, register_coco_from_args
+from d2_bnstats.d2.train import argument_parser, input_errors, load_config
+from d2_bnstats.d2.weights import check_weights_file
+from d2_bnstats.outputs import OutputIsInputError, OutputWriteError, check_output_file, check_outputs, write_json
 
 
 def image_count(text: str) -> int:
@@ -55,19 +56,25 @@ def main(argv=None):
     from d2_bnstats.d2.mabn_convert import convert_checkpoint, source_config
 
     args = parse_args(argv)
-    try:
+    with input_errors("convert_to_mabn"):  # everything read and written, before any work
         check_outputs({"--output": args.output, "--report": args.report},
                       {"--weights": args.weights, "--config-file": args.config_file})
-    except OutputIsInputError as e:
-        raise SystemExit(f"convert_to_mabn: {e}")
+        check_output_file(args.output, "--output")
+        if args.report:
+            check_output_file(args.report, "--report")
+        check_weights_file(args.weights, label="--weights")
+        register_coco_from_args(args.register_coco)  # calibration images may come from such a data set
+        cfg = load_config(args.config_file, list(args.opts or []) + ["MODEL.WEIGHTS", ""])  # the target need not exist yet
+        try:
+            source_config(cfg, args.source_norm)
+        except ValueError as e:
+            raise ValueError(f"{args.config_file}: {e}") from e
+        if args.calibration_images or args.compare_images or args.eval:
+            check_datasets(cfg)
+        if args.dataset and (args.calibration_images or args.compare_images):
+            check_datasets(cfg, names={"--dataset": [args.dataset]})
     setup_logger(name="d2_bnstats")
     setup_logger(name="detectron2", abbrev_name="d2")
-    register_coco_from_args(args.register_coco)  # calibration images may come from such a data set
-    cfg = load_config(args.config_file, list(args.opts or []) + ["MODEL.WEIGHTS", ""])  # the target need not exist yet
-    try:
-        source_config(cfg, args.source_norm)
-    except ValueError as e:
-        raise SystemExit(f"{args.config_file}: {e}")
     try:
         numbers = convert_checkpoint(
             cfg, args.weights, args.output, source_norm=args.source_norm,

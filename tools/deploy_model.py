@@ -29,8 +29,10 @@ import sys
 import torch
 
 import bnstats_lab  # noqa: F401  (registers the fashion-scenes data sets the CPU configs use)
+from d2_bnstats.d2.datasets import check_datasets
 from d2_bnstats.d2.export import FILE_NAMES, FORMATS
-from d2_bnstats.d2.train import load_config
+from d2_bnstats.d2.train import input_errors, load_config
+from d2_bnstats.outputs import check_output_folder
 
 logger = logging.getLogger("d2_bnstats.deploy")
 
@@ -47,11 +49,6 @@ def parse_args(argv=None):
     p.add_argument("--benchmark", type=int, default=0, metavar="N", help="time N inferences of each variant")
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     return p.parse_args(argv)
-
-
-def check_output_folder(path: str) -> None:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise SystemExit(f"--output {path} exists and is not a folder")
 
 
 def load_model(cfg):
@@ -156,14 +153,18 @@ def main(argv=None):
     from d2_bnstats.d2.export import export_onnx, export_torchscript, onnx_unavailable_reason, rcnn_inference, trace
 
     args = parse_args(argv)
-    setup_logger(name="d2_bnstats")
-    check_output_folder(args.output)
-    if args.format == "onnx" and onnx_unavailable_reason():
-        raise SystemExit(onnx_unavailable_reason())
-    try:
+    with input_errors("deploy_model"):  # everything read and written, before any work
+        check_output_folder(args.output, "--output")
+        if args.format == "onnx" and onnx_unavailable_reason():
+            raise ValueError(onnx_unavailable_reason())
         cfg = load_config(args.config_file, list(args.opts or []))
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e))
+        if args.sample_image and not os.path.isfile(args.sample_image):
+            raise FileNotFoundError(f"--sample-image {args.sample_image} does not exist")
+        if not args.sample_image and not args.random_sample:
+            if not cfg.DATASETS.TEST:
+                raise ValueError("DATASETS.TEST is empty: pass --sample-image FILE or --random-sample")
+            check_datasets(cfg, names={"DATASETS.TEST": cfg.DATASETS.TEST[:1]})
+    setup_logger(name="d2_bnstats")
     model = load_model(cfg)
     image = sample_image(cfg, args).to(cfg.MODEL.DEVICE)
     deployed, report = convert_for_deployment(model, fold=args.fold)

@@ -21,9 +21,9 @@ import sys
 import bnstats_lab  # noqa: F401  (registers the norms and data sets)
 from detectron2.utils.logger import setup_logger
 
-from d2_bnstats.d2.evalnorm_offline import format_evalnorm_table, run_offline_estimation
-from d2_bnstats.d2.datasets import add_register_coco_argument, register_coco_from_args
-from d2_bnstats.d2.train import load_config
+from d2_bnstats.d2.evalnorm_offline import check_estimation_inputs, format_evalnorm_table, run_offline_estimation
+from d2_bnstats.d2.datasets import add_register_coco_argument, check_datasets, register_coco_from_args
+from d2_bnstats.d2.train import input_errors, load_config
 from d2_bnstats.outputs import OutputIsInputError, OutputWriteError
 
 
@@ -45,10 +45,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    with input_errors("estimate_evalnorm"):  # everything read and written, before any work
+        register_coco_from_args(args.register_coco)
+        cfg = load_config(args.config_file, args.opts)
+        check_datasets(cfg)
+        check_estimation_inputs(cfg, args.images, args.ims_per_batch, args.output, args.config_file)
     setup_logger(name="d2_bnstats")
     setup_logger(name="detectron2", abbrev_name="d2")
-    register_coco_from_args(args.register_coco)
-    cfg = load_config(args.config_file, args.opts)
     try:
         result = run_offline_estimation(
             cfg,

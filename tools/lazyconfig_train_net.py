@@ -11,9 +11,7 @@ import bnstats_lab  # noqa: F401  (registers the norms and data sets; pre-traine
 from d2_bnstats.d2.lazy.train import LazyConfigError, argument_parser, run
 
 if __name__ == "__main__":
-    args = argument_parser().parse_args()
-    print("Command Line Args:", args)
     try:
-        run(args)
+        run(argument_parser().parse_args())
     except LazyConfigError as e:  # a run that cannot start: one line naming the file, override or field
         raise SystemExit(f"lazyconfig_train_net: {e}")

@@ -11,6 +11,4 @@ import bnstats_lab  # noqa: F401  (registers the norms and data sets; pre-traine
 from d2_bnstats.d2.train import argument_parser, run
 
 if __name__ == "__main__":
-    args = argument_parser().parse_args()
-    print("Command Line Args:", args)
-    run(args)
+    run(argument_parser().parse_args())

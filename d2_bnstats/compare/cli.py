@@ -26,9 +26,9 @@ from ..d2.datasets import check_datasets
 from ..d2.launch import launch_from_args
 from ..d2.train import argument_parser as train_argument_parser
 from ..d2.datasets import add_register_coco_argument, register_coco_from_args
-from ..d2.train import load_config
-from ..outputs import write_yaml
-from .comparison import compare
+from ..d2.train import input_errors, load_config
+from ..outputs import check_output_folder, write_yaml
+from .comparison import build_strategies, check_inputs, compare, strategy_options
 from .plots import plot_paths
 from .registry import registered_strategies
 
@@ -130,6 +130,7 @@ def setup(args):
     register_coco_from_args(args.register_coco)
     cfg = load_config(args.config_file, args.opts, world_size=comm.get_world_size())
     cfg.freeze()
+    check_datasets(cfg)  # before the folder, the log and the config file are made
     rank = comm.get_rank()
     if comm.is_main_process():
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
@@ -144,8 +145,31 @@ def setup(args):
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
     if not args.eval_only:  # as detectron2's default_setup
         torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
-    check_datasets(cfg)
     return cfg
+
+
+def check_arguments(args) -> None:
+    """Everything the comparison reads and writes, checked in the launching process before anything
+    is written or started: ``--register-coco``, the config and ``MODEL.WEIGHTS``, the numbers of
+    images, the strategies, the data sets, the output folder (not a file, creatable, writable). A failure ends the
+    tool with one line naming the file, flag or key (``SystemExit``)."""
+    with input_errors("compare_bn_stats"):
+        register_coco_from_args(args.register_coco)
+        cfg = load_config(args.config_file, args.opts, world_size=args.num_gpus * args.num_machines)
+        for value, flag in ((args.max_images, "--max-images"), (args.discrepancy_images, "--discrepancy-images"),
+                            (args.precise_bn_samples, "--precise-bn-samples"),
+                            (args.bootstrap_rounds, "--bootstrap-rounds")):
+            if value < 0:
+                raise ValueError(f"{flag} = {value}: give a number >= 0 (0 = all images / skip)")
+        check_inputs(cfg)
+        batch_sizes = args.batch_sizes or [cfg.BNSTATS.TEST_BATCH_STATS.IMS_PER_BATCH]
+        build_strategies(args.strategies, strategy_options(args.precise_bn_samples, batch_sizes, args.max_images,
+                                                           args.training_images_seed))
+        if args.output:
+            check_output_folder(args.output, "--output")
+        else:
+            check_output_folder(os.path.join(cfg.OUTPUT_DIR, "compare_bn_stats"), "OUTPUT_DIR/compare_bn_stats")
+        check_datasets(cfg)
 
 
 def main(args) -> dict:
@@ -155,10 +179,6 @@ def main(args) -> dict:
     args = copy.copy(args)
     args.opts = list(args.opts) + ["OUTPUT_DIR", output]
     cfg = setup(args)
-    for value, flag in ((args.max_images, "--max-images"), (args.discrepancy_images, "--discrepancy-images"),
-                        (args.bootstrap_rounds, "--bootstrap-rounds")):
-        if value < 0:
-            raise ValueError(f"{flag} = {value}: give a number >= 0 (0 = all images / skip)")
     batch_sizes = args.batch_sizes or [cfg.BNSTATS.TEST_BATCH_STATS.IMS_PER_BATCH]
     summary = compare(
         cfg, output, strategies=args.strategies, max_images=args.max_images,
@@ -180,5 +200,6 @@ def run(args) -> int:
         for kind in registered_strategies():
             print(kind)
         return 0
+    check_arguments(args)
     launch_from_args(main, args)
     return 0

@@ -35,7 +35,6 @@ import os
 from typing import List, Optional, Sequence
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
     AMPTrainer,
@@ -50,6 +49,8 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ...outputs import OutputFolderError, check_output_folder
+from ..checkpoint import AtomicCheckpointer, CheckpointError, resume_checkpoint
 from ..datasets import DatasetError, FileNamingMapper, add_register_coco_argument, check_datasets, register_coco_from_args
 from ..launch import launch_from_args
 from ..losses import DetectionLossHook
@@ -193,8 +194,9 @@ def _dataset_splits(cfg, eval_only: bool) -> List[str]:
 
 def check_run(args):
     """Everything a run checks before it starts, in this process, for ``args.num_gpus`` x
-    ``args.num_machines`` processes: ``--register-coco``, the config, its data sets. Returns the
-    config; errors: :class:`LazyConfigError`."""
+    ``args.num_machines`` processes: ``--register-coco``, the config, its data sets,
+    ``train.output_dir`` (a folder that can be created and written) and, with ``--resume``, the last
+    checkpoint. Returns the config; errors: :class:`LazyConfigError`."""
     try:
         register_coco_from_args(getattr(args, "register_coco", ()))
     except DatasetError as e:
@@ -205,18 +207,27 @@ def check_run(args):
         check_lazy_datasets(cfg, _dataset_splits(cfg, args.eval_only))
     except DatasetError as e:
         raise LazyConfigError(f"{args.config_file}: {e}") from e
+    try:
+        check_output_folder(cfg.train.output_dir, "train.output_dir")
+        if args.resume:
+            resume_checkpoint(cfg.train.output_dir)
+    except (OutputFolderError, CheckpointError) as e:
+        raise LazyConfigError(f"{args.config_file}: {e}") from e
     return cfg
 
 
 def setup(args):
-    """In every process: ``--register-coco``, the config (:func:`load_config`), detectron2's
-    ``default_setup`` (loggers, ``config.yaml`` in ``train.output_dir``, seed), the plug-in's logger,
-    the data sets (checked once per process and file). Returns the config."""
+    """In every process: ``--register-coco``, the config (:func:`load_config`), the data sets (checked
+    once per process and file) and ``train.output_dir``, then detectron2's ``default_setup``
+    (loggers, ``config.yaml`` in ``train.output_dir``, seed) and the plug-in's logger. Returns the
+    config."""
     register_coco_from_args(getattr(args, "register_coco", ()))  # in every process: launch spawns them
     cfg = load_config(args.config_file, args.opts, eval_only=args.eval_only)
+    # before default_setup, which prints the config and writes config.yaml into train.output_dir
+    check_lazy_datasets(cfg, _dataset_splits(cfg, args.eval_only))
+    check_output_folder(cfg.train.output_dir, "train.output_dir")
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="d2_bnstats", abbrev_name="bnstats")
-    check_lazy_datasets(cfg, _dataset_splits(cfg, args.eval_only))
     return cfg
 
 
@@ -269,7 +280,7 @@ def do_train(args, cfg):
 
     model = create_ddp_model(model, **_ddp_options(cfg))
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     added = checkpoint_training_state(
         checkpointer, trainer.state_dict(), {"optimizer": optimizer, "grad_scaler": getattr(trainer, "grad_scaler", None)}
     )
@@ -315,7 +326,7 @@ def evaluate_checkpoint(cfg, resume: bool = False):
     (:func:`~.loop.prepare_for_evaluation`), evaluate (:func:`do_test`)."""
     model = build_lazy_model(cfg)
     model.to(cfg.train.device)
-    checkpointer = DetectionCheckpointer(model, save_dir=cfg.train.output_dir)
+    checkpointer = AtomicCheckpointer(model, save_dir=cfg.train.output_dir)
     if not cfg.train.init_checkpoint and not (resume and checkpointer.has_checkpoint()):
         logger.warning("--eval-only without train.init_checkpoint: evaluating the model as initialized")
     checkpoint = checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
@@ -339,4 +350,5 @@ def run(args):
     """Check the run in this process (:func:`check_run`; errors: :class:`LazyConfigError`), then
     launch :func:`main` in ``args.num_gpus`` processes per machine (gloo on CPU)."""
     check_run(args)
+    print("Command Line Args:", args)  # after the checks: a run that cannot start says one line
     return launch_from_args(main, args)
