@@ -20,7 +20,7 @@ from d2_bnstats.d2.checkpoint import AtomicCheckpointer, CheckpointError, resume
 from d2_bnstats.d2.train import argument_parser, check_arguments
 from d2_bnstats.outputs import remove_stale_temporaries
 
-from .conftest import REPO
+from .conftest import REPO, tiny_opts
 
 # about 48 MB of float32: a save takes long enough for kills to land inside it
 CHILD = textwrap.dedent(
@@ -120,7 +120,7 @@ def test_resume_falls_back_from_a_damaged_last_checkpoint(tmp_path, caplog):
     assert path == str(tmp_path / "model_0000001.pth") and "does not exist" in warning
 
 
-def test_resume_without_a_readable_checkpoint_stops_with_one_line(tmp_path):
+def test_resume_without_a_readable_checkpoint_stops_with_one_line(tmp_path, datasets_root):
     (tmp_path / "model_final.pth").write_bytes(b"")
     (tmp_path / "last_checkpoint").write_text("model_final.pth")
     with pytest.raises(CheckpointError) as error:
@@ -132,7 +132,7 @@ def test_resume_without_a_readable_checkpoint_stops_with_one_line(tmp_path):
     # the tool says it in the launching process, before anything runs
     args = argument_parser().parse_args(
         ["--config-file", os.path.join(REPO, "configs", "cpu", "frcnn_r18_bn_2img.yaml"), "--resume",
-         "OUTPUT_DIR", str(tmp_path)]
+         *tiny_opts(tmp_path)]
     )
     with pytest.raises(SystemExit) as stop:
         check_arguments(args)
