@@ -20,7 +20,7 @@ from d2_bnstats.d2.checkpoint import AtomicCheckpointer, CheckpointError, resume
 from d2_bnstats.d2.train import argument_parser, check_arguments
 from d2_bnstats.outputs import remove_stale_temporaries
 
-from .conftest import REPO
+from .conftest import REPO, tiny_opts
 
 # about 48 MB of float32: a save takes long enough for kills to land inside it
 CHILD = textwrap.dedent(
@@ -120,7 +120,7 @@ def test_resume_falls_back_from_a_damaged_last_checkpoint(tmp_path, caplog):
     assert path == str(tmp_path / "model_0000001.pth") and "does not exist" in warning
 
 
-def test_resume_without_a_readable_checkpoint_stops_with_one_line(tmp_path):
+def test_resume_without_a_readable_checkpoint_stops_with_one_line(tmp_path, datasets_root):
     (tmp_path / "model_final.pth").write_bytes(b"")
     (tmp_path / "last_checkpoint").write_text("model_final.pth")
     with pytest.raises(CheckpointError) as error:
@@ -132,7 +132,7 @@ def test_resume_without_a_readable_checkpoint_stops_with_one_line(tmp_path):
     # the tool says it in the launching process, before anything runs
     args = argument_parser().parse_args(
         ["--config-file", os.path.join(REPO, "configs", "cpu", "frcnn_r18_bn_2img.yaml"), "--resume",
-         "OUTPUT_DIR", str(tmp_path)]
+         *tiny_opts(tmp_path)]
     )
     with pytest.raises(SystemExit) as stop:
         check_arguments(args)
@@ -166,3 +166,47 @@ def test_save_writes_what_detectron2_writes_and_tags_after_the_file(tmp_path):
     assert (os.stat(tmp_path / "a" / "model_0000004.pth").st_mode & 0o777) == (
         os.stat(tmp_path / "b" / "model_0000004.pth").st_mode & 0o777
     )
+
+
+@pytest.mark.slow
+def test_train_net_killed_while_it_rewrites_model_final_resumes(datasets_root, tmp_path):
+    """The whole tool: a finished 2-iteration run is extended with ``--resume SOLVER.MAX_ITER 3`` and
+    SIGKILLed as soon as the new ``model_final.pth`` is being written (its temporary file exists);
+    the old file is intact, ``last_checkpoint`` names it, and ``--resume`` finishes the run."""
+    out = tmp_path / "run"
+    env = dict(os.environ, DETECTRON2_DATASETS=datasets_root, PYTHONWARNINGS="ignore", PYTHONPATH=REPO,
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    command = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config",
+               os.path.join(REPO, "configs", "cpu", "frcnn_r18_bn_2img.yaml")]
+
+    def train(max_iter, resume):
+        return command + (["--resume"] if resume else []) + tiny_opts(out, max_iter=max_iter, **{"DATASETS.TEST": "()"})
+
+    first = subprocess.run(train(2, False), env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    good = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert good["iteration"] == 1
+
+    extended = subprocess.Popen(train(3, True), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not any(n.startswith(".model_final.pth.tmp-") for n in os.listdir(out)):
+            assert extended.poll() is None, "the run ended before it rewrote model_final.pth"
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        extended.send_signal(signal.SIGKILL)  # inside the save
+        extended.wait(timeout=60)
+    finally:
+        if extended.poll() is None:
+            extended.kill()
+            extended.wait()
+    kept = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert kept["iteration"] == 1
+    assert all(torch.equal(v, good["model"][k]) for k, v in kept["model"].items())
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+
+    resumed = subprocess.run(train(3, True), env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["iteration"] == 2
+    assert not [n for n in os.listdir(out) if n.startswith(".model_final.pth.tmp-")]  # the killed save's file is gone

@@ -126,15 +126,17 @@ def _reap(pid: int) -> bool:
         return True
 
 
-def _end_orphans(grace: float) -> None:
-    """Wait up to ``grace`` seconds for the adopted orphans to end, then kill the rest."""
+def _end_orphans(grace: float, earlier: List[int]) -> None:
+    """Wait up to ``grace`` seconds for the adopted orphans to end, then kill the rest. ``earlier``:
+    this process's children from before the launch, which are none of the run's."""
     deadline = time.monotonic() + grace
     while True:
         children = _children()
         if children is None:  # cannot list them: give them the grace period to print and end
             time.sleep(grace)
             return
-        orphans = [pid for pid in children if not _is_multiprocessing_helper(pid) and not _reap(pid)]
+        orphans = [pid for pid in children
+                   if pid not in earlier and not _is_multiprocessing_helper(pid) and not _reap(pid)]
         if not orphans:
             return
         if time.monotonic() > deadline:
@@ -153,12 +155,13 @@ def collecting_orphans(enabled: bool = True, grace: float = 5.0):
     """While the block runs the workers, adopt the processes a dead worker leaves behind; if the
     block raises torch's exception for a failed worker, first let those processes end (up to
     ``grace`` seconds, then kill them), so that their output comes before the exception's."""
+    earlier = (_children() or []) if enabled else []
     adopting = enabled and _set_child_subreaper(True)
     try:
         yield
     except (mp.ProcessExitedException, mp.ProcessRaisedException):
         if enabled:
-            _end_orphans(grace if adopting else min(grace, 2.0))
+            _end_orphans(grace if adopting else min(grace, 2.0), earlier)
         raise
     finally:
         if adopting:
