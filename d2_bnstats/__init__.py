@@ -40,7 +40,7 @@ from .registry import (
     unregister_norm,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one definition: setup.py reads it
 
 __all__ = [
     "add_bnstats_config",
