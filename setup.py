@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """d2_bnstats: batch-statistics methods for detectron2 at small batch sizes.
 
-detectron2 is a prerequisite, installed
+The distribution is the plug-in (the package ``d2_bnstats``); the experiment lab ``bnstats_lab``
+stays in the repository. detectron2 is a prerequisite, installed
 separately (as for every detectron2 plug-in): `make env` installs it, or see README.md.
 """
 import ast
@@ -51,8 +52,10 @@ setup(
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
         "Topic :: Scientific/Engineering :: Image Recognition",
     ],
-    # the plug-in, and the experiment lab (fashion-scenes, pre-training, config matrix, benchmarks)
-    packages=find_packages(include=["d2_bnstats", "d2_bnstats.*", "bnstats_lab", "bnstats_lab.*"]),
+    # the plug-in alone: the experiment lab (bnstats_lab: fashion-scenes, pre-training, config matrix,
+    # benchmarks, experiments) is for the project's own experiments and stays in the repository, where
+    # the scripts of tools/ and datasets/ put the clone on sys.path
+    packages=find_packages(include=["d2_bnstats", "d2_bnstats.*"]),
     python_requires=">=3.8",
     # detectron2 (and the torchvision it was built with) is a prerequisite (see README.md): it is not on
     # PyPI under its own name, and listing it would make pip replace a user's CUDA or source build.

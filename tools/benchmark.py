@@ -13,10 +13,15 @@ forwards, linear fit). Prints markdown tables, writes JSON and a PNG plot.
 Norms that are not registered in this installation are reported as "not available". The logic is
 in the package bnstats_lab.benchmark (method: the docstring of its module e2e).
 """
-import argparse
-import dataclasses
 import os
 import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # a clone's script: the lab (bnstats_lab) and the plug-in of this clone
+    sys.path.insert(0, ROOT)
+
+import argparse
+import dataclasses
 
 import bnstats_lab  # noqa: F401  (registers the norms and data sets)
 from bnstats_lab.benchmark.e2e import TINY, BenchmarkSettings, run_benchmark

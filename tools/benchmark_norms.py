@@ -8,11 +8,16 @@
 
 The logic is in bnstats_lab.benchmark.layers.
 """
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # a clone's script: the lab (bnstats_lab) and the plug-in of this clone
+    sys.path.insert(0, ROOT)
+
 import argparse
 import dataclasses
-import os
 import platform
-import sys
 
 import torch
 

@@ -12,7 +12,13 @@ batch, and EvalNorm learned / 1/B² / 1/B / offline when the model has EvalNorm 
 (stdout and compare.md), compare.json, ap.png, and a per-layer train–test discrepancy report with
 histograms (discrepancy_*.png). The logic is in the package d2_bnstats.compare.
 """
+import os
 import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # a clone's script: the lab (bnstats_lab) and the plug-in of this clone
+    sys.path.insert(0, ROOT)
+
 
 import bnstats_lab  # noqa: F401  (registers the fashion-scenes data sets)
 import d2_bnstats  # noqa: F401  (the plug-in: norms registered, detectron2 patched)

@@ -15,9 +15,15 @@ on cfg.DATASETS.TEST. Trailing KEY VALUE pairs override the config. --output and
 written atomically and may not be --weights or the config file.
 (The work is done by d2_bnstats.d2.mabn_convert.convert_checkpoint.)
 """
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # a clone's script: the lab (bnstats_lab) and the plug-in of this clone
+    sys.path.insert(0, ROOT)
+
 import argparse
 import json
-import sys
 
 import bnstats_lab  # noqa: F401  (registers the fashion-scenes data sets)
 from d2_bnstats.d2.datasets import check_datasets, register_coco_from_args

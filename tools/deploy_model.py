@@ -20,11 +20,16 @@ sample image before it gets its final name (--no-verify skips this); a failed ex
 --benchmark N times the eager original, the FrozenBN model, the folded model and the traced model.
 Trailing KEY VALUE pairs override the config.
 """
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # a clone's script: the lab (bnstats_lab) and the plug-in of this clone
+    sys.path.insert(0, ROOT)
+
 import argparse
 import json
 import logging
-import os
-import sys
 
 import torch
 

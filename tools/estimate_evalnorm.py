@@ -15,8 +15,14 @@ MODEL.WEIGHTS or the config file. Both files are written atomically. Then:
 
 The logic is in d2_bnstats.d2.evalnorm_offline.
 """
-import argparse
+import os
 import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # a clone's script: the lab (bnstats_lab) and the plug-in of this clone
+    sys.path.insert(0, ROOT)
+
+import argparse
 
 import bnstats_lab  # noqa: F401  (registers the norms and data sets)
 from detectron2.utils.logger import setup_logger

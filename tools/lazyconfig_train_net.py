@@ -7,6 +7,13 @@
 
 The logic is in d2_bnstats.d2.lazy.train.
 """
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # a clone's script: the lab (bnstats_lab) and the plug-in of this clone
+    sys.path.insert(0, ROOT)
+
 import bnstats_lab  # noqa: F401  (registers the norms and data sets; pre-trained backbone hints)
 from d2_bnstats.d2.lazy.train import LazyConfigError, argument_parser, run
 

@@ -11,9 +11,14 @@ The table is bnstats_lab/config_matrix.py (norms x settings x images per GPU x a
 and checking: bnstats_lab/config_generate.py.
 Hand-written configs (config_matrix.EXTERNAL) are never overwritten.
 """
-import argparse
 import os
 import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # a clone's script: the lab (bnstats_lab) and the plug-in of this clone
+    sys.path.insert(0, ROOT)
+
+import argparse
 
 import bnstats_lab  # noqa: F401  (the plug-in's norms, the fashion-scenes data sets)
 from bnstats_lab import config_matrix as cm

@@ -11,9 +11,15 @@ checkpoint that MODEL.WEIGHTS loads like an ImageNet one.
 
 The logic is in bnstats_lab.pretrain; docs/configs.md describes the recipe and the checkpoint format.
 """
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # a clone's script: the lab (bnstats_lab) and the plug-in of this clone
+    sys.path.insert(0, ROOT)
+
 import argparse
 import logging
-import sys
 
 import torch
 

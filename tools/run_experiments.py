@@ -10,8 +10,14 @@
 A run whose record exists under --results is skipped; a stopped training resumes from its last
 checkpoint. The logic is in bnstats_lab.experiments.
 """
-import argparse
+import os
 import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # a clone's script: the lab (bnstats_lab) and the plug-in of this clone
+    sys.path.insert(0, ROOT)
+
+import argparse
 
 import bnstats_lab  # noqa: F401  (data sets registered, weights hints)
 from bnstats_lab.experiments.catalog import load_experiments
