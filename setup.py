@@ -61,5 +61,8 @@ setup(
     # PyPI under its own name, and listing it would make pip replace a user's CUDA or source build.
     # torch is a lower bound only: pip keeps an installed torch that satisfies it.
     install_requires=["torch>=2.0", "numpy", "pycocotools", "matplotlib", "tabulate", "fvcore"],
-    package_data={"d2_bnstats": ["compat/*.py"]},
+    # the configs (one copy: a clone's configs/ is a link to d2_bnstats/model_zoo/configs)
+    package_data={"d2_bnstats": ["compat/*.py"],
+                  "d2_bnstats.model_zoo": ["configs/*.yaml", "configs/*.md", "configs/cpu/*.yaml",
+                                           "configs/lazy/*.py", "configs/lazy/cpu/*.py"]},
 )

@@ -16,6 +16,7 @@ from .d2.deploy import convert_for_deployment, fold_norms_into_convs, to_frozen
 from .d2 import lazy
 from .d2.lazy import build_lazy_model, configure_lazy_norms, prepare_model
 from .d2.mabn_convert import convert_to_mabn
+from . import model_zoo
 from .d2.plugin import add_bnstats_config, check_bnstats_config
 from .layers.evalnorm import EvalNorm2d, set_evalnorm_mode
 from .layers.evalnorm_projection import attach_projection_hook
@@ -65,6 +66,7 @@ __all__ = [
     "lazy",
     "MABN2d",
     "model_transforms",
+    "model_zoo",
     "NORM_KEYS",
     "PerLevelNorm",
     "population_layers",

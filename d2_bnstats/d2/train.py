@@ -18,6 +18,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..outputs import check_output_folder
 from .checkpoint import AtomicCheckpointer, CheckpointError, resume_checkpoint
+from ..model_zoo import resolve_config_path
 from .config import check_batch_config, check_norm_keys, resolve_device
 from .datasets import DatasetError, add_register_coco_argument, check_datasets, register_coco_from_args
 from .launch import launch_from_args
@@ -39,10 +40,12 @@ def argument_parser(epilog=None):
 
 
 def load_config(config_file: str, opts=(), world_size: int = 1):
-    """Build and check a config: detectron2 defaults + BNSTATS keys + file + ``KEY VALUE`` opts."""
+    """Build and check a config: detectron2 defaults + BNSTATS keys + file + ``KEY VALUE`` opts.
+    ``config_file`` may name a packaged config as ``bnstats://NAME`` (:mod:`d2_bnstats.model_zoo`)."""
     cfg = get_cfg()
     add_bnstats_config(cfg)
     if config_file:
+        config_file = resolve_config_path(config_file)
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"config file {config_file} does not exist")
         cfg.merge_from_file(config_file)

@@ -51,6 +51,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ...outputs import OutputFolderError, check_output_folder
 from ..checkpoint import AtomicCheckpointer, CheckpointError, resume_checkpoint
+from ...model_zoo import resolve_config_path
 from ..datasets import DatasetError, FileNamingMapper, add_register_coco_argument, check_datasets, register_coco_from_args
 from ..launch import launch_from_args
 from ..losses import DetectionLossHook
@@ -101,6 +102,10 @@ def argument_parser(epilog=None):
 def _load_file(config_file: str):
     if not config_file:
         raise LazyConfigError("no config file: pass --config-file FILE (a LazyConfig .py or .yaml)")
+    try:
+        config_file = resolve_config_path(config_file)  # bnstats://NAME: a packaged config
+    except FileNotFoundError as e:
+        raise LazyConfigError(str(e)) from None
     if not os.path.isfile(config_file):
         raise LazyConfigError(f"config file {config_file} does not exist")
     try:
