@@ -61,6 +61,15 @@ setup(
     # PyPI under its own name, and listing it would make pip replace a user's CUDA or source build.
     # torch is a lower bound only: pip keeps an installed torch that satisfies it.
     install_requires=["torch>=2.0", "numpy", "pycocotools", "matplotlib", "tabulate", "fvcore"],
+    # the tools of a clone's tools/ as commands (tools/*.py wrap the same modules)
+    entry_points={"console_scripts": [
+        "d2-bnstats-train = d2_bnstats.cli.train:command",
+        "d2-bnstats-lazy-train = d2_bnstats.cli.lazy_train:command",
+        "d2-bnstats-compare = d2_bnstats.cli.compare:command",
+        "d2-bnstats-estimate-evalnorm = d2_bnstats.cli.estimate_evalnorm:command",
+        "d2-bnstats-convert-mabn = d2_bnstats.cli.convert_mabn:command",
+        "d2-bnstats-deploy = d2_bnstats.cli.deploy:command",
+    ]},
     # the configs (one copy: a clone's configs/ is a link to d2_bnstats/model_zoo/configs)
     package_data={"d2_bnstats": ["compat/*.py"],
                   "d2_bnstats.model_zoo": ["configs/*.yaml", "configs/*.md", "configs/cpu/*.yaml",
