@@ -24,7 +24,8 @@ YACS = "yacs"
 LAZY = "lazy"
 # OUTPUT_DIR, MODEL.WEIGHTS, ...: yacs keys; train.max_iter=10, model.backbone.norm=GN: LazyConfig overrides
 OVERRIDE_PATTERNS = {
-    YACS: re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*$"),
+    # a dotted key, or one of detectron2's top-level leaves (a bare "BN" after --norms is a value, not a key)
+    YACS: re.compile(r"^([A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+|OUTPUT_DIR|SEED|CUDNN_BENCHMARK|VIS_PERIOD|VERSION)$"),
     LAZY: re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_\[\]]+)*="),
 }
 OVERRIDES_HELP = {
@@ -55,12 +56,14 @@ def _detectron2_defaults() -> Dict[str, object]:
 
 
 class ToolArgumentParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` with the convention of the module docstring: ``--config-file``/``--config``,
+    """An ``ArgumentParser`` with the convention of the module docstring: ``--config-file``/``--config``
+    (unless ``config=False``),
     ``--register-coco`` (unless ``register_coco=False``), the launch flags (``launch=True``; with
     ``training_flags`` also ``--resume`` and ``--eval-only``, whose help ``launch_help`` may replace)
     and the overrides (``overrides``: "yacs" or "lazy") as a positional that may stand anywhere."""
 
-    def __init__(self, *args, overrides: str = YACS, config_required: bool = False, launch: bool = False,
+    def __init__(self, *args, overrides: str = YACS, config: bool = True, config_required: bool = False,
+                 config_default: str = "", config_help: str = CONFIG_HELP, launch: bool = False,
                  training_flags: bool = False, launch_help: Optional[Dict[str, str]] = None,
                  register_coco: bool = True, **kwargs):
         if overrides not in OVERRIDE_PATTERNS:
@@ -68,8 +71,9 @@ class ToolArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
         self.overrides = overrides
-        self.add_argument("--config-file", "--config", dest="config_file", metavar="FILE",
-                          required=config_required, default=None if config_required else "", help=CONFIG_HELP)
+        if config:
+            self.add_argument("--config-file", "--config", dest="config_file", metavar="FILE", required=config_required,
+                              default=None if config_required else config_default, help=config_help)
         helps = {**TRAINING_HELP, **LAUNCH_HELP, **(launch_help or {})}
         if launch:
             if training_flags:
