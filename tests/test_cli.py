@@ -98,3 +98,34 @@ def test_building_a_model_from_a_cuda_config_falls_back_to_the_cpu_or_names_the_
     with pytest.raises(RuntimeError, match="MODEL.DEVICE = 'cuda' but torch sees no GPU; set MODEL.DEVICE cpu or "
                                            "BNSTATS.CPU_FALLBACK True"):
         build_model(cfg)
+
+
+def test_library_noise_is_silenced_by_its_text_only():
+    import logging
+    import subprocess
+    import sys
+    import warnings
+
+    from d2_bnstats.d2.library_noise import silence_library_noise
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        silence_library_noise()
+        torch.meshgrid(torch.arange(2), torch.arange(3))  # detectron2's anchor generator's call
+        warnings.warn("a warning of the user's own", UserWarning)
+    assert [str(w.message) for w in caught] == ["a warning of the user's own"]
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    logger.addHandler(handler)
+    try:
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local/cuda")
+        logger.warning("something else")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["something else"]
+    # importing the plug-in (and detectron2 through it) prints no torch.jit.script deprecation
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", "import d2_bnstats"], capture_output=True,
+                          text=True, cwd=REPO, timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 0 and "torch.jit.script" not in proc.stderr, proc.stderr[-2000:]

@@ -142,6 +142,8 @@ def test_from_outside_the_repository_the_packaged_config_trains_evaluates_and_ev
                   "OUTPUT_DIR", str(output)], cwd=str(outside), env=env)
     log = train.stdout + train.stderr
     assert "Evaluation results for bbox" in log, log[-3000:]
+    for noise in ("torch.jit.script", "torch.meshgrid", "No CUDA runtime"):  # libraries' messages, silenced
+        assert noise not in log, log[-3000:]
     assert (output / "model_final.pth").is_file()
     assert (output / "inference" / "my_val" / "coco_instances_results.json").is_file()
     metrics = [json.loads(line) for line in (output / "metrics.json").read_text().splitlines() if line.strip()]

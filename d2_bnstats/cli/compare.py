@@ -12,10 +12,12 @@ histograms (discrepancy_*.png). The logic is in the package :mod:`d2_bnstats.com
 """
 import sys
 
+from ..d2.library_noise import silence_library_noise
 from ..compare import parse_args, run
 
 
 def main(argv=None) -> int:
+    silence_library_noise()
     return run(parse_args(argv))
 
 

@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 
+from ..d2.library_noise import silence_library_noise
 from ..d2.datasets import check_datasets, register_coco_from_args
 from ..d2.train import input_errors, load_config
 from ..d2.weights import check_weights_file
@@ -55,6 +56,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    silence_library_noise()
     from detectron2.utils.logger import setup_logger
 
     from ..d2.mabn_convert import convert_checkpoint, source_config

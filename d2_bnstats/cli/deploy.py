@@ -28,6 +28,7 @@ import sys
 
 import torch
 
+from ..d2.library_noise import silence_library_noise
 from ..d2.datasets import check_datasets, register_coco_from_args
 from ..d2.export import FILE_NAMES, FORMATS
 from ..d2.train import input_errors, load_config
@@ -149,6 +150,7 @@ def benchmark(model, image, iterations: int) -> dict:
 
 
 def main(argv=None):
+    silence_library_noise()
     from detectron2.utils.logger import setup_logger
 
     from ..d2.deploy import convert_for_deployment

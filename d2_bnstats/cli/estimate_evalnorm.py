@@ -19,6 +19,7 @@ import sys
 
 from detectron2.utils.logger import setup_logger
 
+from ..d2.library_noise import silence_library_noise
 from ..d2.evalnorm_offline import check_estimation_inputs, format_evalnorm_table, run_offline_estimation
 from ..d2.datasets import check_datasets, register_coco_from_args
 from ..d2.train import input_errors, load_config
@@ -43,6 +44,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    silence_library_noise()
     args = parse_args(argv)
     with input_errors("estimate_evalnorm"):  # everything read and written, before any work
         register_coco_from_args(args.register_coco)

@@ -10,10 +10,12 @@ The logic is in :mod:`d2_bnstats.d2.train`.
 """
 import sys
 
+from ..d2.library_noise import silence_library_noise
 from ..d2.train import argument_parser, run
 
 
 def main(argv=None):
+    silence_library_noise()
     args = argument_parser(epilog=__doc__).parse_args(argv)
     return run(args)
 
