@@ -37,8 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="list the runs without a record; run nothing")
     p.add_argument("--list", action="store_true", help="list the experiments and their records, run nothing")
     p.add_argument("--report", action="store_true", help="render docs/results.md from the records (after any runs)")
-    p.add_argument("--report-output", default="docs/results.md")
-    p.add_argument("--figures", default="docs/results")
+    p.add_argument("--report-output", default="docs/results.md", help="with --report: the page to write (default %(default)s)")
+    p.add_argument("--figures", default="docs/results", help="with --report: the folder of its figures (default %(default)s)")
     p.add_argument("--readme", default=None,
                    help="README whose which-norm table is rewritten with the report (default: the report's, "
                         "README.md when it exists; '' for none)")
