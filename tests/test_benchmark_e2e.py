@@ -12,6 +12,7 @@ import pytest
 from bnstats_lab.benchmark import inference as inference_module
 from bnstats_lab.benchmark.models import norm_overrides
 from bnstats_lab.benchmark.precise_bn_scaling import linear_fit
+from bnstats_lab.benchmark.report import format_report
 from bnstats_lab.benchmark.timing import TimingRow, summarize
 
 from .conftest import REPO
@@ -102,6 +103,7 @@ def test_tiny_benchmark_structure(datasets_root, tmp_path, monkeypatch):
                       "--memory-norms", "BN", "FrozenBN", "NoSuchNorm", "--output", str(out)] + TINY_DATA) == 0
     result = json.loads((out / "results.json").read_text())
     assert (out / "ratios.png").stat().st_size > 0
+    assert (out / "report.md").read_text() == format_report(result) + "\n"  # the markdown tables, as printed
     assert layers_changed and all(n > 0 for n in layers_changed)
 
     train = {r["norm"]: r for r in result["train"]}

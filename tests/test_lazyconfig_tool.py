@@ -183,8 +183,8 @@ def test_a_run_checks_the_whole_run_before_it_starts(datasets_root):
     base = ["--config-file", CONFIG.format(""), "dataloader.train.dataset.names=fashion_scenes_tiny_train"]
     with pytest.raises(LazyConfigError, match=r"total_batch_size = 2 is the total batch .* processes \(3\)"):
         check_run(argument_parser().parse_args(["--num-gpus", "3", *base]))
-    with pytest.raises(LazyConfigError, match="--num-gpus after the overrides is read as one"):
-        check_run(argument_parser().parse_args([*base, "--num-gpus", "3"]))
+    with pytest.raises(LazyConfigError, match=r"total_batch_size = 2 is the total batch .* processes \(3\)"):
+        check_run(argument_parser().parse_args([*base, "--num-gpus", "3"]))  # a flag after the overrides
     with pytest.raises(LazyConfigError, match=r"dataloader\.test\.dataset\.names names 'fashion_scenes_tiny_vall', "
                                               r"which is not a registered data set; did you mean 'fashion_scenes_tiny_val'"):
         check_run(argument_parser().parse_args([*base, "dataloader.test.dataset.names=fashion_scenes_tiny_vall"]))

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..registry import ConfiguredNorm, config_options_reader, registered_norms
 from . import patch
+from .config import resolve_device
 
 ModelTransform = Callable[[nn.Module, object], Optional[nn.Module]]
 
@@ -51,10 +52,13 @@ def _configure_node(node, cfg, registered) -> None:
 
 
 def configure_norms(cfg):
-    """A copy of ``cfg`` whose norm values carry their options (see the module docstring)."""
+    """A copy of ``cfg`` whose norm values carry their options (see the module docstring), on the CPU
+    when it names a CUDA device that torch does not see (``BNSTATS.CPU_FALLBACK``, default True; False:
+    a one-line error saying which key to set)."""
     configured = cfg.clone()
     frozen = configured.is_frozen()
     configured.defrost()
+    resolve_device(configured)  # MODEL.DEVICE cuda without a GPU: the CPU (BNSTATS.CPU_FALLBACK), or one line
     _configure_node(configured, cfg, set(registered_norms()))
     if frozen:
         configured.freeze()

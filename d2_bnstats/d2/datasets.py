@@ -346,7 +346,7 @@ def add_register_coco_argument(parser) -> None:
     """``--register-coco NAME JSON IMAGE_ROOT`` (repeatable) on a tool's argument parser."""
     parser.add_argument(
         "--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format data set (checked before training) under NAME, for DATASETS.TRAIN/TEST; "
+        help="register a COCO-format data set (checked before it is used) under NAME, for DATASETS.TRAIN/TEST; "
              "repeatable",
     )
 

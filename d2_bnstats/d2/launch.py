@@ -32,6 +32,7 @@ import socket
 import sys
 import threading
 import time
+from .library_noise import silence_library_noise
 from datetime import timedelta
 from typing import List, Optional
 
@@ -185,6 +186,7 @@ def _free_port() -> int:
 def _run_tied_to_launcher(launcher_pid, main_func, *args):
     """``main_func(*args)``, in a worker that ends with its launcher (detectron2 calls it in the
     launcher itself for a single process: then there is nothing to watch)."""
+    silence_library_noise()
     if os.getpid() != launcher_pid:
         exit_with_parent(launcher_pid)
     return main_func(*args)
@@ -220,6 +222,7 @@ def _cpu_worker(
     local_rank, main_func, world_size, per_machine, machine_rank, dist_url, args, timeout, launcher_pid
 ):
     exit_with_parent(launcher_pid)
+    silence_library_noise()
     global_rank = machine_rank * per_machine + local_rank
     # Share the cores between the processes instead of oversubscribing them.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_machine))

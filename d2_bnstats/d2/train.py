@@ -1,7 +1,7 @@
 """The logic behind ``tools/train_net.py``: config set-up, training and evaluation.
 
 Follows detectron2's ``tools/train_net.py`` conventions (``--config-file``, ``--num-gpus``,
-``--eval-only``, ``--resume``, trailing ``KEY VALUE`` overrides), callable from Python:
+``--eval-only``, ``--resume``, ``KEY VALUE`` overrides, here in any order with the flags), callable from Python:
 
     from d2_bnstats.d2.train import argument_parser, run
     run(argument_parser().parse_args(["--config", "configs/cpu/frcnn_r18_bn_2img.yaml"]))
@@ -11,15 +11,17 @@ import logging
 import os
 
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup
+from detectron2.engine import default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..outputs import check_output_folder
 from .checkpoint import AtomicCheckpointer, CheckpointError, resume_checkpoint
+from ..model_zoo import resolve_config_path
 from .config import check_batch_config, check_norm_keys, resolve_device
-from .datasets import DatasetError, add_register_coco_argument, check_datasets, register_coco_from_args
+from ..cli.args import ToolArgumentParser
+from .datasets import DatasetError, check_datasets, register_coco_from_args
 from .launch import launch_from_args
 from .plugin import add_bnstats_config, check_bnstats_config
 from .population import prepare_for_evaluation
@@ -30,19 +32,20 @@ logger = logging.getLogger("d2_bnstats")
 
 
 def argument_parser(epilog=None):
-    parser = default_argument_parser(epilog=epilog)
-    parser.add_argument(
-        "--config", dest="config_file", metavar="FILE", help="alias of --config-file"
-    )
-    add_register_coco_argument(parser)
-    return parser
+    """The training command's arguments: detectron2's ``tools/train_net.py`` flags, ``--register-coco``,
+    flags and ``KEY VALUE`` overrides in any order (:mod:`d2_bnstats.cli.args`)."""
+    return ToolArgumentParser(description="Train or evaluate a detectron2 model with d2_bnstats norms "
+                                          "(train, then COCO-evaluate; --eval-only evaluates MODEL.WEIGHTS).",
+                              epilog=epilog, launch=True, training_flags=True)
 
 
 def load_config(config_file: str, opts=(), world_size: int = 1):
-    """Build and check a config: detectron2 defaults + BNSTATS keys + file + ``KEY VALUE`` opts."""
+    """Build and check a config: detectron2 defaults + BNSTATS keys + file + ``KEY VALUE`` opts.
+    ``config_file`` may name a packaged config as ``bnstats://NAME`` (:mod:`d2_bnstats.model_zoo`)."""
     cfg = get_cfg()
     add_bnstats_config(cfg)
     if config_file:
+        config_file = resolve_config_path(config_file)
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"config file {config_file} does not exist")
         cfg.merge_from_file(config_file)

@@ -1,7 +1,7 @@
 """The logic behind ``tools/lazyconfig_train_net.py``: detectron2's LazyConfig training script with the plug-in.
 
 detectron2's ``tools/lazyconfig_train_net.py`` (``--config-file``, ``--num-gpus``, ``--eval-only``,
-``--resume``, trailing ``path.key=value`` overrides), with the plug-in's calls where they belong:
+``--resume``, ``path.key=value`` overrides, here in any order with the flags), with the plug-in's calls where they belong:
 
 - **Loading** (:func:`load_config`): ``LazyConfig.load`` + ``LazyConfig.apply_overrides``, then the
   plug-in's checks over the run's processes (:func:`~.model.check_config`, ``train.init_checkpoint``
@@ -40,7 +40,6 @@ from detectron2.engine import (
     AMPTrainer,
     SimpleTrainer,
     create_ddp_model,
-    default_argument_parser,
     default_setup,
     default_writers,
     hooks,
@@ -51,7 +50,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ...outputs import OutputFolderError, check_output_folder
 from ..checkpoint import AtomicCheckpointer, CheckpointError, resume_checkpoint
-from ..datasets import DatasetError, FileNamingMapper, add_register_coco_argument, check_datasets, register_coco_from_args
+from ...model_zoo import resolve_config_path
+from ...cli.args import LAZY, ToolArgumentParser
+from ..datasets import DatasetError, FileNamingMapper, check_datasets, register_coco_from_args
 from ..launch import launch_from_args
 from ..losses import DetectionLossHook
 from ..statistics_health import StatisticsHealthHook
@@ -86,12 +87,16 @@ class LazyConfigError(ValueError):
 
 
 def argument_parser(epilog=None):
-    """detectron2's ``default_argument_parser``, with ``--config`` (alias of ``--config-file``) and
-    ``--register-coco NAME JSON IMAGE_ROOT``, as ``tools/train_net.py``'s."""
-    parser = default_argument_parser(epilog=epilog)
-    parser.add_argument("--config", dest="config_file", metavar="FILE", help="alias of --config-file")
-    add_register_coco_argument(parser)
-    return parser
+    """detectron2's ``default_argument_parser`` flags with ``--config`` (alias of ``--config-file``) and
+    ``--register-coco NAME JSON IMAGE_ROOT``, as ``tools/train_net.py``'s; ``path.key=value`` overrides in
+    any order with the flags (:mod:`d2_bnstats.cli.args`)."""
+    return ToolArgumentParser(description="Train or evaluate a detectron2 LazyConfig (Python config) with "
+                                          "d2_bnstats' checks, transforms and hooks.",
+                              epilog=epilog, overrides=LAZY, launch=True, training_flags=True,
+                              launch_help={"--resume": "continue from the last checkpoint in train.output_dir "
+                                                       "(else start from train.init_checkpoint)",
+                                           "--eval-only": "only evaluate train.init_checkpoint (or with --resume "
+                                                          "the last checkpoint of train.output_dir)"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,6 +106,10 @@ def argument_parser(epilog=None):
 def _load_file(config_file: str):
     if not config_file:
         raise LazyConfigError("no config file: pass --config-file FILE (a LazyConfig .py or .yaml)")
+    try:
+        config_file = resolve_config_path(config_file)  # bnstats://NAME: a packaged config
+    except FileNotFoundError as e:
+        raise LazyConfigError(str(e)) from None
     if not os.path.isfile(config_file):
         raise LazyConfigError(f"config file {config_file} does not exist")
     try:
@@ -126,7 +135,7 @@ def apply_overrides(cfg, opts: Sequence[str], config_file: str = ""):
     for override in opts or ():
         if override.startswith("--"):
             raise LazyConfigError(
-                f"{override} after the overrides is read as one: put the options before the path.key=value overrides"
+                f"{override} is a flag, not a path.key=value override"
             )
         if "=" not in override:
             raise LazyConfigError(
