@@ -32,8 +32,10 @@ from .layers.sync_bn import SyncBatchNorm2d
 from .layers.test_batch_stats import batch_statistics
 from .registry import (
     ConfiguredNorm,
+    Norm,
     UnknownNormError,
     available_norms,
+    declared_norms,
     get_norm,
     register_norm,
     registered_norms,
@@ -56,6 +58,7 @@ __all__ = [
     "ConfiguredNorm",
     "convert_for_deployment",
     "convert_to_mabn",
+    "declared_norms",
     "deploy",
     "EvalNorm2d",
     "fold_norms_into_convs",
@@ -65,6 +68,7 @@ __all__ = [
     "lazy",
     "MABN2d",
     "model_transforms",
+    "Norm",
     "NORM_KEYS",
     "PerLevelNorm",
     "population_layers",

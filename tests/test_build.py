@@ -87,10 +87,12 @@ def test_transforms_run_in_order_and_may_replace_the_model(cfg):
 
 
 def test_the_methods_transforms_run_in_the_declared_order():
-    from d2_bnstats.d2.norms import METHODS
+    from d2_bnstats.d2.norms import builtin_norms
 
-    declared = [m.__name__.rsplit(".", 1)[-1] for m in METHODS if hasattr(m, "transform")]
-    assert d2_bnstats.model_transforms()[: len(declared)] == declared == ["evalnorm", "mabn", "per_level"]
+    declared = [n.name for n in sorted(builtin_norms(), key=lambda n: n.transform_order) if n.transform is not None]
+    assert d2_bnstats.model_transforms()[: len(declared)] == declared
+    # MABN centralizes the convs feeding its layers before the per-level copies wrap those layers
+    assert declared.index("mabn") < declared.index("per_level") == len(declared) - 1
 
 
 def test_a_failing_build_names_the_value(cfg):
@@ -111,3 +113,4 @@ def test_uninstall_restores_detectron2_builders():
     finally:
         patch.reinstall()
     assert defaults.build_model is build.build_model
+

@@ -11,22 +11,20 @@ The path of one config value, e.g. ``BNSTATS.GHOST_BN.VIRTUAL_BATCH_SIZE: 16`` i
    norm's registered ``config_options(cfg, name)`` reads from ``cfg`` (``{"virtual_batch_size": 16}``).
 3. detectron2's own builder runs on the copy and passes the value to ``get_norm(norm, channels)``;
    :func:`d2_bnstats.registry.get_norm` calls ``factory(channels, **norm.options)``.
-4. The model transforms run on the built model in their declared order (the methods' transforms
-   first, in the order of :data:`d2_bnstats.d2.norms.METHODS`, then third parties' in registration
-   order), each with the original ``cfg``.
+4. The model transforms run on the built model, each with the original ``cfg``: those of the
+   registered norm declarations (by ``transform_order``, then registration order), then those
+   registered alone with :func:`register_model_transform`, in registration order.
 
 Nothing is global or thread-local: a factory called outside a build (a plain name) builds the
 layer with its documented defaults.
 """
 import threading
-from typing import Callable, List, Optional, Tuple
+from typing import List, Tuple
 
 from torch import nn
 
-from ..registry import ConfiguredNorm, config_options_reader, registered_norms
+from ..registry import ConfiguredNorm, ModelTransform, config_options_reader, declared_norms, registered_norms
 from . import patch
-
-ModelTransform = Callable[[nn.Module, object], Optional[nn.Module]]
 
 _LOCK = threading.Lock()
 _TRANSFORMS: List[Tuple[str, ModelTransform]] = []
@@ -66,6 +64,8 @@ def register_model_transform(name: str, fn: ModelTransform, *, force: bool = Fal
     before it; a returned module replaces the model. A taken name is an error unless ``force`` (which
     replaces that transform in place)."""
     with _LOCK:
+        if any(norm.name == name and norm.transform is not None for norm in declared_norms()):
+            raise ValueError(f"model transform {name!r} is the transform of the norm declaration {name!r}; choose another name")
         for i, (existing, _) in enumerate(_TRANSFORMS):
             if existing == name:
                 if not force:
@@ -78,19 +78,31 @@ def register_model_transform(name: str, fn: ModelTransform, *, force: bool = Fal
 
 def unregister_model_transform(name: str) -> None:
     with _LOCK:
-        if name not in model_transforms():
-            raise KeyError(f"no model transform {name!r}; registered: {model_transforms()}")
+        if name not in [n for n, _ in _TRANSFORMS]:
+            raise KeyError(
+                f"no model transform {name!r} registered alone; registered: {model_transforms()} "
+                "(a norm's transform goes with its declaration: unregister_norm)"
+            )
         _TRANSFORMS[:] = [(n, fn) for n, fn in _TRANSFORMS if n != name]
 
 
+def _all_transforms() -> List[Tuple[str, ModelTransform]]:
+    declared = [n for n in declared_norms() if n.transform is not None]
+    ordered = sorted(enumerate(declared), key=lambda item: (item[1].transform_order, item[0]))
+    with _LOCK:
+        alone = list(_TRANSFORMS)
+    return [(norm.name, norm.transform) for _, norm in ordered] + alone
+
+
 def model_transforms() -> List[str]:
-    """Names of the registered model transforms, in the order they run."""
-    return [name for name, _ in _TRANSFORMS]
+    """Names of the model transforms, in the order they run: those of the norm declarations, then
+    those registered alone."""
+    return [name for name, _ in _all_transforms()]
 
 
 def apply_model_transforms(model: nn.Module, cfg) -> nn.Module:
-    """Run every registered transform on ``model`` (``cfg`` may be None: defaults)."""
-    for _, fn in list(_TRANSFORMS):
+    """Run every model transform on ``model`` (``cfg`` may be None: defaults)."""
+    for _, fn in _all_transforms():
         result = fn(model, cfg)
         if result is not None:
             model = result

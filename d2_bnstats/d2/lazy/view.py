@@ -117,7 +117,8 @@ class LazyView:
             value = OmegaConf.select(lazy, field, default=None)
             if value is not None:
                 _set(self.cfg, key, list(value) if isinstance(value, ListConfig) else value)
-        # read by the MABN transform whatever the model; a model without a ResNet has nothing frozen
+        # read by model transforms whatever the model (MODEL.RESNETS.NORM with FREEZE_AT); a model
+        # without a ResNet has nothing frozen
         _set(self.cfg, "MODEL.RESNETS", CN())
         _set(self.cfg, "MODEL.BACKBONE.FREEZE_AT", 0)
         for key, (field, value) in _model_fields(lazy.model).items():
