@@ -114,3 +114,30 @@ def test_uninstall_restores_detectron2_builders():
         patch.reinstall()
     assert defaults.build_model is build.build_model
 
+
+def test_an_omegaconf_config_builds_as_without_the_plug_in(cfg):
+    """detectron2's build_model takes an OmegaConf DictConfig made from a yacs config (its own test
+    testOmegaConf does this with a model-zoo config); the patched one does too, and with a plug-in norm
+    the options still reach the layers."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from d2_bnstats.layers.ghost_bn import GhostBatchNorm2d
+
+    cfg.MODEL.DEVICE = "cpu"
+    plain = OmegaConf.create(cfg.dump())
+    torch.manual_seed(0)
+    model = build.build_model(plain)
+    torch.manual_seed(0)
+    reference = patch.original_build_model()(OmegaConf.create(cfg.dump()))
+    assert [type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+    cfg.MODEL.FPN.NORM = "GhostBN"
+    cfg.BNSTATS.GHOST_BN.VIRTUAL_BATCH_SIZE = 3
+    configured = OmegaConf.create(cfg.dump())
+    OmegaConf.set_readonly(configured, True)
+    model = build.build_model(configured)
+    ghost = [m for m in model.modules() if isinstance(m, GhostBatchNorm2d)]
+    assert len(ghost) == 8 and {m.virtual_batch_size for m in ghost} == {3}
+    assert configured.MODEL.FPN.NORM == "GhostBN" and type(configured.MODEL.FPN.NORM) is str  # unchanged

@@ -18,6 +18,8 @@ The path of one config value, e.g. ``BNSTATS.GHOST_BN.VIRTUAL_BATCH_SIZE: 16`` i
 Nothing is global or thread-local: a factory called outside a build (a plain name) builds the
 layer with its documented defaults.
 """
+import contextlib
+import copy
 import threading
 from typing import List, Tuple
 
@@ -48,15 +50,57 @@ def _configure_node(node, cfg, registered) -> None:
             node[key] = configure_norm(cfg, value)
 
 
+def _norm_values(node, registered) -> bool:
+    """Whether some value under a key named ``NORM`` in ``node`` is a registered name."""
+    for key in list(node.keys()):
+        value = node[key]
+        if hasattr(value, "keys"):
+            if _norm_values(value, registered):
+                return True
+        elif key == "NORM" and isinstance(value, str) and value in registered:
+            return True
+    return False
+
+
 def configure_norms(cfg):
-    """A copy of ``cfg`` whose norm values carry their options (see the module docstring)."""
-    configured = cfg.clone()
-    frozen = configured.is_frozen()
-    configured.defrost()
-    _configure_node(configured, cfg, set(registered_norms()))
-    if frozen:
-        configured.freeze()
+    """A copy of ``cfg`` whose norm values carry their options (see the module docstring); ``cfg``
+    itself when no value names a registered norm.
+
+    ``cfg`` is any config detectron2's ``build_model`` takes: a yacs ``CfgNode`` (copied with
+    ``clone``), or another mapping with attribute access such as an OmegaConf ``DictConfig`` made
+    from one (copied with ``copy.deepcopy``; a ``DictConfig`` copy allows objects, so the values keep
+    their options)."""
+    registered = set(registered_norms())
+    if cfg is None or not _norm_values(cfg, registered):
+        return cfg
+    if hasattr(cfg, "clone") and hasattr(cfg, "is_frozen"):
+        configured = cfg.clone()
+        frozen = configured.is_frozen()
+        configured.defrost()
+        _configure_node(configured, cfg, registered)
+        if frozen:
+            configured.freeze()
+        return configured
+    configured = copy.deepcopy(cfg)
+    with _writable(configured):
+        _configure_node(configured, cfg, registered)
     return configured
+
+
+@contextlib.contextmanager
+def _writable(cfg):
+    """An OmegaConf config open for object values (and writes) inside; other mappings as they are."""
+    try:
+        from omegaconf import DictConfig, flag_override
+    except ImportError:  # no OmegaConf: not one of its configs
+        yield
+        return
+    if not isinstance(cfg, DictConfig):
+        yield
+        return
+    with flag_override(cfg, ["readonly", "struct"], False):
+        cfg._set_flag("allow_objects", True)
+        yield
 
 
 def register_model_transform(name: str, fn: ModelTransform, *, force: bool = False) -> ModelTransform:
