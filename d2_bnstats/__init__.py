@@ -17,6 +17,7 @@ from .d2 import lazy
 from .d2.lazy import build_lazy_model, configure_lazy_norms, prepare_model
 from .d2.mabn_convert import convert_to_mabn
 from .d2.plugin import add_bnstats_config, check_bnstats_config
+from .layers.batch_renorm import BatchRenorm2d
 from .layers.evalnorm import EvalNorm2d, set_evalnorm_mode
 from .layers.evalnorm_projection import attach_projection_hook
 from .layers.ghost_bn import GhostBatchNorm2d
@@ -50,6 +51,7 @@ __all__ = [
     "attach_step_hook",
     "available_norms",
     "batch_statistics",
+    "BatchRenorm2d",
     "build_lazy_model",
     "check_bnstats_config",
     "check_norm_keys",
