@@ -87,6 +87,10 @@ NORMS: Tuple[NormSpec, ...] = (
     NormSpec("syncbn", "SyncBN", SYNC_BN, SYNC_BN, SYNC_BN),
     # RoI-shuffled BN applies to the RoI heads only; backbone and FPN use SyncBN
     NormSpec("syncbn_roishuffle", "SyncBN + RoI-shuffled BN in heads", SYNC_BN, SYNC_BN, "RoIShuffleBN"),
+    # Weight Standardization (Qiao et al. 2019) before GN and before BN: random init only (fine-tuning
+    # needs weights pre-trained with standardized convs, which the lab does not make)
+    NormSpec("gnws", "GN + WS", "GN+WS", "GN+WS", "GN+WS", settings=(SCRATCH,)),
+    NormSpec("bnws", "BN + WS", "BN+WS", "BN+WS", "BN+WS", settings=(SCRATCH,)),
     # GN has no statistics: no re-initialised-statistics setting
     NormSpec("gn", "GN (baseline)", "GN", "GN", "GN", settings=(SCRATCH, FROZEN, FINETUNE)),
     # detectron2's standard recipe: FrozenBN backbone, no norm in FPN and the 2fc box head

@@ -181,9 +181,9 @@ def test_each_builtin_declaration_says_what_its_layers_are(norm):
     must be what its factories build (PreciseBN and the comparison tool act on population layers)."""
     for name, factory in norm.factories.items():
         if name in norm.overrides_detectron2:
-            layer = factory(8)
+            layer = factory(64)
         else:
-            layer = d2_bnstats.get_norm(name, 8)
+            layer = d2_bnstats.get_norm(name, 64)
         assert type(layer) in norm.layer_types, name
         assert is_population_layer(layer) == (norm.statistics != "none"), name
     assert d2_bnstats.registry.norm_declaration(next(iter(norm.factories), "")) in (norm, None)
