@@ -175,6 +175,9 @@ def _e2() -> Experiment:
             _e2_cell(f"frozen_late_{setting}", f"configs/cpu/frcnn_r18_bn_2img_{setting}.yaml", "BN, FrozenBN late",
                      setting, extra=("BNSTATS.FROZEN_BN.START_ITER", FROZEN_LATE_START), backbone_norm="BN"),
         ]
+    # Weight Standardization: random init only (no backbone is pre-trained with standardized convs)
+    cells.append(_e2_cell("gnws_scratch", "configs/cpu/frcnn_r18_gnws_2img_scratch.yaml", "GN+WS", "scratch"))
+    cells.append(_e2_cell("bnws_scratch", "configs/cpu/frcnn_r18_bnws_2img_scratch.yaml", "BN+WS", "scratch"))
     cells.append(_e2_cell("frozenbn_frozen", "configs/cpu/frcnn_r18_frozenbn_2img_frozen.yaml", "FrozenBN", "frozen"))
     for norm, key in (("EvalNorm", "evalnorm"), ("MABN", "mabn"), ("GN", "gn")):
         cells.append(_e2_cell(
