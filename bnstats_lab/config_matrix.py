@@ -87,6 +87,9 @@ NORMS: Tuple[NormSpec, ...] = (
     NormSpec("syncbn", "SyncBN", SYNC_BN, SYNC_BN, SYNC_BN),
     # RoI-shuffled BN applies to the RoI heads only; backbone and FPN use SyncBN
     NormSpec("syncbn_roishuffle", "SyncBN + RoI-shuffled BN in heads", SYNC_BN, SYNC_BN, "RoIShuffleBN"),
+    # Cross-Iteration BN; its paper's detection setting is the frozen one (CBN in FPN and heads)
+    NormSpec("cbn", "Cross-Iteration BN", "CrossIterBN", "CrossIterBN", "CrossIterBN",
+             settings=(SCRATCH, FROZEN, FINETUNE)),
     # Weight Standardization (Qiao et al. 2019) before GN and before BN: random init only (fine-tuning
     # needs weights pre-trained with standardized convs, which the lab does not make)
     NormSpec("gnws", "GN + WS", "GN+WS", "GN+WS", "GN+WS", settings=(SCRATCH,)),

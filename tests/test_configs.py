@@ -33,7 +33,7 @@ from d2_bnstats.d2.weights import after_loading_weights, reset_norm_statistics
 from .conftest import REPO, tiny_opts
 from .pretrained import tiny_pretrained  # noqa: F401  (fixture)
 
-MATRIX_NORMS = {"bn", "evalnorm", "mabn", "brn", "syncbn", "syncbn_roishuffle", "gn", "gnws", "bnws", "frozenbn"}
+MATRIX_NORMS = {"bn", "evalnorm", "mabn", "brn", "cbn", "syncbn", "syncbn_roishuffle", "gn", "gnws", "bnws", "frozenbn"}
 
 
 def abspath(rel):
@@ -77,6 +77,7 @@ def test_matrix_covers_every_norm_setting_and_batch():
                         expected.add((family, arch, norm, n, setting))
                 for setting in ("scratch", "frozen", "finetune"):
                     expected.add((family, arch, "gn", n, setting))
+                    expected.add((family, arch, "cbn", n, setting))
                 expected.add((family, arch, "frozenbn", n, "frozen"))
                 expected.update({(family, arch, "gnws", n, "scratch"), (family, arch, "bnws", n, "scratch")})
     got = {c.key for c in cm.cells()}
