@@ -70,7 +70,7 @@ PRETRAIN_SHORT = _short_pretraining(SHORT_PRETRAINED)[1]
 PRETRAINED_FOR = {  # the pre-trained backbone each norm's fine-tuned/frozen setting starts from
     "EvalNorm": SHORT_PRETRAINED, "BN": SHORT_PRETRAINED, "SyncBN": SHORT_PRETRAINED,
     "FrozenBN": SHORT_PRETRAINED, "GN": SHORT_PRETRAINED_GN, "MABN": SHORT_PRETRAINED_WC,
-    "BatchRenorm": SHORT_PRETRAINED,  # its state is BN's
+    "BatchRenorm": SHORT_PRETRAINED, "CrossIterBN": SHORT_PRETRAINED,  # their state is BN's
 }
 PRETRAININGS = (
     _short_pretraining(SHORT_PRETRAINED),
@@ -166,6 +166,7 @@ def _e2() -> Experiment:
         cells += [
             _e2_cell(f"mabn_{setting}", f"configs/cpu/frcnn_r18_mabn_2img_{setting}.yaml", "MABN", setting),
             _e2_cell(f"gn_{setting}", f"configs/cpu/frcnn_r18_gn_2img_{setting}.yaml", "GN", setting),
+            _e2_cell(f"cbn_{setting}", f"configs/cpu/frcnn_r18_cbn_2img_{setting}.yaml", "CrossIterBN", setting),
             _e2_cell(f"brn_{setting}", f"configs/cpu/frcnn_r18_brn_2img_{setting}.yaml", "BatchRenorm", setting,
                      extra=_schedule_steps("brn", SCHEDULE_2IMG)),
             _e2_cell(f"syncbn_2x1_{setting}", f"configs/cpu/frcnn_r18_syncbn_2img_{setting}.yaml", "SyncBN", setting,
