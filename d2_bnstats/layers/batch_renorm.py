@@ -11,8 +11,9 @@ Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in Batch-No
 then μ, σ are updated with the batch. At inference y = γ (x − μ) / σ + β: exactly a frozen BN with
 the moving averages (``nn.BatchNorm2d``'s eval forward). Consequences the tests show:
 
-- r_max = 1, d_max = 0 gives r = 1, d = 0: BN exactly, outputs and gradients bit for bit (the layer
-  computes y with BN's own training op and weight γ·r, bias β + γ·d);
+- r_max = 1, d_max = 0 gives r = 1, d = 0: BN exactly, outputs and gradients bit for bit (such calls,
+  and on the CPU the steps before the ramp, run BN's own training op; others compute x̂ and the batch
+  statistics with that op and then y = (γ·r) x̂ + (β + γ·d), one elementwise pass more);
 - unclipped, x̂ = (x − μ) / σ: the training output is the normalization by the moving averages, and,
   r and d being constants to autograd, the input gradient is BN's with the weight γ·r.
 
@@ -37,10 +38,9 @@ Empty input (an empty RoI batch) gives an empty output connected to the paramete
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .moments import empty_output, local_moments, unbiased_variance, update_running_stats
+from .moments import bessel_correction, empty_output, guarded_batch_norm, update_running_stats
 
 
 def ramp(t: torch.Tensor, start: int, end: int, first: float, last: float, dtype=torch.float32) -> torch.Tensor:
@@ -52,24 +52,6 @@ def ramp(t: torch.Tensor, start: int, end: int, first: float, last: float, dtype
     else:
         progress = ((t - start) / float(end - start)).clamp(0.0, 1.0)
     return first + (last - first) * progress
-
-
-def renorm_factors(
-    batch_mean: torch.Tensor,
-    batch_var: torch.Tensor,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    eps: float,
-    r_max: torch.Tensor,
-    d_max: torch.Tensor,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """r and d of Algorithm 1 (no gradient) from the batch mean and *biased* variance and the moving
-    averages (σ = sqrt(running_var + ε))."""
-    with torch.no_grad():
-        sigma = (running_var + eps).sqrt()
-        r = ((batch_var + eps).sqrt() / sigma).clamp(min=1.0 / r_max, max=r_max)
-        d = ((batch_mean - running_mean) / sigma).clamp(min=-d_max, max=d_max)
-    return r, d
 
 
 def check_options(r_max: float, d_max: float, ramp_start: int, r_max_end: int, d_max_end: int) -> None:
@@ -126,29 +108,45 @@ class BatchRenorm2d(nn.BatchNorm2d):
             ramp(t, self.ramp_start, self.d_max_end, 0.0, self.d_max, dtype),
         )
 
+    def plain_batch_norm(self) -> bool:
+        """Whether this training call is BN exactly (r = 1, d = 0) by the host-side options: r_max = 1 and
+        d_max = 0, or, with statistics on the CPU (reading the step costs nothing there), a step before
+        the ramp starts. Such calls run BN's own op, so they are BN bit for bit and cost what BN costs."""
+        if self.r_max == 1.0 and self.d_max == 0.0:
+            return True
+        tracked = self.num_batches_tracked
+        return tracked.is_cpu and int(tracked) < self.ramp_start
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
         self._check_input_dim(x)
         if x.numel() == 0:
             return empty_output(x, self.weight, self.bias)
+        if self.plain_batch_norm():
+            return guarded_batch_norm(self, x)
         if x.shape[0] * x[0, 0].numel() == 1:  # F.batch_norm's check, before any statistic is used
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+        # x̂ and the batch statistics in one op (BN's), then y = (γ r) x̂ + (β + γ d): one more pass
+        x_hat, batch_mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, self.eps)
         with torch.no_grad():
-            moments = local_moments(x.detach())
             r_max, d_max = self.clip_bounds()
-            stats_dtype = self.running_mean.dtype
-            r, d = renorm_factors(
-                moments.mean.to(stats_dtype), moments.var.to(stats_dtype),
-                self.running_mean, self.running_var, self.eps, r_max, d_max,
-            )
+            dtype = self.running_mean.dtype
+            batch_std = invstd.detach().to(dtype).reciprocal()  # σ_B = sqrt(σ²_B + ε)
+            sigma = (self.running_var + self.eps).sqrt()
+            r = (batch_std / sigma).clamp(min=1.0 / r_max, max=r_max)
+            d = ((batch_mean.detach().to(dtype) - self.running_mean) / sigma).clamp(min=-d_max, max=d_max)
+            count = x.numel() // x.shape[1]
+            batch_var = (batch_std.double().square() - self.eps).clamp(min=0).to(dtype)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
         if self.affine:
-            weight = self.weight * r.to(self.weight.dtype)
-            bias = self.bias + self.weight * d.to(self.weight.dtype)
+            scale = (self.weight * r.to(self.weight.dtype)).reshape(shape)
+            shift = (self.bias + self.weight * d.to(self.weight.dtype)).reshape(shape)
         else:
-            weight, bias = r.to(x.dtype), d.to(x.dtype)
-        y = F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
-        update_running_stats(self, moments.count, moments.mean, unbiased_variance(moments))
+            scale, shift = r.to(x.dtype).reshape(shape), d.to(x.dtype).reshape(shape)
+        y = torch.addcmul(shift, x_hat, scale)
+        counted = torch.tensor(float(count), dtype=dtype, device=x.device)
+        update_running_stats(self, counted, batch_mean.detach(), batch_var * bessel_correction(counted))
         return y
 
     def extra_repr(self) -> str:
