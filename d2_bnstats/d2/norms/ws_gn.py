@@ -13,7 +13,10 @@ KEY = "BNSTATS.WS_GN"
 
 
 def build_gn_ws(out_channels: int, num_groups: int = 32) -> WSGroupNorm:
-    """detectron2's "GN" (32 groups) for a weight-standardized conv."""
+    """detectron2's "GN" (32 groups) for a weight-standardized conv. Fewer channels than groups give
+    one group per channel (detectron2's RetinaNet head builds a 1-channel norm only to read its type)."""
+    if out_channels < num_groups:
+        return WSGroupNorm(out_channels, out_channels)
     if out_channels % num_groups:
         raise ValueError(f"GN+WS: {out_channels} channels do not split into {KEY}.NUM_GROUPS = {num_groups} groups")
     return WSGroupNorm(num_groups, out_channels)
