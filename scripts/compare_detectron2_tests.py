@@ -5,7 +5,9 @@ Everything detectron2 accepts, the plug-in's build must accept: this runs detect
 modeling, engine, checkpoint, export and model-zoo tests from a detectron2 source checkout twice with
 the same interpreter -- once as they are, once with ``d2_bnstats`` imported first (pytest's ``-p``
 loads it as a plugin before any test module, so every detectron2 entry point is the patched one) --
-and reports each test whose outcome differs. Exit status 0 when every outcome is the same, 1 otherwise.
+and reports each test whose outcome differs (a module that fails to import counts as one errored test,
+in both runs alike). Exit status 0 when every outcome is the same, 1 otherwise, 2 when a run passed no
+test at all (the built detectron2 is not the one imported, say).
 
 Usage (from this repository's root; the interpreter must import the detectron2 built from SRC, not
 the checkout's own ``detectron2/`` folder, so the tests run from a temporary directory)::
@@ -48,7 +50,7 @@ def run_tests(python: str, src: str, tests: List[str], junit: str, with_plugin: 
         paths = [p for p in paths if os.path.abspath(p) != REPO]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-               "--rootdir", os.path.join(src, "tests")]
+               "--continue-on-collection-errors", "--rootdir", os.path.join(src, "tests")]
     if with_plugin:
         command += ["-p", "d2_bnstats"]
     command += [os.path.join(src, t) for t in tests] + list(extra)
@@ -105,6 +107,9 @@ def main(argv=None) -> int:
             return 2
         reports[label] = outcomes(junit)
         print(f"{label} the plug-in: {summary(reports[label])}")
+        if "passed" not in reports[label].values():
+            print(f"no test passed {label} the plug-in: is the detectron2 built from {src} importable?", file=sys.stderr)
+            return 2
     differences = compare(reports["without"], reports["with"])
     lines = [f"{test}: {a} without the plug-in, {b} with it" for test, a, b in differences]
     text = "\n".join(lines) if lines else "every test has the same outcome with and without the plug-in"
