@@ -145,9 +145,18 @@ def test_standalone_in_plain_pytorch_copied_and_reloaded():
         optimizer.step()
     assert len(model[1].history) == 2 and torch.isfinite(model[1].running_var).all()
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        assert clone[1].bound_weight() is clone[0].weight  # the binding follows the copy
+        assert clone[1].bound_weight() is clone[0].weight  # the binding follows the copy of the model
         clone(data).sum().backward()
         assert clone[0].weight.grad is not None
+    # a copy of the layer alone (per-level copies) normalizes the output of the same conv
+    assert copy.deepcopy(model[1]).bound_weight() is model[0].weight
+    per_level = copy.deepcopy(model)
+    wrapped = d2_bnstats.wrap_per_level(per_level, 2, predicate=lambda m: isinstance(m, CrossIterationBatchNorm2d))
+    assert len(wrapped) == 1 and all(level.bound_weight() is per_level[0].weight for level in wrapped[0].levels)
+    levels = wrapped[0].levels
+    before = levels[1].history[0].mean.clone()
+    per_level(data * 2).sum().backward()  # a call of level 0 only: only its window records it
+    assert torch.equal(levels[1].history[0].mean, before) and not torch.equal(levels[0].history[0].mean, before)
     model.eval()
     expected = model(data)
     reloaded = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), CrossIterationBatchNorm2d(4, window=3), nn.ReLU())

@@ -36,6 +36,7 @@ does not require a gradient (a frozen conv, or ``torch.no_grad``) the past stati
 uncompensated (θ does not change then).
 """
 import collections
+import copy
 from typing import Optional
 
 import torch
@@ -89,6 +90,17 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
             )
         self.__dict__["_cbn_weight"] = (weight,) if weight is not None else None
         self.history.clear()
+
+    def __deepcopy__(self, memo):
+        """A copy of a whole model binds to the copied conv (the weight is copied first, as the conv's
+        parameter); a copy of the layer alone (per-level copies) stays bound to the same conv."""
+        weight = self.bound_weight()
+        if weight is not None and id(weight) not in memo:
+            memo[id(weight)] = weight
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def bound_weight(self) -> Optional[torch.Tensor]:
         bound = self.__dict__.get("_cbn_weight")
