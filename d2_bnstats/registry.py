@@ -51,7 +51,7 @@ STATISTICS_KINDS = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # a declaration is itself: compared and hashed by identity
 class Norm:
     """One norm method, declared once (see the module docstring); registered by :func:`register_norm`.
 
