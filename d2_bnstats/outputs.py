@@ -1,7 +1,8 @@
 """Writing output files: atomically, never over an input, with errors that name the file.
 
 Every file the plug-in's tools and hooks write goes through :func:`atomic_write` (or one of the
-writers built on it: text, JSON, YAML, ``torch.save``, pickle, matplotlib figures). The content goes
+writers built on it: text, JSON, YAML, ``torch.save``, pickle, matplotlib figures), or, for writers
+that take a file name (TorchScript, ONNX), :func:`atomic_path`. The content goes
 to a temporary file in the destination's own folder, is flushed and ``fsync``-ed, and is then moved
 over the destination with ``os.replace``, which is atomic within one file system; the folder is
 ``fsync``-ed too, so that the rename survives a crash. A reader therefore sees either the old file or
@@ -11,7 +12,8 @@ leaves the old file untouched and no temporary file behind, and is raised as
 reports a full disk as a ``RuntimeError`` without the file name). A destination that is a symbolic
 link is written through the link: the file it points to is replaced, the link stays.
 
-:func:`check_outputs` refuses, before any work is done, an output that is the same file as one of the
+:func:`check_output_folder` refuses, before any work is done, an output folder that is a file, lies
+under a file or cannot be created or written. :func:`check_outputs` refuses, before any work is done, an output that is the same file as one of the
 inputs or as another output, also when the names differ (relative paths, ``..``, symbolic or hard
 links), so that a tool never overwrites the checkpoint or config it reads.
 
@@ -27,6 +29,7 @@ from typing import IO, Any, Iterator, Mapping, Optional
 __all__ = [
     "OutputWriteError",
     "OutputIsInputError",
+    "atomic_path",
     "atomic_write",
     "write_text",
     "write_json",
@@ -36,6 +39,10 @@ __all__ = [
     "save_figure",
     "same_file",
     "check_outputs",
+    "check_output_file",
+    "check_output_folder",
+    "OutputFolderError",
+    "remove_stale_temporaries",
 ]
 
 
@@ -58,6 +65,11 @@ class OutputIsInputError(ValueError):
     """An output path names the same file as an input (or as another output)."""
 
 
+class OutputFolderError(ValueError):
+    """An output folder that cannot be one: it, or a folder above it, is a file, or the folder that
+    would hold it is not writable. The message is one line naming the path."""
+
+
 def _free_space_note(path: str) -> str:
     try:
         stat = os.statvfs(os.path.dirname(os.path.abspath(path)))
@@ -76,12 +88,50 @@ def _open_temporary(folder: str, name: str) -> str:
     """Create an empty, new temporary file next to the destination (mode 0o666 minus the umask, as
     ``open(path, "w")`` would give the destination)."""
     while True:
-        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        tmp = os.path.join(folder, f"{_temporary_prefix(name)}{os.getpid()}-{secrets.token_hex(4)}")
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
         except FileExistsError:
             continue
+
+
+def _temporary_prefix(dest: str) -> str:
+    return f".{os.path.basename(dest)}.tmp-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's process, or no signals here: assume alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str) -> int:
+    """Remove the temporary files that writers of ``path`` on this machine left when they were killed
+    (SIGKILL, power loss) before they could clean up: those whose writer process no longer runs.
+    Returns how many were removed. Writers still running are left alone."""
+    dest = _destination(os.fspath(path))
+    folder = os.path.dirname(os.path.abspath(dest))
+    prefix = _temporary_prefix(dest)
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, name))
+            removed += 1
+    return removed
 
 
 def _fsync_folder(folder: str) -> None:
@@ -98,24 +148,26 @@ def _fsync_folder(folder: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str, mode: str = "w", encoding: Optional[str] = "utf-8") -> Iterator[IO]:
-    """``with atomic_write(path, "wb") as f: ...``: the file object of a temporary file that replaces
-    ``path`` when the block ends without an exception (module docstring). The folder is created if
-    needed. ``mode`` is "w" (text) or "wb" (binary)."""
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_write writes whole files: mode must be 'w' or 'wb', got {mode!r}")
+def atomic_path(path: str) -> Iterator[str]:
+    """``with atomic_path(path) as tmp: writer(tmp)``: for writers that take a file name rather than
+    a file object (``torch.jit.save``, ``torch.onnx.export``). ``tmp`` names an empty temporary file
+    next to ``path`` with the permissions an ordinary write of ``path`` would give it; when the block
+    ends without an exception it is fsync-ed and moved over ``path``, otherwise removed (the errors
+    as for :func:`atomic_write`). The folder is created if needed."""
     if not path:
-        raise ValueError("atomic_write: empty output path")
+        raise ValueError("atomic write: empty output path")
     dest = _destination(os.fspath(path))
     folder = os.path.dirname(os.path.abspath(dest))
     tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
         tmp = _open_temporary(folder, os.path.basename(dest))
-        with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, dest)
         tmp = None
         _fsync_folder(folder)
@@ -132,6 +184,21 @@ def atomic_write(path: str, mode: str = "w", encoding: Optional[str] = "utf-8") 
         if add_note is not None and isinstance(exc, Exception):
             add_note(f"while writing {path} (not written; the previous file, if any, is unchanged)")
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w", encoding: Optional[str] = "utf-8") -> Iterator[IO]:
+    """``with atomic_write(path, "wb") as f: ...``: the file object of a temporary file that replaces
+    ``path`` when the block ends without an exception (module docstring). The folder is created if
+    needed. ``mode`` is "w" (text) or "wb" (binary)."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write writes whole files: mode must be 'w' or 'wb', got {mode!r}")
+    if not path:
+        raise ValueError("atomic_write: empty output path")
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+            f.flush()
 
 
 def write_text(path: str, text: str) -> str:
@@ -224,3 +291,46 @@ def check_outputs(outputs: Mapping[str, Optional[str]], inputs: Mapping[str, Opt
                     f"{out_label} = {out_path!r} and {other_label} = {other_path!r} are the same file; "
                     "choose different output paths"
                 )
+
+
+
+def _folder_problem(full: str) -> Optional[str]:
+    """Why the folder ``full`` (absolute) cannot be created and written, or None."""
+    if os.path.exists(full) and not os.path.isdir(full):
+        return "is a file, not a folder"
+    existing = full
+    while not os.path.exists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        return f"cannot be created: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return "is not writable by this user" if existing == full else f"cannot be created: {existing} is not writable"
+    return None
+
+
+def check_output_folder(path: str, label: str = "output folder") -> None:
+    """Refuse, without creating anything, an output folder ``path`` (named ``label`` in the message,
+    e.g. ``"OUTPUT_DIR"``) that is an existing file, lies under a file, or whose nearest existing
+    folder is not writable (``path`` itself if it exists). URLs (``scheme://``) and "" pass.
+    Raises :class:`OutputFolderError`."""
+    if not _is_local(path):
+        return
+    problem = _folder_problem(os.path.abspath(os.fspath(path)))
+    if problem:
+        raise OutputFolderError(f"{label} = {path!r} {problem}" + ("; choose a folder for the outputs" if "is a file" in problem else ""))
+
+
+def check_output_file(path: str, label: str = "output") -> None:
+    """Refuse, without creating anything, an output file ``path`` that is an existing folder or whose
+    folder cannot be created or written (:func:`check_output_folder`). Raises :class:`OutputFolderError`."""
+    if not _is_local(path):
+        return
+    full = os.path.abspath(os.fspath(path))
+    if os.path.isdir(full):
+        raise OutputFolderError(f"{label} = {path!r} is a folder: name the file to write")
+    problem = _folder_problem(os.path.dirname(full))
+    if problem:
+        raise OutputFolderError(f"{label} = {path!r} cannot be written: its folder {os.path.dirname(full)} {problem}")

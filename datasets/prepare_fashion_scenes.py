@@ -11,9 +11,15 @@ Output: $DETECTRON2_DATASETS/fashion_scenes/<name>/{train,val}.json and images (
 ./datasets). After `import bnstats_lab` they are registered as <name>_train and <name>_val.
 The logic is in bnstats_lab.data.fashion_scenes.
 """
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # a clone's script: the lab (bnstats_lab) and the plug-in of this clone
+    sys.path.insert(0, ROOT)
+
 import argparse
 import dataclasses
-import sys
 import time
 
 from bnstats_lab.data.fashion_mnist import FashionMNISTError

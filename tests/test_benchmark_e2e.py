@@ -5,12 +5,14 @@ ratio arithmetic is checked on hand-made times."""
 import json
 import math
 import os
+import statistics
 
 import pytest
 
 from bnstats_lab.benchmark import inference as inference_module
 from bnstats_lab.benchmark.models import norm_overrides
 from bnstats_lab.benchmark.precise_bn_scaling import linear_fit
+from bnstats_lab.benchmark.report import format_report
 from bnstats_lab.benchmark.timing import TimingRow, summarize
 
 from .conftest import REPO
@@ -51,12 +53,29 @@ def test_ratio_is_the_median_of_same_round_ratios():
     assert evalnorm.median_s == 2.0 and evalnorm.rounds == 3
     assert evalnorm.spread == pytest.approx((4.8 - 1.5) / 2.0)
     assert evalnorm.ratio_spread == pytest.approx((1.5 - 1.0) / 1.2)
-    assert evalnorm.target == 1.10 and evalnorm.meets_target is False  # target of the mode's norm
-    fast = rows["Fast"]  # ratios 0.9, 0.9, 1.0
-    assert fast.ratio == pytest.approx(0.9) and fast.target == 1.02 and fast.meets_target is True
+    # ratios 1.5, 1.0, 1.2: the 95% interval exp(mean log ± t(2)·se) reaches both sides of 1.10
+    logs = [math.log(r) for r in (1.5, 1.0, 1.2)]
+    mean, se = statistics.mean(logs), statistics.stdev(logs) / math.sqrt(3)
+    assert (evalnorm.ratio_low, evalnorm.ratio_high) == pytest.approx(
+        (math.exp(mean - 4.302653 * se), math.exp(mean + 4.302653 * se)), rel=1e-6)
+    assert evalnorm.target == 1.10 and evalnorm.status == "unresolved" and evalnorm.meets_target is None
+    fast = rows["Fast"]  # ratios 0.9, 0.9, 1.0: interval [0.80, 1.07] still reaches over 1.02
+    assert fast.ratio == pytest.approx(0.9) and fast.target == 1.02 and fast.status == "unresolved"
     assert rows["BN"].target is None and rows["BN"].meets_target is None
     gone = rows["Gone"]
     assert gone.ratio is None and gone.median_s is None and gone.rounds == 0
+
+
+def test_target_status_from_the_interval():
+    from bnstats_lab.benchmark.timing import ratio_interval, target_status
+
+    tight = ratio_interval([1.04, 1.05, 1.045, 1.05, 1.04, 1.047])
+    assert tight[0] < 1.045 < tight[1] and tight[1] < 1.06
+    assert target_status(tight, 1.10) == "met"
+    assert target_status(tight, 1.02) == "missed"
+    assert target_status(tight, 1.045) == "unresolved"
+    assert target_status(None, 1.10) == "unresolved" and target_status(tight, None) is None
+    assert ratio_interval([1.1]) is None
 
 
 def test_norm_placement():
@@ -84,6 +103,7 @@ def test_tiny_benchmark_structure(datasets_root, tmp_path, monkeypatch):
                       "--memory-norms", "BN", "FrozenBN", "NoSuchNorm", "--output", str(out)] + TINY_DATA) == 0
     result = json.loads((out / "results.json").read_text())
     assert (out / "ratios.png").stat().st_size > 0
+    assert (out / "report.md").read_text() == format_report(result) + "\n"  # the markdown tables, as printed
     assert layers_changed and all(n > 0 for n in layers_changed)
 
     train = {r["norm"]: r for r in result["train"]}

@@ -224,6 +224,20 @@ def test_rescale_keeps_images_per_gpu_and_follows_the_rule():
 # ------------------------------------------------------------------------------------------------
 # Bad configs fail with a clear message (through the generated configs)
 # ------------------------------------------------------------------------------------------------
+
+def test_rescale_prints_overrides_a_shell_reads_back(capsys):
+    import importlib.util
+    import shlex
+
+    spec = importlib.util.spec_from_file_location("make_configs", os.path.join(REPO, "tools", "make_configs.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    config = abspath("configs/frcnn_r50_bn_2img_finetune.yaml")
+    assert tool.main(["--rescale", config, "--gpus", "4"]) == 0
+    printed = capsys.readouterr().out.strip()
+    expected = rescale_overrides(describe.load_config_unchecked(config), gpus=4, config_gpus=8)
+    assert shlex.split(printed) == expected and "'(" in printed  # the STEPS tuple is one quoted word
+
 def test_unknown_norm_in_a_copied_leaf_names_key_value_and_suggestion(tmp_path):
     leaf = abspath("configs/cpu/frcnn_r18_bn_2img_scratch.yaml")
     text = open(leaf).read().replace('_BASE_: "', f'_BASE_: "{os.path.dirname(leaf)}/').replace(

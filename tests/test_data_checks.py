@@ -242,6 +242,74 @@ def test_train_net_stops_on_a_missing_val_image_before_training(tmp_path, datase
     assert re.search(names_json_image_and_file(val_json, 1, os.path.join(val_root, "001.png")), str(e.value))
 
 
+def _bad_inputs(tmp_path):
+    """(what, --register-coco triple or None, extra overrides, words the one line must hold): each
+    input train_net reads or writes, broken as a user breaks it."""
+    folder = str(tmp_path / "data")
+    cases = []
+    malformed, root = write_coco(folder, name="malformed")
+    with open(malformed, "w") as f:
+        f.write('{"images": [')
+    cases.append(("malformed json", malformed, root, {}, [malformed]))
+    missing, root = write_coco(folder, name="missing")
+    os.remove(os.path.join(root, "002.png"))
+    cases.append(("missing image", missing, root, {}, [missing, os.path.join(root, "002.png")]))
+    outside, root = write_coco(folder, name="outside", annotations=[
+        {"image_id": 1, "bbox": [4, 4, 10, 10], "category_id": 1}, {"image_id": 2, "bbox": [SIZE + 3, 5, 10, 10], "category_id": 1}])
+    cases.append(("box outside", outside, root, {}, [outside, "entirely outside"]))
+    unknown, root = write_coco(folder, name="unknown", annotations=[{"image_id": 1, "bbox": [4, 4, 10, 10], "category_id": 7}])
+    cases.append(("unknown category", unknown, root, {}, [unknown, "7"]))
+    good, root = write_coco(folder, name="good")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    cases.append(("OUTPUT_DIR under a file", good, root, {"OUTPUT_DIR": str(a_file / "out")}, ["OUTPUT_DIR", str(a_file)]))
+    cases.append(("OUTPUT_DIR a file", good, root, {"OUTPUT_DIR": str(a_file)}, ["OUTPUT_DIR", "is a file"]))
+    return cases
+
+
+def test_train_net_checks_every_input_before_it_prints_or_writes_anything(tmp_path, datasets_root, capsys, monkeypatch):
+    from d2_bnstats.d2 import train
+
+    monkeypatch.setattr(train, "launch_from_args", lambda *a, **k: pytest.fail("launched despite a bad input"))
+    for k, (what, json_file, root, extra, words) in enumerate(_bad_inputs(tmp_path)):
+        out = tmp_path / f"out{k}"
+        opts = tiny_opts(out, **{"DATASETS.TRAIN": f"('user_{k}',)", "DATASETS.TEST": "()", **extra})
+        args = train.argument_parser().parse_args(
+            ["--config", FRCNN_BN, "--register-coco", f"user_{k}", json_file, root] + opts)
+        with pytest.raises(SystemExit) as stop:
+            train.run(args)
+        message = str(stop.value)
+        assert message.startswith("train_net: ") and "\n" not in message, what
+        assert all(word in message for word in words), f"{what}: {message}"
+        printed = capsys.readouterr()
+        assert printed.out == "", what  # no config listing, no argument echo
+        assert not out.exists(), what  # nothing created, config.yaml included
+        # the worker's own set-up refuses too, before detectron2's default_setup writes config.yaml
+        if not what.startswith("OUTPUT_DIR"):
+            with pytest.raises(DatasetError):
+                train.setup(args)
+            assert not out.exists(), what
+
+
+def test_the_train_net_command_says_one_line_and_leaves_no_output_folder(tmp_path):
+    import subprocess
+    import sys
+
+    json_file, root = write_coco(str(tmp_path), name="outside", annotations=[
+        {"image_id": 1, "bbox": [SIZE + 3, 5, 10, 10], "category_id": 1}])
+    out = tmp_path / "out"
+    command = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config", FRCNN_BN,
+               "--register-coco", "cli_outside", json_file, root,
+               *tiny_opts(out, **{"DATASETS.TRAIN": "('cli_outside',)", "DATASETS.TEST": "()"})]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=REPO)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert result.returncode == 1 and result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("train_net: ") and json_file in lines[-1] and "entirely outside" in lines[-1]
+    assert not any(line.startswith("Traceback") for line in lines), result.stderr
+    assert not out.exists()
+
+
 # --- errors while loading training data name the file ----------------------------------------
 
 

@@ -378,6 +378,20 @@ def test_saved_torchscript_loads_and_a_failed_write_leaves_nothing(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["model.ts"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_an_exported_model_gets_the_permissions_of_an_ordinary_write(tmp_path, umask):
+    traced = torch.jit.trace(_conv_norm(lambda: nn.BatchNorm2d(C)).eval(), torch.randn(1, 3, 8, 8))
+    previous = os.umask(umask)
+    try:
+        path = export_torchscript(traced, str(tmp_path / "model.ts"))
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(previous)
+    mode = os.stat(path).st_mode & 0o777
+    assert mode == os.stat(tmp_path / "plain").st_mode & 0o777 == 0o666 & ~umask
+
+
 def _weights(tmp_path, norm):
     model = _prepared_model(norm)
     path = str(tmp_path / "weights.pth")

@@ -359,6 +359,77 @@ def test_projection_hook_is_per_model_idempotent_removable_and_holds_the_model_w
     assert b[0].alpha_hat.item() == 2e3
 
 
+# ---------------------------------------------------------- a plain PyTorch loop, and copies of a model
+def _plain_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), EvalNorm2d(4, aux_samples=0), nn.ReLU(), nn.Conv2d(4, 2, 1))
+
+
+def _plain_steps(net, optimizer, steps, start=0, with_aux=True, clamp=False):
+    for step in range(start, start + steps):
+        loss = net(sample((3, 3, 5, 5), seed=step)).square().mean()
+        if with_aux:
+            loss = loss + net[1].aux_loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if clamp:  # the reference: projected gradient descent written out
+            with torch.no_grad():
+                net[1].alpha_hat.clamp_(0.0, 1.0), net[1].beta_hat.clamp_(0.0, 1.0)
+
+
+def test_in_a_plain_loop_and_in_a_copy_alpha_beta_are_learned_and_projected():
+    import warnings
+
+    # a large learning rate for alpha_hat, beta_hat: the raw steps leave [0, 1]
+    def sgd(net):
+        return torch.optim.SGD([{"params": [p for n, p in net.named_parameters() if "_hat" not in n]},
+                                {"params": [net[1].alpha_hat, net[1].beta_hat], "lr": 50.0}], lr=0.01)
+
+    reference = _plain_net()
+    ref_opt = sgd(reference)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a loop that adds L_aux is not warned
+        _plain_steps(reference, ref_opt, 8, clamp=True)
+    net = _plain_net()  # no hook attached to it: the layer's own projection
+    opt = sgd(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _plain_steps(net, opt, 4)
+    copied = copy.deepcopy(net)  # trained on with an optimizer of its own
+    copy_opt = sgd(copied)
+    copy_opt.load_state_dict(opt.state_dict())
+    _plain_steps(copied, copy_opt, 4, start=4)
+    for name in ("alpha_hat", "beta_hat"):
+        value = getattr(copied[1], name)
+        assert 0.0 <= value.item() <= 1.0
+        assert torch.equal(value, getattr(reference[1], name)), name
+    assert {getattr(reference[1], n).item() for n in ("alpha_hat", "beta_hat")} & {0.0, 1.0}  # a bound was hit
+
+
+def test_a_loop_that_leaves_out_the_aux_loss_is_told_at_the_next_training_forward():
+    net = _plain_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    _plain_steps(net, opt, 1, with_aux=False)
+    with pytest.warns(RuntimeWarning, match="attach_aux_loss_hook"):
+        _plain_steps(net, opt, 1, start=1, with_aux=False)
+    assert net[1].alpha_hat.item() == 0.0 and net[1].beta_hat.item() == 0.0  # not learned, as it says
+    # a forward whose output is not back-propagated (a validation loss in training mode) is not a step
+    other = _plain_net()
+    with torch.no_grad():
+        other(sample((3, 3, 5, 5)))
+    other(sample((3, 3, 5, 5)))
+    _plain_steps(other, torch.optim.SGD(other.parameters(), lr=0.01), 2)  # with L_aux: silent
+    # learn=False: no L_aux, nothing to tell
+    quiet = nn.Sequential(nn.Conv2d(3, 4, 3), EvalNorm2d(4, learn=False))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(2):
+            quiet(sample((2, 3, 5, 5), seed=step)).sum().backward()
+
+
 # ------------------------------------------------------------------------------------ the aux loss
 def test_aux_loss_value_and_gradient_equal_eq9():
     layer = trained_layer(5, aux_samples=0)

@@ -1,7 +1,9 @@
 """EvalNorm inside detectron2: config keys, the configs, checkpoints through DetectionCheckpointer,
 alpha_hat/beta_hat learned by detectron2's own DefaultTrainer (gradients of everything else equal to
 a BN model's), evaluation modes switched with --eval-only, offline estimation, and DDP."""
+import copy
 import glob
+import io
 import json
 import os
 import subprocess
@@ -223,6 +225,54 @@ def test_default_trainer_learns_alpha_beta_and_trains_exactly_like_bn(datasets_r
     assert all(0 <= l.alpha_hat.item() <= 1 and 0 <= l.beta_hat.item() <= 1 for l in layers.values())
     assert last[f"evalnorm/{names[0]}/alpha"] == pytest.approx(layers[names[0]].alpha_hat.item(), abs=0.2)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "en"))
+
+
+def test_a_model_copies_and_converts_right_after_a_training_step(datasets_root, tmp_path):
+    """The last training forward leaves each layer's L_aux (part of that step's graph) in the model;
+    copies (deepcopy, a whole-module torch.save/torch.load) and the deployment conversions, which copy,
+    must work then and give the original model's outputs."""
+    cfg = load_config(EN_CPU, small_opts(tmp_path))
+    torch.manual_seed(0)
+    model = DefaultTrainer.build_model(cfg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    batch = next(iter(DefaultTrainer.build_train_loader(cfg)))
+    with EventStorage(0):
+        losses = model(batch)
+    assert "loss_evalnorm" in losses
+    sum(losses.values()).backward()
+    optimizer.step()
+    layers = [layer for _, layer in evalnorm_layers(model)]
+    assert any(layer.aux_loss is not None and layer.aux_loss.grad_fn is not None for layer in layers)
+
+    copied = copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    reloaded = torch.load(buffer, weights_only=False)
+    frozen = d2_bnstats.to_frozen(model)
+    folded = d2_bnstats.fold_norms_into_convs(model)
+    deployed, _ = d2_bnstats.convert_for_deployment(model, fold=True)
+    assert all(layer.aux_loss is not None for layer in layers)  # the original keeps its own
+
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        reference = model.backbone(x)
+        for name, other, tolerance in (
+            ("deepcopy", copied, 0), ("torch.save/load", reloaded, 0),
+            ("to_frozen", frozen, 1e-5), ("fold", folded, 1e-4), ("deployment", deployed, 1e-4),
+        ):
+            other.eval()
+            outputs = other.backbone(x)
+            for key, value in reference.items():
+                torch.testing.assert_close(outputs[key], value, rtol=0, atol=tolerance, msg=f"{name} {key}")
+
+    # a copy trains on: its L_aux is computed and added to its losses
+    copied.train()
+    with EventStorage(0):
+        again = copied(batch)
+    assert "loss_evalnorm" in again and again["loss_evalnorm"].requires_grad
 
 
 def test_eval_only_switches_modes_and_ema_equals_the_bn_model(datasets_root, tmp_path):

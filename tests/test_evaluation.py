@@ -65,3 +65,20 @@ def test_detections_are_scored_as_by_detectron2(datasets_root, tmp_path):
     assert 0.0 < mine["AP"] < 100.0
     assert {k: v for k, v in mine.items() if not math.isnan(v)} == \
         {k: v for k, v in reference.items() if not math.isnan(v)}
+
+
+def test_the_lazyconfig_path_scores_a_model_without_detections_zero(datasets_root, tmp_path):
+    """d2_bnstats.lazy.evaluate on a LazyConfig naming detectron2's COCOEvaluator: 0, as the yacs path."""
+    from d2_bnstats import build_lazy_model, lazy, model_zoo
+    from d2_bnstats.d2.lazy.loop import build_evaluator
+    from d2_bnstats.d2.lazy.train import load_config
+
+    cfg = load_config(model_zoo.get_config_file("lazy/cpu/faster_rcnn_R_18_FPN_fashion.py"), [
+        f"dataloader.test.dataset.names={VAL}", f"train.output_dir={tmp_path}", "train.device=cpu",
+        "model.roi_heads.box_predictor.test_score_thresh=1.0"], world_size=1)  # no score is above 1: no detection
+    assert cfg.dataloader.evaluator._target_ is COCOEvaluator
+    evaluator = build_evaluator(cfg)
+    assert isinstance(evaluator, DetectionCountingCOCOEvaluator) and evaluator.dataset_name == VAL
+    assert cfg.dataloader.evaluator._target_ is COCOEvaluator  # the config is left as it was
+    results = lazy.evaluate(cfg, build_lazy_model(cfg).eval())
+    assert (results["bbox"]["AP"], results["bbox"]["AP50"], results["bbox"]["AP75"]) == (0.0, 0.0, 0.0)

@@ -104,3 +104,49 @@ def test_killing_the_launcher_ends_its_workers(datasets_root, tmp_path):
         for pid in workers:  # only processes this test started, if the check above failed
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# ---- a worker that dies: the launcher's output ends with the line that names it ------------------
+LATE_LINE = "a line the dead worker's child prints after its parent died"
+
+
+def _print_late(started):
+    started.set()
+    time.sleep(1.5)
+    print(LATE_LINE, file=sys.stderr, flush=True)
+
+
+def _die_leaving_a_child():
+    """Rank 1 starts a child process, then is SIGKILLed; rank 0 works on until it is stopped."""
+    import multiprocessing
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        context = multiprocessing.get_context("spawn")
+        started = context.Event()
+        context.Process(target=_print_late, args=(started,)).start()
+        started.wait(60)
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(120)
+
+
+LAUNCH = """
+import sys
+from d2_bnstats.d2.launch import launch
+from tests.test_launch_orphans import _die_leaving_a_child
+launch(_die_leaving_a_child, 2)
+"""
+
+
+@pytest.mark.slow
+def test_the_launcher_output_ends_with_the_dead_worker_not_with_what_its_children_print():
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", LAUNCH], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300, start_new_session=True)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 1
+    assert LATE_LINE in lines, "the child did not outlive its parent: the test tested nothing"
+    assert lines[-1].endswith("process 1 terminated with signal SIGKILL"), lines[-5:]
+    assert time.monotonic() - started < 120  # rank 0 was stopped, not waited for

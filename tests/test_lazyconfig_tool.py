@@ -59,7 +59,8 @@ def tiny_overrides(output_dir, max_iter=3, **extra):
 
 
 def run_tool(args, datasets_root):
-    env = dict(os.environ, OMP_NUM_THREADS="1", DETECTRON2_DATASETS=datasets_root, PYTHONWARNINGS="ignore")
+    # PYTHONPATH: this checkout's plug-in, not an installed copy
+    env = dict(os.environ, OMP_NUM_THREADS="1", DETECTRON2_DATASETS=datasets_root, PYTHONWARNINGS="ignore", PYTHONPATH=REPO)
     return subprocess.run(
         [sys.executable, TOOL, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
@@ -182,8 +183,8 @@ def test_a_run_checks_the_whole_run_before_it_starts(datasets_root):
     base = ["--config-file", CONFIG.format(""), "dataloader.train.dataset.names=fashion_scenes_tiny_train"]
     with pytest.raises(LazyConfigError, match=r"total_batch_size = 2 is the total batch .* processes \(3\)"):
         check_run(argument_parser().parse_args(["--num-gpus", "3", *base]))
-    with pytest.raises(LazyConfigError, match="--num-gpus after the overrides is read as one"):
-        check_run(argument_parser().parse_args([*base, "--num-gpus", "3"]))
+    with pytest.raises(LazyConfigError, match=r"total_batch_size = 2 is the total batch .* processes \(3\)"):
+        check_run(argument_parser().parse_args([*base, "--num-gpus", "3"]))  # a flag after the overrides
     with pytest.raises(LazyConfigError, match=r"dataloader\.test\.dataset\.names names 'fashion_scenes_tiny_vall', "
                                               r"which is not a registered data set; did you mean 'fashion_scenes_tiny_val'"):
         check_run(argument_parser().parse_args([*base, "dataloader.test.dataset.names=fashion_scenes_tiny_vall"]))
@@ -191,3 +192,17 @@ def test_a_run_checks_the_whole_run_before_it_starts(datasets_root):
         check_run(argument_parser().parse_args(["--register-coco", "extra", "/nonexistent.json", "/tmp", *base]))
     cfg = check_run(argument_parser().parse_args([*base, "dataloader.test.dataset.names=fashion_scenes_tiny_val"]))
     assert cfg.dataloader.train.dataset.names == "fashion_scenes_tiny_train"
+
+
+def test_an_output_folder_that_is_a_file_is_refused_before_the_run(datasets_root, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    base = ["--config-file", CONFIG.format(""), "dataloader.train.dataset.names=fashion_scenes_tiny_train",
+            "dataloader.test.dataset.names=fashion_scenes_tiny_val"]
+    for output, words in ((a_file, "is a file, not a folder"), (a_file / "run", f"{a_file} is a file")):
+        with pytest.raises(LazyConfigError, match="train.output_dir") as error:
+            check_run(argument_parser().parse_args([*base, f"train.output_dir={output}"]))
+        assert words in str(error.value) and "\n" not in str(error.value)
+    result = run_tool([*base, f"train.output_dir={a_file / 'run'}"], datasets_root)
+    assert result.returncode == 1 and result.stdout == ""  # nothing printed before the line
+    assert result.stderr.strip().splitlines()[-1].startswith("lazyconfig_train_net: ")

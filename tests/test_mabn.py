@@ -4,6 +4,7 @@ import copy
 import io
 import logging
 import math
+import pickle
 import re
 
 import pytest
@@ -106,27 +107,52 @@ def _batch(t, n, channels=4, h=5, w=3, seed=0):
 SCHEDULE = dict(m=3, warmup=5, renorm_start=8, clip=1.25, rho=0.9)
 
 
-def _layer(channels=4, **kw):
-    """A layer whose steps end with every optimizer step (the hook a model built by the plug-in gets)."""
+def _layer(channels=4, hook=True, **kw):
+    """A layer whose steps end with every optimizer step (with ``hook``: the hook a model built by the
+    plug-in gets; without: as a plain PyTorch model has it)."""
     s = dict(SCHEDULE, **kw)
     layer = MABN2d(
         channels, eps=EPS, decay=s["rho"], buffer_size=s["m"], warmup_iters=s["warmup"],
         renorm_start=s["renorm_start"], renorm_clip=s["clip"],
     ).double()
-    attach_step_hook(layer)
+    if hook:
+        attach_step_hook(layer)
     return layer
 
 
-def _run_against_reference(calls_per_step, steps=14):
+def _copy_layer(layer, how):
+    """A copy of ``layer`` as a user would make one mid-training."""
+    if how == "deepcopy":
+        return copy.deepcopy(layer)
+    if how in ("torch.save", "pickle"):
+        buffer = io.BytesIO()
+        if how == "pickle":
+            pickle.dump(layer, buffer)
+        else:
+            torch.save(layer, buffer)
+        buffer.seek(0)
+        return pickle.load(buffer) if how == "pickle" else torch.load(buffer, weights_only=False)
+    fresh = _layer(hook=False)  # "state_dict": a new layer that loads the state
+    fresh.load_state_dict(layer.state_dict())
+    return fresh
+
+
+def _run_against_reference(calls_per_step, steps=14, hook=True, copy_at=None, how=None):
     torch.manual_seed(0)
-    layer = _layer()
+    layer = _layer(hook=hook)
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5)
         layer.bias.normal_()
     opt = torch.optim.SGD(layer.parameters(), lr=0.05)
     ref = PlainMABN(4, **SCHEDULE)
     sizes = [2, 1, 3, 2, 1]
+    original = layer
     for t in range(1, steps + 1):
+        if t == copy_at:  # the copy trains on with its own optimizer; the original stays alive
+            layer = _copy_layer(original, how)
+            state = opt.state_dict()
+            opt = torch.optim.SGD(layer.parameters(), lr=0.05)
+            opt.load_state_dict(state)
         calls = [_batch(t, sizes[(t + k) % len(sizes)], seed=k) for k in range(calls_per_step)]
         gamma, beta = layer.weight.detach().clone(), layer.bias.detach().clone()
         expected, dgamma, dbeta = ref.step(calls, gamma, beta)
@@ -156,6 +182,51 @@ def test_forward_backward_and_R_match_the_equations_through_warmup_sma_and_renor
 def test_several_calls_per_step_give_one_entry_per_step():
     # gradient accumulation / a head shared by several inputs: 3 calls per optimiser step
     _run_against_reference(calls_per_step=3)
+
+
+def test_driven_as_batchnorm_in_a_plain_pytorch_loop_it_matches_the_equations():
+    # no attach_step_hook, no end_step: the torch optimizer that holds the parameters ends the steps
+    ref = _run_against_reference(calls_per_step=2, hook=False)
+    assert ref.clipped > 0
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save", "pickle", "state_dict"])
+@pytest.mark.parametrize("hook", [True, False], ids=["hooked", "plain"])
+def test_a_copy_made_mid_training_trains_on_as_the_equations_say(how, hook):
+    # copied after step 6 (in warmup, the ring buffer full), trained on through the SMA and renorm
+    # steps: the original's hooks must not be needed by the copy
+    ref = _run_against_reference(calls_per_step=2, hook=hook, copy_at=7, how=how)
+    assert ref.clipped > 0
+
+
+def test_a_copy_made_between_backward_and_optimizer_step_ends_that_step():
+    layer = _layer(hook=False)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.05)
+    _backward(layer)
+    copied = copy.deepcopy(layer)  # pending statistics of step 1 in the copy
+    opt.step()
+    assert layer.steps == 1 and copied.steps == 0 and copied.pending_count > 0  # another optimizer's step
+    copy_opt = torch.optim.SGD(copied.parameters(), lr=0.05)
+    copy_opt.step()
+    assert copied.steps == 1 and not copied.pending_count
+    for name, value in layer.named_buffers():  # the step's statistics (deepcopy leaves .grad out)
+        assert torch.equal(value, dict(copied.named_buffers())[name]), name
+
+
+def test_a_loop_without_a_torch_optimizer_that_never_ends_steps_is_told():
+    from d2_bnstats.layers.mabn_step import PENDING_CALLS_WARNING
+
+    layer = MABN2d(4).double()
+    x, dy = _batch(1, 2)
+    with pytest.warns(RuntimeWarning, match=r"end_step\(\)"):
+        for _ in range(PENDING_CALLS_WARNING):
+            layer(x).backward(dy)
+            with torch.no_grad():  # an update that no torch optimizer makes
+                layer.weight -= 0.01 * layer.weight.grad
+            layer.weight.grad = None
+    assert layer.steps == 0
+    end_step()
+    assert layer.steps == 1
 
 
 def test_accumulated_micro_batches_record_the_exact_union_statistics():
@@ -527,14 +598,32 @@ def _backward(layer, t=1):
     layer(x).backward(dy)
 
 
-def test_steps_end_by_the_hook_of_their_own_model_only():
-    free = MABN2d(4).double()  # constructing a layer installs nothing
-    hooked = MABN2d(4).double()
+def test_steps_end_with_the_optimizer_that_holds_the_parameters():
+    a, b = MABN2d(4).double(), MABN2d(4).double()  # constructing a layer installs nothing
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
+    _backward(a)
+    _backward(b)
+    opt_a.step()
+    assert a.steps == 1 and b.steps == 0 and b.pending_count > 0  # another model's optimizer
+    opt_b.step()
+    assert b.steps == 1 and not b.pending_count
+
+
+def _frozen_backward(layer, t=1):
+    x, dy = _batch(t, 2)
+    layer(x.requires_grad_(True)).backward(dy)
+
+
+def test_layers_no_optimizer_updates_end_by_their_models_hook_or_end_step():
+    free, hooked = MABN2d(4).double(), MABN2d(4).double()
+    for p in (*free.parameters(), *hooked.parameters()):
+        p.requires_grad_(False)  # a frozen affine: no optimizer holds γ, b
     handle = attach_step_hook(hooked)
     assert attach_step_hook(hooked) is handle and handle.model is hooked  # one hook per model
-    opt = torch.optim.SGD(list(free.parameters()) + list(hooked.parameters()), lr=0.1)
-    _backward(free)
-    _backward(hooked)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)  # another part of the model
+    _frozen_backward(free)
+    _frozen_backward(hooked)
     opt.step()
     assert hooked.steps == 1 and free.steps == 0 and free.pending_count > 0
     end_step(free)  # a loop without a torch optimizer ends the step itself
@@ -542,7 +631,7 @@ def test_steps_end_by_the_hook_of_their_own_model_only():
     handle.remove()
     handle.remove()  # idempotent
     assert not handle.attached
-    _backward(hooked, 2)
+    _frozen_backward(hooked, 2)
     opt.step()
     assert hooked.steps == 1
     end_step()  # every layer with pending statistics
@@ -569,7 +658,7 @@ def test_the_deprecated_process_wide_hook_ends_every_layer():
     from d2_bnstats.layers.mabn import set_optimizer_step_hook
 
     layer = MABN2d(4).double()
-    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)  # does not hold the layer's parameters
     with pytest.warns(DeprecationWarning):
         set_optimizer_step_hook(True)
     try:

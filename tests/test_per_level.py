@@ -182,6 +182,26 @@ def test_state_dict_round_trip_and_other_layouts():
     assert torch.all(other.levels[1].bias == 0.5)
 
 
+def test_the_next_level_is_saved_and_older_states_load_at_level_zero():
+    torch.manual_seed(0)
+    wrapper = PerLevelNorm(nn.BatchNorm2d(C), LEVELS)
+    features = level_features(0)
+    wrapper(features[0])  # the next call goes to level 1
+    state = wrapper.state_dict()
+    assert state._metadata[""]["version"] == PerLevelNorm._version == 3
+    reloaded = PerLevelNorm(nn.BatchNorm2d(C), LEVELS)
+    reloaded.load_state_dict(state)
+    wrapper.eval(), reloaded.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(features[1]), wrapper(features[1]))  # level 1 in both
+    # a version-2 state has no level: it loads (strictly) with the next call at level 0
+    older = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+    reloaded.load_state_dict(older)
+    assert reloaded.get_extra_state().item() == 0
+    with pytest.raises(ValueError, match="3 levels"):
+        reloaded.set_extra_state(torch.tensor(5))
+
+
 # --- detectron2 RetinaNet through the model transform --------------------------------------------
 
 

@@ -849,3 +849,20 @@ def test_trend_claim_slope_interval_and_figure(results, tmp_path):
     paths = make_trend_figures(records, [claim], (), str(tmp_path / "fig"))
     (path,) = paths[EXP]
     assert path.endswith(f"{EXP}_gain_vs_diversity.png") and os.path.getsize(path) > 0
+
+
+def test_per_checkpoint_test_image_intervals_table(results):
+    """Records that carry the comparison tool's intervals get a per-checkpoint table; others none."""
+    records = report.load_records(results)
+    assert "Per checkpoint, on its test images" not in report.render_markdown(records, [])
+    aps = {name: values[1] for name, values in AP["scratch_2img"].items()}
+    record = make_record(EXP, "scratch_2img", 1, FACTORS["scratch_2img"], aps)
+    for entry in record["strategies"]:
+        if entry["strategy"] == "evalnorm_learned":
+            entry["versus_ema"] = {"difference": 1.5, "low": 0.25, "high": 2.75, "rounds": 1000}
+    write_record(results, record)
+    text = report.render_markdown(report.load_records(results), [])
+    assert "Per checkpoint, on its test images" in text
+    assert _table_row(text, "scratch_2img")  # the AP table's row comes first; the interval row follows
+    line = next(x for x in text.splitlines() if x.startswith("| scratch_2img | 1 |"))
+    assert line == "| scratch_2img | 1 | +1.50 [+0.25, +2.75] |"

@@ -20,6 +20,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import HookBase
 
+from d2_bnstats.d2.checkpoint import AtomicCheckpointer
 from d2_bnstats.d2.train import load_config
 from d2_bnstats.d2.trainer import Trainer, checkpoint_training_state
 
@@ -119,6 +120,33 @@ def test_resumed_run_matches_uninterrupted_run(norm, extra, fixed_batch, one_thr
     assert resumed_state.keys() == full.keys()
     differing = [k for k, v in full.items() if not torch.equal(v, resumed_state[k])]
     assert not differing, f"{len(differing)} of {len(full)} tensors differ after resuming, e.g. {differing[:3]}"
+
+
+def test_resume_after_a_damaged_last_checkpoint_continues_from_the_one_before(fixed_batch, one_thread, tmp_path):
+    """What an in-place write killed halfway leaves (a truncated ``model_final.pth`` that
+    ``last_checkpoint`` names): the resumed run starts from checkpoint k instead and ends as the
+    uninterrupted run."""
+    uninterrupted = tmp_path / "uninterrupted"
+    finished = train("bn", uninterrupted, resume=False, extra={})
+    assert isinstance(finished.checkpointer, AtomicCheckpointer)
+    assert (uninterrupted / "last_checkpoint").read_text() == "model_final.pth"
+    full = model_state(finished)
+
+    checkpoint = f"model_{CHECKPOINT_PERIOD - 1:07d}.pth"
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    shutil.copy(uninterrupted / checkpoint, damaged / checkpoint)
+    final = (uninterrupted / "model_final.pth").read_bytes()
+    (damaged / "model_final.pth").write_bytes(final[: len(final) // 3])
+    (damaged / "last_checkpoint").write_text("model_final.pth")
+
+    resumed = train("bn", damaged, resume=True, extra={})
+    assert resumed.start_iter == CHECKPOINT_PERIOD
+    resumed_state = model_state(resumed)
+    differing = [k for k, v in full.items() if not torch.equal(v, resumed_state[k])]
+    assert not differing, f"{len(differing)} of {len(full)} tensors differ, e.g. {differing[:3]}"
+    # the run rewrote the damaged file with a complete one
+    assert torch.load(damaged / "model_final.pth", map_location="cpu", weights_only=False)["iteration"] == MAX_ITER - 1
 
 
 # ---- what is added to the checkpoint, by what the trainer's state already holds ----

@@ -104,13 +104,47 @@ def test_under_the_guard_the_layers_leave_the_decision_to_it_until_closed(name):
     assert int(layer.nonfinite_skips) == 2
 
 
-def test_a_layer_called_twice_in_a_step_loses_both_updates():
-    layer = nn.BatchNorm2d(C).train()
-    train_steps(layer, [(0, "finite")])
-    before = statistics(layer)
+LEVELS = [(10, "finite"), (11, "nan"), (12, "finite"), (13, "inf"), (14, "finite")]  # one step, 5 FPN levels
+
+
+def shared_steps(layer, steps, guard=None, keep=lambda kind: True):
+    """Steps of a head shared by the levels: each step calls ``layer`` once per level (the calls
+    whose kind ``keep`` refuses are left out); the shuffle seeded per call."""
+    for step, levels in enumerate(steps):
+        if guard is not None:
+            guard.snapshot()
+        total = 0
+        for seed, kind in levels:
+            if keep(kind):
+                torch.manual_seed(100 * step + seed)
+                total = total + layer(inputs(seed, kind).requires_grad_(True)).sum()
+        total.backward()
+        if guard is not None:
+            guard.restore_nonfinite()
+
+
+@pytest.mark.parametrize("name", ALL_LAYERS)
+def test_a_layer_shared_within_a_step_keeps_the_updates_of_its_finite_calls(name):
+    layer = build_any(name)
+    only_finite = copy.deepcopy(layer)
     guard = StepStatisticsGuard(layer)
+    # the first step's first call is finite: from the second call on the layer is guarded per call
+    steps = [[(0, "finite"), (1, "finite")], LEVELS, LEVELS[::-1]]
+    shared_steps(layer, steps, guard)
+    shared_steps(only_finite, steps, keep=lambda kind: kind == "finite")
+    assert_same(statistics(layer), statistics(only_finite))
+    assert int(layer.nonfinite_skips) == 4
+    guard.close()
+    assert not layer._forward_pre_hooks and not layer._forward_hooks  # nothing left behind
+
+
+def test_a_layer_called_once_per_step_is_still_decided_once_per_step():
+    layer = nn.BatchNorm2d(C).train()
+    guard = StepStatisticsGuard(layer)
+    train_steps(layer, [(0, "finite")], guard)
+    assert not layer._forward_pre_hooks and not layer._forward_hooks  # the call count is gone after step 1
+    before = statistics(layer)
     guard.snapshot()
-    layer(batch(1))
     layer(bad_batch(2))
     assert guard.restore_nonfinite() == 1
     assert_same(statistics(layer), before)

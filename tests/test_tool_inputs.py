@@ -169,3 +169,78 @@ def test_train_net_bad_config_is_one_line_before_launch(argv, message, monkeypat
     with pytest.raises(SystemExit) as info:
         train.run(train.argument_parser().parse_args(argv))
     assert str(info.value).startswith(message)
+
+
+# ------------------------------------------------------------------------------ checked before any work
+def _broken_dataset(tmp_path, name):
+    """A COCO data set whose second image's box lies entirely outside the image, registered as ``name``."""
+    from .test_data_checks import SIZE, register, write_coco
+
+    json_file, root = write_coco(str(tmp_path / name), name=name, annotations=[
+        {"image_id": 1, "bbox": [4, 4, 10, 10], "category_id": 1}, {"image_id": 2, "bbox": [SIZE + 3, 5, 10, 10], "category_id": 1}])
+    register(name, json_file, root)
+    return json_file
+
+
+def _one_line(stop, tool, *words):
+    message = str(stop.value)
+    assert message.startswith(f"{tool}: ") and "\n" not in message, message
+    assert all(word in message for word in words), message
+
+
+def test_the_comparison_checks_its_inputs_and_output_before_it_starts(datasets_root, tmp_path, monkeypatch, capsys):
+    from d2_bnstats.compare import cli
+
+    monkeypatch.setattr(cli, "launch_from_args", lambda *a, **k: pytest.fail("launched despite a bad input"))
+    weights = tmp_path / "model_final.pth"
+    _torch_zip(weights)
+    broken = _broken_dataset(tmp_path, "broken_compare_val")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    base = ["--config-file", BN_CPU, *small_opts(tmp_path / "run"), "MODEL.WEIGHTS", str(weights)]
+    cases = [
+        (["--output", str(weights)], ["--output", str(weights), "is a file"]),  # an existing .pth
+        (["--output", str(a_file / "compare")], ["--output", f"{a_file} is a file"]),
+        (["--strategies", "nope"], ["unknown strategy 'nope'"]),
+        (["--max-images", "-3"], ["--max-images = -3"]),
+        (["MODEL.WEIGHTS", str(tmp_path / "none.pth")], ["none.pth", "no such file"]),
+        (["DATASETS.TEST", "('broken_compare_val',)"], [broken, "entirely outside"]),
+    ]
+    for extra, words in cases:
+        with pytest.raises(SystemExit) as stop:
+            cli.run(cli.parse_args(base + extra))
+        _one_line(stop, "compare_bn_stats", *words)
+    assert capsys.readouterr().out == ""
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "broken_compare_val", "model_final.pth"]
+
+
+def test_estimation_conversion_and_deployment_check_their_inputs_before_any_work(datasets_root, tmp_path, capsys):
+    weights = tmp_path / "w.pth"
+    _torch_zip(weights)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    broken = _broken_dataset(tmp_path, "broken_tools_train")
+    opts = small_opts(tmp_path / "run")
+    estimate, convert, deploy = load_tool("estimate_evalnorm"), load_tool("convert_to_mabn"), load_tool("deploy_model")
+    cases = [
+        (estimate, ["--config-file", BN_CPU, "--output", str(a_file / "en.pth"), *opts, "MODEL.WEIGHTS", str(weights)],
+         [str(a_file), "is a file"]),
+        (estimate, ["--config-file", BN_CPU, *opts, "MODEL.WEIGHTS", str(weights), "DATASETS.TRAIN", "('broken_tools_train',)"],
+         [broken, "entirely outside"]),
+        (estimate, ["--config-file", BN_CPU, "--images", "0", *opts, "MODEL.WEIGHTS", str(weights)], ["images must be >= 1"]),
+        (convert, ["--config-file", MABN_CPU, "--weights", str(weights), "--output", str(a_file / "m.pth"), *opts],
+         ["--output", str(a_file), "is a file"]),
+        (convert, ["--config-file", MABN_CPU, "--weights", str(tmp_path / "none.pkl"), "--output", str(tmp_path / "m.pth"), *opts],
+         ["--weights", "none.pkl", "no such file"]),
+        (convert, ["--config-file", MABN_CPU, "--weights", str(weights), "--output", str(tmp_path / "m.pth"),
+                   "--dataset", "broken_tools_train", *opts], [broken, "entirely outside"]),
+        (deploy, ["--config-file", BN_CPU, "--output", str(tmp_path / "d"), "--sample-image", str(tmp_path / "no.png"), *opts],
+         ["--sample-image", "no.png"]),
+    ]
+    for tool, argv, words in cases:
+        name = os.path.basename(tool.__file__)[:-3]
+        with pytest.raises(SystemExit) as stop:
+            tool.main(argv)
+        _one_line(stop, name, *words)
+    assert capsys.readouterr().out == ""
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "broken_tools_train", "w.pth"]  # nothing written

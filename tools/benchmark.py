@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """End-to-end benchmark of every norm: training s/iter and peak memory (ratio to BN), inference
 s/image (ratio to FrozenBN, every EvalNorm mode), PreciseBN cost over n images (ratio to plain
-forwards, linear fit). Prints markdown tables, writes JSON and a PNG plot.
+forwards, linear fit). Prints markdown tables and writes them (report.md), JSON (results.json) and a
+PNG plot (ratios.png) into --output. KEY VALUE overrides (anywhere on the line) apply to every model.
 
     python tools/benchmark.py                          # full run (see docs/benchmarks.md), output/bench/
     python tools/benchmark.py --tiny                   # smoke run: tiny sizes, < 60 s
@@ -13,16 +14,21 @@ forwards, linear fit). Prints markdown tables, writes JSON and a PNG plot.
 Norms that are not registered in this installation are reported as "not available". The logic is
 in the package bnstats_lab.benchmark (method: the docstring of its module e2e).
 """
-import argparse
-import dataclasses
 import os
 import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # a clone's script: the lab (bnstats_lab) and the plug-in of this clone
+    sys.path.insert(0, ROOT)
+
+import dataclasses
 
 import bnstats_lab  # noqa: F401  (registers the norms and data sets)
 from bnstats_lab.benchmark.e2e import TINY, BenchmarkSettings, run_benchmark
 from bnstats_lab.benchmark.models import ARCH_CONFIGS
 from bnstats_lab.benchmark.report import format_report, plot_report
-from d2_bnstats.outputs import write_json
+from d2_bnstats.cli.args import ToolArgumentParser
+from d2_bnstats.outputs import write_json, write_text
 
 
 def build_settings(args) -> BenchmarkSettings:
@@ -46,7 +52,7 @@ def build_settings(args) -> BenchmarkSettings:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolArgumentParser(description=__doc__, config=False, register_coco=False)
     p.add_argument("--tiny", "--smoke", dest="tiny", action="store_true", help="tiny sizes (smoke run, < 60 s)")
     p.add_argument("--archs", nargs="+", choices=sorted(ARCH_CONFIGS), help="default: frcnn mrcnn")
     p.add_argument("--ims-per-batch", nargs="+", type=int, help="default: 2 8")
@@ -60,17 +66,16 @@ def main(argv=None):
     p.add_argument("--inference-images", type=int, help="images per inference round (default 8)")
     p.add_argument("--precise-bn-images", nargs="+", type=int, help="n values (default 100 300 1000; the full sizes: 100 1000 10000)")
     p.add_argument("--precise-bn-repeats", type=int, help="repetitions at the smallest n (default 3; fewer at larger n)")
-    p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--no-inference", action="store_true")
-    p.add_argument("--no-precise-bn", action="store_true")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--no-inference", action="store_true", help="skip the inference timing")
+    p.add_argument("--no-precise-bn", action="store_true", help="skip the PreciseBN cost measurement")
     p.add_argument("--clock", choices=("wall", "cpu"), default=None,
                    help="this process's CPU time (default on CPU; steady on a shared machine) or wall time "
                         "(default and required on CUDA)")
     p.add_argument("--device", default="cpu",
                    help="cpu (default) or cuda[:N]: MODEL.DEVICE of every model (see docs/benchmarks.md, GPU)")
     p.add_argument("--threads", type=int, help="torch threads (default 1)")
-    p.add_argument("--output", default="output/bench", help="folder for results.json and ratios.png")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides for every model")
+    p.add_argument("--output", default="output/bench", help="folder for results.json, report.md and ratios.png")
     args = p.parse_args(argv)
     for name in args.norms or ():
         if not isinstance(name, str) or not name:
@@ -87,9 +92,11 @@ def main(argv=None):
     os.makedirs(args.output, exist_ok=True)
     json_path = os.path.join(args.output, "results.json")
     write_json(json_path, result, indent=1)
+    report = format_report(result)
+    md_path = write_text(os.path.join(args.output, "report.md"), report + "\n")
     png = plot_report(result, os.path.join(args.output, "ratios.png"))
-    print(format_report(result))
-    print(f"\nwrote {json_path}" + (f" and {png}" if png else " (no plot: matplotlib missing)"))
+    print(report)
+    print(f"\nwrote {json_path}, {md_path}" + (f" and {png}" if png else " (no plot: matplotlib missing)"))
     return 0
 
 

@@ -8,11 +8,16 @@
 
 The logic is in bnstats_lab.benchmark.layers.
 """
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # a clone's script: the lab (bnstats_lab) and the plug-in of this clone
+    sys.path.insert(0, ROOT)
+
 import argparse
 import dataclasses
-import os
 import platform
-import sys
 
 import torch
 
@@ -36,8 +41,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions (smoke run)")
     p.add_argument("--r50", action="store_true", help="R-50-FPN shapes at 800 px, 2 images (the GPU models)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: layers and tensors on that device")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per norm and shape (default 5)")
+    p.add_argument("--iters", type=int, default=10, help="calls timed per round: training forward+backward, or inference forward (default 10)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", help="write the rows as JSON here")
     p.add_argument("--guard", choices=("call", "step"), default="call",

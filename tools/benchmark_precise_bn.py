@@ -6,31 +6,34 @@
 
 Target: ratio <= 1.2. The logic is in bnstats_lab.benchmark.precise_bn.
 """
-import argparse
-import dataclasses
 import os
-import platform
 import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # a clone's script: the lab (bnstats_lab) and the plug-in of this clone
+    sys.path.insert(0, ROOT)
+
+import dataclasses
+import platform
 
 import torch
 
 import bnstats_lab  # noqa: F401  (registers the norms and data sets)
 from bnstats_lab.benchmark.precise_bn import benchmark_precise_bn, load_batches
+from d2_bnstats.cli.args import ToolArgumentParser
 from d2_bnstats.d2.train import load_config
 from d2_bnstats.d2.trainer import Trainer
 from d2_bnstats.outputs import write_json
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", "--config", dest="config_file", required=True)
+    p = ToolArgumentParser(description=__doc__, config_required=True, register_coco=False)
     p.add_argument("--batches", type=int, default=10, help="training batches per pass (SOLVER.IMS_PER_BATCH images each)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed passes of each method (default 5)")
     p.add_argument("--no-fvcore", action="store_true", help="do not time fvcore's update_bn_stats")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable CPU times on a shared machine)")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="CPU time of this process (default) or wall time")
     p.add_argument("--json", help="write the result as JSON here")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = p.parse_args(argv)
     if args.batches < 1 or args.repeats < 1:
         p.error("--batches and --repeats must be >= 1")

@@ -10,10 +10,15 @@
 
 The logic is in bnstats_lab.benchmark.distributed (the single-process benchmark is tools/benchmark_norms.py).
 """
-import argparse
-import dataclasses
 import os
 import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # a clone's script: the lab (bnstats_lab) and the plug-in of this clone
+    sys.path.insert(0, ROOT)
+
+import argparse
+import dataclasses
 
 import torch
 
@@ -27,6 +32,7 @@ from bnstats_lab.benchmark.distributed import (
     format_training_table,
 )
 from d2_bnstats.d2.launch import launch
+from d2_bnstats.cli.args import ToolArgumentParser
 from d2_bnstats.outputs import write_json
 
 
@@ -57,12 +63,13 @@ def _worker(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-procs", type=int, default=2)
-    p.add_argument("--norms", nargs="+", default=["SyncBN", "RoIShuffleBN"])
+    p = ToolArgumentParser(description=__doc__, config=False, register_coco=False)
+    p.add_argument("--num-procs", type=int, default=2, help="processes (gloo on CPU; default 2)")
+    p.add_argument("--norms", nargs="+", default=["SyncBN", "RoIShuffleBN"],
+                   help="norms timed layer by layer (default SyncBN RoIShuffleBN)")
     p.add_argument("--shapes", nargs="+", type=parse_shapes, help="per shape set: NxCxHxW for each process, comma-separated")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per norm and shape (default 5)")
+    p.add_argument("--iters", type=int, default=10, help="iterations per round (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="with --train-config: untimed iterations first")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     p.add_argument("--json", help="write the rows as JSON here")
@@ -70,7 +77,6 @@ def main(argv=None):
     p.add_argument("--variant", dest="variants", action="append",
                    help="with --train-config, repeatable: one variant as KEY=VALUE[,KEY=VALUE...]; times are compared "
                    "to the first (default: MODEL.ROI_BOX_HEAD.NORM=BN, then =RoIShuffleBN)")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="with --train-config: KEY VALUE overrides for every variant")
     args = p.parse_args(argv)
     if not args.variants:
         args.variants = ["MODEL.ROI_BOX_HEAD.NORM=BN", "MODEL.ROI_BOX_HEAD.NORM=RoIShuffleBN"]

@@ -11,13 +11,20 @@ checkpoint that MODEL.WEIGHTS loads like an ImageNet one.
 
 The logic is in bnstats_lab.pretrain; docs/configs.md describes the recipe and the checkpoint format.
 """
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # a clone's script: the lab (bnstats_lab) and the plug-in of this clone
+    sys.path.insert(0, ROOT)
+
 import argparse
 import logging
-import sys
 
 import torch
 
 import bnstats_lab  # noqa: F401  (registers the norms)
+from d2_bnstats.cli.args import ToolArgumentParser
 from d2_bnstats.outputs import write_json
 from bnstats_lab.pretrain import DEFAULT_CONFIG, PretrainOptions, default_checkpoint_path, pretrain
 
@@ -33,31 +40,30 @@ def parse_sides(text):
 
 def argument_parser():
     defaults = PretrainOptions()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", "--config", dest="config_file", default=DEFAULT_CONFIG,
-                   help="detection config whose backbone is pre-trained (default: %(default)s)")
+    p = ToolArgumentParser(description=__doc__, register_coco=False, config_default=DEFAULT_CONFIG,
+                           config_help="detection config whose backbone is pre-trained (default: %(default)s)")
     p.add_argument("--depth", type=int, default=None, help="ResNet depth (18, 34, 50, ...); default: the config's")
     p.add_argument("--norm", default=defaults.norm, help="backbone norm during pre-training (default: %(default)s)")
     p.add_argument("--weight-centralization", action="store_true",
                    help="convs compute with centralised filters; the checkpoint holds centralised weights (MABN)")
     p.add_argument("--output", default=None,
                    help="checkpoint path (default: output/pretrain/r{depth}[_{norm}]_fashion_mnist[_wc].pkl)")
-    p.add_argument("--epochs", type=float, default=defaults.epochs)
+    p.add_argument("--epochs", type=float, default=defaults.epochs, help="passes over Fashion-MNIST (default %(default)s)")
     p.add_argument("--max-iter", type=int, default=None, help="iterations (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.base_lr)
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    p.add_argument("--warmup-iters", type=int, default=defaults.warmup_iters)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step (default %(default)s)")
+    p.add_argument("--lr", type=float, default=defaults.base_lr, help="base learning rate (default %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="default %(default)s")
+    p.add_argument("--warmup-iters", type=int, default=defaults.warmup_iters,
+                   help="linear learning-rate warm-up iterations (default %(default)s)")
     p.add_argument("--image-size", type=int, default=defaults.image_size, help="canvas side in pixels")
     p.add_argument("--train-sides", type=parse_sides, default=defaults.train_sides, help="item side MIN-MAX in training")
-    p.add_argument("--test-side", type=int, default=defaults.test_side)
+    p.add_argument("--test-side", type=int, default=defaults.test_side, help="item side in pixels at test (default %(default)s)")
     p.add_argument("--train-subset", type=int, default=None, help="use the first N training images")
     p.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images")
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default %(default)s)")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--log-period", type=int, default=defaults.log_period)
+    p.add_argument("--log-period", type=int, default=defaults.log_period, help="iterations between log lines (default %(default)s)")
     p.add_argument("--json", default=None, help="also write the summary as JSON here")
-    p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides of the config")
     return p
 
 

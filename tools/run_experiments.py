@@ -10,8 +10,14 @@
 A run whose record exists under --results is skipped; a stopped training resumes from its last
 checkpoint. The logic is in bnstats_lab.experiments.
 """
-import argparse
+import os
 import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # a clone's script: the lab (bnstats_lab) and the plug-in of this clone
+    sys.path.insert(0, ROOT)
+
+import argparse
 
 import bnstats_lab  # noqa: F401  (data sets registered, weights hints)
 from bnstats_lab.experiments.catalog import load_experiments
@@ -31,8 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="list the runs without a record; run nothing")
     p.add_argument("--list", action="store_true", help="list the experiments and their records, run nothing")
     p.add_argument("--report", action="store_true", help="render docs/results.md from the records (after any runs)")
-    p.add_argument("--report-output", default="docs/results.md")
-    p.add_argument("--figures", default="docs/results")
+    p.add_argument("--report-output", default="docs/results.md", help="with --report: the page to write (default %(default)s)")
+    p.add_argument("--figures", default="docs/results", help="with --report: the folder of its figures (default %(default)s)")
     p.add_argument("--readme", default=None,
                    help="README whose which-norm table is rewritten with the report (default: the report's, "
                         "README.md when it exists; '' for none)")

@@ -15,10 +15,19 @@ def _fmt(v, pattern):
 
 
 def _target_cell(row: dict) -> str:
+    """``<= 1.10x met`` / ``missed`` / ``unresolved`` (the 95% interval against the target)."""
     if row.get("target") is None:
         return ""
-    mark = "" if row.get("meets_target") is None else (" ok" if row["meets_target"] else " MISSED")
-    return f"<= {row['target']:.2f}x{mark}"
+    status = row.get("status")
+    if status is None:  # a result saved before the intervals: the point ratio only
+        status = "" if row.get("meets_target") is None else ("ok" if row["meets_target"] else "MISSED")
+    return f"<= {row['target']:.2f}x {status}".rstrip()
+
+
+def _interval_cell(row: dict) -> str:
+    if row.get("ratio_low") is None:
+        return ""
+    return f"[{row['ratio_low']:.3f}, {row['ratio_high']:.3f}]"
 
 
 def _timing_tables(result: dict, tabulate) -> List[str]:
@@ -26,9 +35,10 @@ def _timing_tables(result: dict, tabulate) -> List[str]:
     if result["train"]:
         parts.append("### Training: seconds per iteration, ratio to BN (same run, interleaved)")
         parts.append(tabulate([[r["arch"], r["ims_per_batch"], r["norm"], _fmt(r["median_s"], "{:.3f}"),
-                                _fmt(r["ratio"], "{:.3f}x"), _fmt(r["spread"], "{:.0%}"), _target_cell(r), r["skipped"] or ""]
+                                _fmt(r["ratio"], "{:.3f}x"), _interval_cell(r), _target_cell(r), r["skipped"] or ""]
                                for r in result["train"]],
-                              headers=["model", "img/batch", "norm", "s/iter", "/ BN", "spread", "target", "note"],
+                              headers=["model", "img/batch", "norm", "s/iter", "/ BN", "95% interval", "target",
+                                       "note"],
                               tablefmt="github"))
     if result["memory"]:
         on_gpu = any(str(r.get("method") or "").startswith("CUDA") for r in result["memory"])
@@ -42,9 +52,10 @@ def _timing_tables(result: dict, tabulate) -> List[str]:
     if result["inference"]:
         parts.append("### Inference: seconds per image, ratio to FrozenBN (same run, interleaved)")
         parts.append(tabulate([[r["arch"], r["norm"], _fmt(r["median_s"], "{:.4f}"), _fmt(r["ratio"], "{:.3f}x"),
-                                _fmt(r["spread"], "{:.0%}"), _target_cell(r), r["skipped"] or ""]
+                                _interval_cell(r), _target_cell(r), r["skipped"] or ""]
                                for r in result["inference"]],
-                              headers=["model", "norm / mode", "s/image", "/ FrozenBN", "spread", "target", "note"],
+                              headers=["model", "norm / mode", "s/image", "/ FrozenBN", "95% interval", "target",
+                                       "note"],
                               tablefmt="github"))
     return parts
 

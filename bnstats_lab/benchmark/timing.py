@@ -5,7 +5,11 @@ once in turn (:func:`interleave`; the starting candidate rotates), so drift of t
 all candidates alike. A candidate's figure is the median over rounds, its spread (max - min) / median
 (:func:`spread`), and its ratio to a reference the median over rounds of (candidate / reference in the
 same round) (:func:`summarize`), which cancels drift between rounds that the ratio of the medians
-would keep.
+would keep. Each ratio also gets a 95% confidence interval: Student's t interval of the mean of the
+per-round log-ratios, exponentiated (:func:`ratio_interval`); a target is **met** when the whole
+interval lies at or under it, **missed** when the whole interval lies over it, and **unresolved**
+otherwise (:func:`target_status`), so a table never calls a target met on a difference the rounds
+cannot resolve.
 
 On CUDA every timed block is bracketed by synchronisation (:func:`sync`) or timed with CUDA events
 (:func:`time_block`), so a block's time is that of its kernels, not of their queueing; before timing,
@@ -14,11 +18,14 @@ training run with fixed-size inputs sets) and every benchmark warms up first, so
 initialisation stay out of the figures. On CPU nothing of this changes anything.
 """
 import dataclasses
+import math
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from ..intervals import mean_interval
 
 CLOCKS: Dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -116,7 +123,10 @@ class TimingRow:
     spread: Optional[float] = None  # (max - min) / median of the per-round times
     ratio_spread: Optional[float] = None  # (max - min) / median of the per-round ratios
     target: Optional[float] = None  # the target for the ratio, where there is one
-    meets_target: Optional[bool] = None
+    meets_target: Optional[bool] = None  # True: met, False: missed, None: unresolved or no target
+    ratio_low: Optional[float] = None  # 95% interval of the ratio (t interval of the per-round log-ratios)
+    ratio_high: Optional[float] = None
+    status: Optional[str] = None  # "met", "missed", "unresolved" (target_status); None without a target
     rounds: int = 0
     skipped: Optional[str] = None  # "not available: ..." or why it could not be measured
 
@@ -126,9 +136,35 @@ def target_key(name: str) -> str:
     return name.split("/")[0].split(" ")[0]
 
 
+MET, MISSED, UNRESOLVED = "met", "missed", "unresolved"
+
+
+def ratio_interval(ratios: Sequence[float], level: float = 0.95) -> Optional[tuple]:
+    """The ``level`` confidence interval of a ratio measured once per round: the t interval of the
+    mean of log(ratio) over rounds, exponentiated (the geometric mean's interval); None for fewer than
+    2 rounds or a ratio that is not positive."""
+    if len(ratios) < 2 or min(ratios) <= 0:
+        return None
+    fit = mean_interval([math.log(r) for r in ratios], level)
+    return math.exp(fit["low"]), math.exp(fit["high"])
+
+
+def target_status(interval: Optional[tuple], target: Optional[float]) -> Optional[str]:
+    """"met" when the whole interval is at or under ``target``, "missed" when it is over it,
+    "unresolved" otherwise (or without an interval); None without a target."""
+    if target is None:
+        return None
+    if interval is None:
+        return UNRESOLVED
+    if interval[1] <= target:
+        return MET
+    return MISSED if interval[0] > target else UNRESOLVED
+
+
 def summarize(rows: Dict[str, TimingRow], times: Dict[str, List[float]], reference: str,
               targets: Dict[str, float]) -> None:
-    """Fill each row's median, spread, same-round ratio to ``reference`` and target check (in place)."""
+    """Fill each row's median, spread, same-round ratio to ``reference`` with its 95% interval, and
+    the target's status (in place)."""
     ref = times.get(reference)
     for key, row in rows.items():
         t = times.get(key)
@@ -137,11 +173,16 @@ def summarize(rows: Dict[str, TimingRow], times: Dict[str, List[float]], referen
         row.median_s = statistics.median(t)
         row.spread = spread(t)
         row.rounds = len(t)
+        interval = None
         if ref:
             ratios = [a / b for a, b in zip(t, ref)]
             row.ratio = statistics.median(ratios)
             row.ratio_spread = spread(ratios)
+            interval = ratio_interval(ratios)
+            if interval is not None:
+                row.ratio_low, row.ratio_high = interval
         base = target_key(key)
         if base in targets:
             row.target = targets[base]
-            row.meets_target = None if row.ratio is None else row.ratio <= row.target
+            row.status = target_status(interval, row.target)
+            row.meets_target = {MET: True, MISSED: False}.get(row.status)

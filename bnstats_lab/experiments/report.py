@@ -161,6 +161,7 @@ def _experiment_section(records: List[dict], experiment: str, experiments: Seque
             parts.append(table([a], lambda cell, cell_recs, plan, strategy, b=b, task=task: (
                 _fmt(paired_difference(recs, experiment, cell, strategy, b, (task, "AP")), signed=True)
                 or _missing(cell_recs, plan, strategy)), [f"{a} − {b}"]))
+    parts += _test_image_intervals(recs, cells, others)
     with_discrepancy = [s for s in strategies
                         if any(v["strategy"] == s and v["discrepancy_l1"]["n"] for v in summary.values())]
     if with_discrepancy:
@@ -196,6 +197,28 @@ def _fmt_trend(result: Mapping[str, Any]) -> str:
     interval = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""
     per_level = "; ".join(f"{cell} {_fmt(d, signed=True) or NOT_AVAILABLE}" for cell, d in result["per_cell"].items())
     return f"slope {result['slope']:+.2f} AP per unit{interval} ({len(result['points'])} points; {per_level})"
+
+
+def _test_image_intervals(recs: List[dict], cells, strategies: Sequence[str]) -> List[str]:
+    """Per checkpoint (cell, seed) with the comparison tool's intervals: each strategy's box AP minus
+    EMA's with its 95% paired bootstrap interval over the test images (how far one checkpoint's
+    difference is from the test images' noise; the seeds' intervals above are about the training's)."""
+    order = {cell: i for i, (cell, _, _) in enumerate(cells)}
+    measured = sorted((r for r in recs if any(e.get("versus_ema") for e in r["strategies"])),
+                      key=lambda r: (order.get(r["cell"], len(order)), r["seed"]))
+    columns = [s for s in strategies if any((strategy_entry(r, s) or {}).get("versus_ema") for r in measured)]
+    if not measured or not columns:
+        return []
+    body = []
+    for r in measured:
+        line = [r["cell"], str(r["seed"])]
+        for strategy in columns:
+            v = (strategy_entry(r, strategy) or {}).get("versus_ema")
+            line.append(f"{v['difference']:+.2f} [{v['low']:+.2f}, {v['high']:+.2f}]" if v else "")
+        body.append(line)
+    return ["Per checkpoint, on its test images: strategy − EMA, box AP, with the 95% paired bootstrap interval "
+            "over the test images (the comparison tool's; records from before it have none)",
+            _table(["cell", "seed"] + [f"{s} − {REFERENCE}" for s in columns], body)]
 
 
 def _claims_section(records: List[dict], claims: Sequence[Claim], experiments: Sequence[Any]) -> List[str]:

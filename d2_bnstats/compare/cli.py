@@ -1,11 +1,8 @@
 """The command line of ``tools/compare_bn_stats.py``: arguments, set-up, launch.
 
-The flags are declared from tables (:data:`LAUNCH_OPTIONS`: detectron2's launch and config flags, as
-``tools/train_net.py`` takes them; :data:`TOOL_OPTIONS`: the comparison's own), so that the trailing
-``KEY VALUE`` config overrides can be an ordinary ``nargs="*"`` positional and flags may follow them
-(``--config-file C MODEL.WEIGHTS W --output O``), which detectron2's ``REMAINDER`` positional forbids.
-Defaults of the launch flags come from :func:`d2_bnstats.d2.train.argument_parser`, so they match
-``tools/train_net.py`` (e.g. the per-user ``--dist-url`` port).
+The parser is every command's (:class:`d2_bnstats.cli.args.ToolArgumentParser`: detectron2's launch and
+config flags as ``tools/train_net.py`` takes them, ``KEY VALUE`` overrides and flags in any order, e.g.
+``--config-file C MODEL.WEIGHTS W --output O``), with the comparison's own flags (:data:`TOOL_OPTIONS`).
 
 The comparison's folder may be a training run's own (``--output output/run``): :func:`setup` saves
 its config as ``compare_config.yaml`` and logs to ``compare_log.txt``, never to the run's
@@ -15,36 +12,27 @@ import argparse
 import copy
 import logging
 import os
-import re
 
 import torch
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
+from ..cli.args import ToolArgumentParser
 from ..d2.datasets import check_datasets
 from ..d2.launch import launch_from_args
-from ..d2.train import argument_parser as train_argument_parser
-from ..d2.datasets import add_register_coco_argument, register_coco_from_args
-from ..d2.train import load_config
-from ..outputs import write_yaml
-from .comparison import compare
+from ..d2.datasets import register_coco_from_args
+from ..d2.train import input_errors, load_config
+from ..outputs import check_output_folder, write_yaml
+from .comparison import build_strategies, check_inputs, compare, strategy_options
 from .plots import plot_paths
 from .registry import registered_strategies
 
-# (flags, add_argument keywords); defaults are read from the training tool's parser
-LAUNCH_OPTIONS = (
-    (("--config-file",), dict(metavar="FILE", help="path to config file")),
-    (("--config",), dict(dest="config_file", metavar="FILE", help="alias of --config-file")),
-    (("--resume",), dict(action="store_true", help="accepted as in tools/train_net.py; the comparison loads "
-                                                       "MODEL.WEIGHTS")),
-    (("--eval-only",), dict(action="store_true", help="accepted as in tools/train_net.py (the comparison "
-                                                          "only evaluates)")),
-    (("--num-gpus",), dict(type=int, help="number of gpus *per machine* (processes on CPU)")),
-    (("--num-machines",), dict(type=int, help="total number of machines")),
-    (("--machine-rank",), dict(type=int, help="the rank of this machine (unique per machine)")),
-    (("--dist-url",), dict(help="initialization URL for pytorch distributed backend")),
-)
+# --resume and --eval-only as tools/train_net.py has them (the same arguments run either tool)
+LAUNCH_HELP = {
+    "--resume": "accepted as in tools/train_net.py; the comparison loads MODEL.WEIGHTS",
+    "--eval-only": "accepted as in tools/train_net.py (the comparison only evaluates)",
+}
 
 TOOL_OPTIONS = (
     (("--output",), dict(default=None, help="output folder (default: OUTPUT_DIR/compare_bn_stats)")),
@@ -71,45 +59,21 @@ TOOL_OPTIONS = (
     (("--list-strategies",), dict(action="store_true", help="print the registered strategies and exit")),
 )
 
-OPTS_HELP = ('config overrides as space-separated "PATH.KEY VALUE" pairs (e.g. MODEL.WEIGHTS W); '
-             "they may come before or after the flags above")
-
-# OUTPUT_DIR, MODEL.WEIGHTS, ...: a config key found among a list flag's values starts the overrides
-CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*$")
-LIST_FLAGS = ("strategies", "hist_layers", "batch_sizes")
-
 
 def argument_parser() -> argparse.ArgumentParser:
-    train_defaults = train_argument_parser()
-    parser = argparse.ArgumentParser(epilog="Strategies: " + ", ".join(registered_strategies()),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for flags, kwargs in LAUNCH_OPTIONS:
-        if kwargs.get("dest") is None:  # an alias shares its target's default
-            dest = flags[0].lstrip("-").replace("-", "_")
-            kwargs = dict(kwargs, default=train_defaults.get_default(dest))
-        parser.add_argument(*flags, **kwargs)
+    parser = ToolArgumentParser(description="COCO-evaluate one checkpoint under every inference-statistics strategy.",
+                                epilog="Strategies: " + ", ".join(registered_strategies()),
+                                launch=True, training_flags=True, launch_help=LAUNCH_HELP)
     for flags, kwargs in TOOL_OPTIONS:
         parser.add_argument(*flags, **kwargs)
-    add_register_coco_argument(parser)
-    parser.add_argument("opts", nargs="*", default=None, help=OPTS_HELP)
     return parser
 
 
 def parse_args(argv=None):
     """The tool's arguments; config overrides and flags may be intermixed, e.g.
-    ``--config-file C MODEL.WEIGHTS W --output DIR``. A list flag swallows what follows it, so
-    config keys (``MODEL.WEIGHTS W``) found in a list flag's values go back to the overrides."""
+    ``--config-file C MODEL.WEIGHTS W --output DIR`` (:mod:`d2_bnstats.cli.args`)."""
     parser = argument_parser()
-    args = parser.parse_intermixed_args(argv)
-    for dest in LIST_FLAGS:
-        values = getattr(args, dest)
-        if not values:
-            continue
-        for i, value in enumerate(values):
-            if CONFIG_KEY.match(str(value)):
-                args.opts = list(values[i:]) + list(args.opts)
-                setattr(args, dest, list(values[:i]))
-                break
+    args = parser.parse_args(argv)
     if args.batch_sizes is not None:
         try:
             args.batch_sizes = [int(v) for v in args.batch_sizes]
@@ -130,6 +94,7 @@ def setup(args):
     register_coco_from_args(args.register_coco)
     cfg = load_config(args.config_file, args.opts, world_size=comm.get_world_size())
     cfg.freeze()
+    check_datasets(cfg)  # before the folder, the log and the config file are made
     rank = comm.get_rank()
     if comm.is_main_process():
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
@@ -144,8 +109,31 @@ def setup(args):
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
     if not args.eval_only:  # as detectron2's default_setup
         torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
-    check_datasets(cfg)
     return cfg
+
+
+def check_arguments(args) -> None:
+    """Everything the comparison reads and writes, checked in the launching process before anything
+    is written or started: ``--register-coco``, the config and ``MODEL.WEIGHTS``, the numbers of
+    images, the strategies, the data sets, the output folder (not a file, creatable, writable). A failure ends the
+    tool with one line naming the file, flag or key (``SystemExit``)."""
+    with input_errors("compare_bn_stats"):
+        register_coco_from_args(args.register_coco)
+        cfg = load_config(args.config_file, args.opts, world_size=args.num_gpus * args.num_machines)
+        for value, flag in ((args.max_images, "--max-images"), (args.discrepancy_images, "--discrepancy-images"),
+                            (args.precise_bn_samples, "--precise-bn-samples"),
+                            (args.bootstrap_rounds, "--bootstrap-rounds")):
+            if value < 0:
+                raise ValueError(f"{flag} = {value}: give a number >= 0 (0 = all images / skip)")
+        check_inputs(cfg)
+        batch_sizes = args.batch_sizes or [cfg.BNSTATS.TEST_BATCH_STATS.IMS_PER_BATCH]
+        build_strategies(args.strategies, strategy_options(args.precise_bn_samples, batch_sizes, args.max_images,
+                                                           args.training_images_seed))
+        if args.output:
+            check_output_folder(args.output, "--output")
+        else:
+            check_output_folder(os.path.join(cfg.OUTPUT_DIR, "compare_bn_stats"), "OUTPUT_DIR/compare_bn_stats")
+        check_datasets(cfg)
 
 
 def main(args) -> dict:
@@ -155,10 +143,6 @@ def main(args) -> dict:
     args = copy.copy(args)
     args.opts = list(args.opts) + ["OUTPUT_DIR", output]
     cfg = setup(args)
-    for value, flag in ((args.max_images, "--max-images"), (args.discrepancy_images, "--discrepancy-images"),
-                        (args.bootstrap_rounds, "--bootstrap-rounds")):
-        if value < 0:
-            raise ValueError(f"{flag} = {value}: give a number >= 0 (0 = all images / skip)")
     batch_sizes = args.batch_sizes or [cfg.BNSTATS.TEST_BATCH_STATS.IMS_PER_BATCH]
     summary = compare(
         cfg, output, strategies=args.strategies, max_images=args.max_images,
@@ -180,5 +164,6 @@ def run(args) -> int:
         for kind in registered_strategies():
             print(kind)
         return 0
+    check_arguments(args)
     launch_from_args(main, args)
     return 0

@@ -79,6 +79,14 @@ def check_inputs(cfg) -> None:
                          "e.g. DATASETS.TEST \"('fashion_scenes_val',)\"")
 
 
+def strategy_options(precise_bn_samples: int, batch_sizes: Sequence[int], max_images: int,
+                     training_images_seed: int = 0) -> dict:
+    """The options the strategy factories and strategies read (registry.py, strategies.py)."""
+    return {"precise_bn_samples": precise_bn_samples, "training_images_seed": training_images_seed,
+            "test_batch_size": batch_sizes[0] if batch_sizes else 2,
+            "batch_sizes": list(batch_sizes) or [2], "max_images": max_images}
+
+
 def build_strategies(specs: Optional[Sequence[str]], options: dict) -> list:
     """The strategies of ``specs`` (default: every registered one); their names must differ."""
     specs = list(specs) if specs else default_strategy_specs(options)
@@ -151,9 +159,7 @@ def compare(
     (``versus_ema``, :mod:`.recommend`)."""
     trainer_cls = Trainer if trainer_cls is None else trainer_cls
     check_inputs(cfg)
-    options = {"precise_bn_samples": precise_bn_samples, "training_images_seed": training_images_seed,
-               "test_batch_size": batch_sizes[0] if batch_sizes else 2,
-               "batch_sizes": list(batch_sizes) or [2], "max_images": max_images}
+    options = strategy_options(precise_bn_samples, batch_sizes, max_images, training_images_seed)
     built = build_strategies(strategies, options)
     os.makedirs(output_dir, exist_ok=True)
     model, checkpoint = load_model(cfg, trainer_cls)

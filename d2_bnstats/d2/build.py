@@ -23,10 +23,12 @@ import copy
 import threading
 from typing import List, Tuple
 
+import torch
 from torch import nn
 
 from ..registry import ConfiguredNorm, ModelTransform, config_options_reader, declared_norms, registered_norms
 from . import patch
+from .config import resolve_device
 
 _LOCK = threading.Lock()
 _TRANSFORMS: List[Tuple[str, ModelTransform]] = []
@@ -62,27 +64,37 @@ def _norm_values(node, registered) -> bool:
     return False
 
 
+def _needs_device_fallback(cfg) -> bool:
+    """Whether ``cfg`` names a CUDA device torch does not see (what :func:`resolve_device` acts on)."""
+    model = cfg.get("MODEL", None) if hasattr(cfg, "get") else None
+    device = model.get("DEVICE", None) if model is not None and hasattr(model, "get") else None
+    return str(device).startswith("cuda") and not torch.cuda.is_available()
+
+
 def configure_norms(cfg):
-    """A copy of ``cfg`` whose norm values carry their options (see the module docstring); ``cfg``
-    itself when no value names a registered norm.
+    """A copy of ``cfg`` whose norm values carry their options (see the module docstring), on the CPU
+    when it names a CUDA device that torch does not see (``BNSTATS.CPU_FALLBACK``, default True; False:
+    a one-line error saying which key to set); ``cfg`` itself when neither applies.
 
     ``cfg`` is any config detectron2's ``build_model`` takes: a yacs ``CfgNode`` (copied with
     ``clone``), or another mapping with attribute access such as an OmegaConf ``DictConfig`` made
     from one (copied with ``copy.deepcopy``; a ``DictConfig`` copy allows objects, so the values keep
     their options)."""
     registered = set(registered_norms())
-    if cfg is None or not _norm_values(cfg, registered):
+    if cfg is None or not (_norm_values(cfg, registered) or _needs_device_fallback(cfg)):
         return cfg
     if hasattr(cfg, "clone") and hasattr(cfg, "is_frozen"):
         configured = cfg.clone()
         frozen = configured.is_frozen()
         configured.defrost()
+        resolve_device(configured)  # MODEL.DEVICE cuda without a GPU: the CPU (BNSTATS.CPU_FALLBACK), or one line
         _configure_node(configured, cfg, registered)
         if frozen:
             configured.freeze()
         return configured
     configured = copy.deepcopy(cfg)
     with _writable(configured):
+        resolve_device(configured)
         _configure_node(configured, cfg, registered)
     return configured
 

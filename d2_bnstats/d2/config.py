@@ -114,9 +114,10 @@ def check_batch_config(cfg, world_size: int) -> None:
 
 
 def resolve_device(cfg) -> None:
-    """Apply BNSTATS.CPU_FALLBACK (cfg must be mutable)."""
+    """Apply BNSTATS.CPU_FALLBACK (cfg must be mutable; a config without the plug-in's keys falls back,
+    as the key's default does)."""
     if str(cfg.MODEL.DEVICE).startswith("cuda") and not torch.cuda.is_available():
-        if not cfg.BNSTATS.CPU_FALLBACK:
+        if not cfg.get("BNSTATS", {}).get("CPU_FALLBACK", True):
             raise RuntimeError(
                 f"MODEL.DEVICE = {cfg.MODEL.DEVICE!r} but torch sees no GPU; set MODEL.DEVICE cpu "
                 "or BNSTATS.CPU_FALLBACK True"

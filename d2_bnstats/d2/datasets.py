@@ -286,16 +286,19 @@ def register_checked_coco_instances(
     MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco", **(metadata or {}))
 
 
-def check_datasets(cfg, check_all_images: Optional[bool] = None) -> None:
-    """Check every split ``DATASETS.TRAIN`` and ``DATASETS.TEST`` name, before anything is built.
+def check_datasets(cfg, check_all_images: Optional[bool] = None, names: Optional[Dict[str, Sequence[str]]] = None) -> None:
+    """Check every split ``DATASETS.TRAIN`` and ``DATASETS.TEST`` name, before anything is built
+    (``names``: other splits instead, by the flag or key that names them, e.g. ``{"--dataset": [...]}``).
 
     A name that is not registered is an error naming the key; data sets registered through
     :func:`register_checked_coco_instances` are checked (:func:`check_coco_json`); others (e.g.
     detectron2's builtin catalog, whose loaders read the files only when called) are skipped.
     ``check_all_images`` overrides the registration's option."""
     registered = DatasetCatalog.list()
-    for key, names in (("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST)):
-        for name in names:
+    if names is None:
+        names = {"DATASETS.TRAIN": cfg.DATASETS.TRAIN, "DATASETS.TEST": cfg.DATASETS.TEST}
+    for key, split in names.items():
+        for name in split:
             if name not in registered:
                 close = difflib.get_close_matches(name, registered, n=3)
                 raise DatasetError(
@@ -343,7 +346,7 @@ def add_register_coco_argument(parser) -> None:
     """``--register-coco NAME JSON IMAGE_ROOT`` (repeatable) on a tool's argument parser."""
     parser.add_argument(
         "--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format data set (checked before training) under NAME, for DATASETS.TRAIN/TEST; "
+        help="register a COCO-format data set (checked before it is used) under NAME, for DATASETS.TRAIN/TEST; "
              "repeatable",
     )
 

@@ -49,7 +49,7 @@ from torch import nn
 from ..layers.evalnorm import EvalNorm2d, evalnorm_layers, evalnorm_state
 from ..layers.evalnorm_aux import EVALNORM_LOSS_KEY, AuxLossHook
 from ..layers.evalnorm_projection import attach_projection_hook
-from ..outputs import check_outputs, save_torch, write_yaml
+from ..outputs import check_output_file, check_outputs, save_torch, write_yaml
 from ..registry import declared_norms
 from .build import build_model
 from .config import NORM_KEYS, get_config_value
@@ -331,6 +331,18 @@ def _prepared_config(cfg, ims_per_batch: Optional[int], num_images: int):
     if not cfg.MODEL.WEIGHTS:
         raise ValueError("MODEL.WEIGHTS is empty: give the trained model to estimate EvalNorm for (MODEL.WEIGHTS path)")
     return cfg
+
+
+def check_estimation_inputs(
+    cfg, num_images: int, ims_per_batch: Optional[int] = None, output: Optional[str] = None, config_file: Optional[str] = None
+) -> Tuple[str, str]:
+    """What :func:`run_offline_estimation` refuses before it loads anything, checked without work:
+    the numbers of images, ``MODEL.WEIGHTS``, the outputs (not an input, not each other, their
+    folder writable). Returns (checkpoint, evaluation config) to write; raises ``ValueError``."""
+    _prepared_config(cfg, ims_per_batch, num_images)
+    output, config_path = _output_paths(cfg, output, config_file)
+    check_output_file(output, "the output checkpoint")
+    return output, config_path
 
 
 def run_offline_estimation(

@@ -25,8 +25,9 @@ per-sample moments use for small CPU inputs); the layer leaves that kernel out w
 records the graph (:func:`~d2_bnstats.layers.moments.exporting_to_onnx`), so the file holds torch's
 own translations only and nothing is registered here.
 
-Files are written atomically: into a temporary file in the output folder, then ``os.replace``d
-onto the final name, so a failed export leaves no partial file behind.
+Files are written atomically (:func:`d2_bnstats.outputs.atomic_path`): into a temporary file in the
+output folder, then ``os.replace``d onto the final name, so a failed export leaves no partial file
+behind; the file gets the permissions an ordinary write would give it (0o666 minus the umask).
 """
 import contextlib
 import importlib
@@ -34,7 +35,6 @@ import importlib.util
 import inspect
 import os
 import sys
-import tempfile
 import time
 import types
 import warnings
@@ -43,6 +43,11 @@ from typing import Callable, Dict, List, Optional
 import torch
 from detectron2.modeling import GeneralizedRCNN
 from torch import nn
+
+from ..outputs import atomic_path
+
+# the exporters' atomic write, under its earlier name
+atomic_output = atomic_path
 
 __all__ = [
     "FILE_NAMES",
@@ -139,26 +144,10 @@ def trace(model: nn.Module, image: torch.Tensor, inference: Optional[Callable] =
     return traced, adapter
 
 
-@contextlib.contextmanager
-def atomic_output(path: str):
-    """Yields a temporary file name next to ``path``; when the block succeeds it is renamed to
-    ``path`` (``os.replace``), otherwise removed. The folder must exist."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
 def export_torchscript(traced, path: str, verify: Optional[Callable[[str], None]] = None) -> str:
     """Save a traced model to ``path`` (atomically); returns ``path``. ``verify(written_file)`` runs
     before the file gets its final name; an exception from it leaves no file."""
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         torch.jit.save(traced, tmp)
         if verify is not None:
             verify(tmp)
@@ -195,7 +184,7 @@ def export_onnx(
     kwargs = {"opset_version": opset_version}
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
         kwargs["dynamo"] = False  # the tracing exporter: detectron2's models do not go through torch.export
-    with atomic_output(path) as tmp, _quiet_tracer(), torch.no_grad():
+    with atomic_path(path) as tmp, _quiet_tracer(), torch.no_grad():
         torch.onnx.export(adapter, (image,), tmp, **kwargs)
         if verify is not None:
             verify(tmp)

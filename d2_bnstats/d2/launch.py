@@ -11,16 +11,30 @@ enough: a run started in the background (``nohup``, ``&`` in a script) ignores S
 workers would train on, and a worker that does get KeyboardInterrupt can take well over 10 s to
 exit. Each worker therefore watches the launcher itself (:func:`exit_with_parent`) and ends, with
 the processes it started, as soon as the launcher does.
+
+A worker that dies (killed, out of memory) leaves its own children behind (data-loader workers, a
+process still starting), and they print their errors when they notice, e.g. "pickle data was
+truncated" from a child whose start was cut short, after the launcher has reported the dead
+worker. The launcher therefore adopts such orphans (Linux: it is a "child subreaper" while the
+workers run) and, when a worker fails, waits briefly for them to end (then ends them) before it
+raises torch's exception, so the last line of a run's output names the rank and the signal or
+error (:func:`collecting_orphans`).
 """
+import contextlib
+import ctypes
 import functools
 import inspect
 import logging
 import multiprocessing
 import os
+import signal
 import socket
+import sys
 import threading
 import time
+from .library_noise import silence_library_noise
 from datetime import timedelta
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -52,7 +66,8 @@ def launch(
         if "timeout" in inspect.signature(d2_launch).parameters:  # older detectron2 has no timeout
             kwargs["timeout"] = timeout
         guarded = functools.partial(_run_tied_to_launcher, launcher_pid, main_func)
-        return d2_launch(guarded, num_gpus_per_machine, **kwargs)
+        with collecting_orphans(enabled=num_machines * num_gpus_per_machine > 1):
+            return d2_launch(guarded, num_gpus_per_machine, **kwargs)
     world_size = num_machines * num_gpus_per_machine
     if world_size == 1:
         return main_func(*args)
@@ -60,12 +75,98 @@ def launch(
         if num_machines != 1:
             raise ValueError("dist_url='auto' only works on one machine; pass --dist-url tcp://HOST:PORT")
         dist_url = f"tcp://127.0.0.1:{_free_port()}"
-    mp.spawn(
-        _cpu_worker,
-        nprocs=num_gpus_per_machine,
-        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout, launcher_pid),
-        daemon=False,
-    )
+    with collecting_orphans():
+        mp.spawn(
+            _cpu_worker,
+            nprocs=num_gpus_per_machine,
+            args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout, launcher_pid),
+            daemon=False,
+        )
+
+
+_PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+def _set_child_subreaper(on: bool) -> bool:
+    """Make this process adopt its orphaned descendants (Linux); False where that is not possible."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _children() -> Optional[List[int]]:
+    """This process's children (Linux /proc), None where they cannot be listed."""
+    pids = []
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids.extend(int(pid) for pid in f.read().split())
+    except OSError:
+        return None
+    return pids
+
+
+def _is_multiprocessing_helper(pid: int) -> bool:
+    # multiprocessing's resource tracker and forkserver serve the launcher and end with it
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = f.read()
+    except OSError:
+        return True
+    return b"resource_tracker" in command or b"forkserver" in command
+
+
+def _reap(pid: int) -> bool:
+    """Whether ``pid`` (an adopted orphan) has ended; collects its exit status."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        return True
+
+
+def _end_orphans(grace: float, earlier: List[int]) -> None:
+    """Wait up to ``grace`` seconds for the adopted orphans to end, then kill the rest. ``earlier``:
+    this process's children from before the launch, which are none of the run's."""
+    deadline = time.monotonic() + grace
+    while True:
+        children = _children()
+        if children is None:  # cannot list them: give them the grace period to print and end
+            time.sleep(grace)
+            return
+        orphans = [pid for pid in children
+                   if pid not in earlier and not _is_multiprocessing_helper(pid) and not _reap(pid)]
+        if not orphans:
+            return
+        if time.monotonic() > deadline:
+            for pid in orphans:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            for pid in orphans:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+            return
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def collecting_orphans(enabled: bool = True, grace: float = 5.0):
+    """While the block runs the workers, adopt the processes a dead worker leaves behind; if the
+    block raises torch's exception for a failed worker, first let those processes end (up to
+    ``grace`` seconds, then kill them), so that their output comes before the exception's."""
+    earlier = (_children() or []) if enabled else []
+    adopting = enabled and _set_child_subreaper(True)
+    try:
+        yield
+    except (mp.ProcessExitedException, mp.ProcessRaisedException):
+        if enabled:
+            _end_orphans(grace if adopting else min(grace, 2.0), earlier)
+        raise
+    finally:
+        if adopting:
+            _set_child_subreaper(False)
 
 
 def launch_from_args(main_func, args):
@@ -85,6 +186,7 @@ def _free_port() -> int:
 def _run_tied_to_launcher(launcher_pid, main_func, *args):
     """``main_func(*args)``, in a worker that ends with its launcher (detectron2 calls it in the
     launcher itself for a single process: then there is nothing to watch)."""
+    silence_library_noise()
     if os.getpid() != launcher_pid:
         exit_with_parent(launcher_pid)
     return main_func(*args)
@@ -120,6 +222,7 @@ def _cpu_worker(
     local_rank, main_func, world_size, per_machine, machine_rank, dist_url, args, timeout, launcher_pid
 ):
     exit_with_parent(launcher_pid)
+    silence_library_noise()
     global_rank = machine_rank * per_machine + local_rank
     # Share the cores between the processes instead of oversubscribing them.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_machine))

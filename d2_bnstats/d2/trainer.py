@@ -23,7 +23,10 @@ Differences from ``DefaultTrainer``, each for a reason:
   trainer ``state_dict`` leaves one of them out (the 2022 snapshot saves neither the optimizer nor
   the grad scaler) get it as a checkpointable of the trainer's ``DetectionCheckpointer``, under the
   key older detectron2 versions used (``optimizer``, ``scheduler``, ``grad_scaler``). Whatever
-  detectron2 already saves is not saved twice (:func:`checkpoint_training_state`).
+  detectron2 already saves is not saved twice (:func:`checkpoint_training_state`);
+- checkpoints are written atomically and ``--resume`` skips a damaged last checkpoint
+  (:class:`~d2_bnstats.d2.checkpoint.AtomicCheckpointer`, which replaces detectron2's checkpointer
+  before the hooks that save are built).
 """
 import contextlib
 import logging
@@ -33,6 +36,7 @@ from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 
+from .checkpoint import atomic_checkpointer
 from .config import bnstats_node
 from .datasets import FileNamingMapper
 from .evaluation import build_coco_evaluator
@@ -164,6 +168,9 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         """detectron2's hooks, with its ``PreciseBN`` replaced by ours at the same position."""
         cfg = self.cfg
+        # DefaultTrainer builds the hooks right after its checkpointer: the periodic checkpointer
+        # and the final PreciseBN save must get the atomic one
+        self.checkpointer = atomic_checkpointer(self.checkpointer)
         if cfg.TEST.PRECISE_BN.ENABLED:
             # let detectron2 build its list without its PreciseBN (and without its train loader)
             stock_cfg = cfg.clone()

@@ -31,8 +31,11 @@ with one (alpha, beta) pair per layer. Modes (:data:`MODES`) choose them:
   loss with everything else frozen is the "offline" estimation). sigma_B, sigma_hat include eps
   as BN does. The layer computes L_aux in every training forward (with grad enabled) and keeps
   it in :attr:`EvalNorm2d.aux_loss`; :func:`~d2_bnstats.layers.evalnorm_aux.attach_aux_loss_hook`
-  adds the sum over layers to a model's loss dict. The formulas are plain functions in
-  :mod:`d2_bnstats.layers.evalnorm_math`.
+  adds the sum over layers to a model's loss dict. A layer whose output was back-propagated in a
+  training step while its ``aux_loss`` was not (a loop that does not add it to the loss) warns at
+  its next training forward, once: alpha_hat, beta_hat would silently stay where they are. The
+  check stops after the first step that back-propagates L_aux, so a correct loop pays for it in its
+  first step only. The formulas are plain functions in :mod:`d2_bnstats.layers.evalnorm_math`.
 - ``"rule"``: alpha = beta = 1/B^2 (the paper's rule of thumb, Table 1);
 - ``"exact"``: alpha = beta = 1/B (eqs. 3-4 taken literally);
 - ``"fixed"``: given alpha, beta;
@@ -66,10 +69,12 @@ Conventions (documented choices)
   without gradient on a contiguous float32/float64 input above the fused-statistics size writes
   its output into that shifted copy of the input (one tensor of the input's size, not two); during
   an ONNX export it takes the plain path (no fused statistics kernel, no in-place output).
-- alpha_hat, beta_hat are 0-dim parameters kept in [0, 1] by projection: after every optimiser
-  step they are clamped back into [0, 1] by a hook that
-  :func:`~d2_bnstats.layers.evalnorm_projection.attach_projection_hook` attaches to a model (the
-  layer itself installs nothing); the forward uses the clamped value with a straight-through
+- alpha_hat, beta_hat are 0-dim parameters kept in [0, 1] by projection: after every step of an
+  optimiser that holds them they are clamped back into [0, 1]
+  (:mod:`~d2_bnstats.layers.evalnorm_projection`: a process-wide hook for every layer that has
+  computed L_aux, installed by the first such layer, and
+  :func:`~d2_bnstats.layers.evalnorm_projection.attach_projection_hook` for a whole model;
+  constructing a layer installs nothing); the forward uses the clamped value with a straight-through
   gradient (torch's clamp has zero gradient *at* a bound, which would freeze a parameter sitting
   on it). They start at 0 (= BN inference until learned).
 - L_aux is the mean over elements of the absolute error, by default over a deterministic subset
@@ -112,6 +117,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .evalnorm_math import Number, aux_loss, aux_subset, evalnorm_moments, unit_interval
+from .evalnorm_projection import watch_learning_layer
 from .moments import (
     add_skip_counter,
     batch_moments_from_samples,
@@ -190,6 +196,9 @@ class EvalNorm2d(nn.BatchNorm2d):
         self.aux_loss: Optional[torch.Tensor] = None  # latest training-mode L_aux
         self._aux_collecting = False
         self._aux_step = 0
+        # whether the last step back-propagated the output and L_aux ({"output", "aux"} flags);
+        # None once a step back-propagated L_aux (or after the warning): the loop is known
+        self._aux_use = {}
         self._batch_size_cache = (None, None)
         self._warned_unknown_b = False
         self.mode = "learned"
@@ -281,6 +290,22 @@ class EvalNorm2d(nn.BatchNorm2d):
             s += ", sync=True"
         return s
 
+    def __getstate__(self):
+        # ``aux_loss`` is part of the last training forward's graph (not a leaf): torch cannot
+        # deep-copy it, so ``copy.deepcopy`` (the deployment conversions, weight averaging) and
+        # pickling would fail on any model copied right after a training step; a copy has not run
+        # that forward, so it starts without it
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state["aux_loss"] = None
+        state["_aux_collecting"] = False
+        if state.get("_aux_use"):  # flags set by the original's backward; the copy checks its own
+            state["_aux_use"] = {}
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_aux_use", {})  # objects pickled before the check existed
+
     # ---------------------------------------------------------------------------- checkpoints
     # torch's BatchNorm writes version 2 and detectron2's FrozenBatchNorm2d 3, so 4 and above mark this
     # layer's own format; 5 added the L_aux step (see the module docstring).
@@ -362,7 +387,36 @@ class EvalNorm2d(nn.BatchNorm2d):
         loss = aux_loss(x.detach(), sample_moments, batch, population, alpha, beta, self.eps, self.aux_samples, self._aux_step)
         self._aux_step += 1
         self._record_aux(loss)
+        watch_learning_layer(self)
+        if self._aux_use is not None:
+            self._check_aux_use(out, loss)
         return out
+
+    def _check_aux_use(self, out: torch.Tensor, loss: torch.Tensor) -> None:
+        """Warn if the previous step back-propagated this layer's output but not its L_aux; then
+        watch this step's (tensor hooks that only set a flag)."""
+        used = self._aux_use
+        if used.get("aux"):
+            self._aux_use = None  # L_aux reaches alpha_hat, beta_hat: nothing more to check
+            return
+        if used.get("output"):
+            warnings.warn(
+                "EvalNorm2d: the last training step back-propagated this layer's output but not its "
+                "auxiliary loss (layer.aux_loss), so alpha_hat and beta_hat are not learned (EvalNorm "
+                "eq. 9). Add the layers' aux_loss to the loss (d2_bnstats.layers.evalnorm_aux."
+                "attach_aux_loss_hook(model) adds it to a model's dict of losses), or build the layers "
+                "with learn=False",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._aux_use = None
+            return
+        flags = {}
+        self._aux_use = flags
+        if out.requires_grad:
+            out.register_hook(lambda grad: flags.__setitem__("output", True))
+        if loss.requires_grad:
+            loss.register_hook(lambda grad: flags.__setitem__("aux", True))
 
     def _forward_train_sync(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """BN of the global batch (a collective: every process calls it, also with an empty ``x``):

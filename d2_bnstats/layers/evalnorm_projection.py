@@ -7,9 +7,14 @@ optimiser holds back into [0, 1] (projected gradient descent). The forward pass 
 value with a straight-through gradient (:func:`d2_bnstats.layers.evalnorm_math.unit_interval`), so a
 parameter sitting on a bound still receives gradient.
 
-Constructing an :class:`~d2_bnstats.layers.evalnorm.EvalNorm2d` installs nothing: the projection is
-attached to a model, once (the plug-in's model transform does it for every model it builds; code
-that trains EvalNorm layers of other models calls :func:`attach_projection_hook` itself). The hook is one of
+Constructing an :class:`~d2_bnstats.layers.evalnorm.EvalNorm2d` installs nothing. A layer that
+computes L_aux in a training forward joins a process-wide set of learning layers (held weakly), and
+one process-wide optimizer step post hook, installed then, projects the alpha_hat, beta_hat of those
+layers that the stepping optimiser holds (:func:`watch_learning_layer`): a plain PyTorch loop and a
+copy of a model (``copy.deepcopy``, ``torch.save``/``torch.load`` of the whole module) are projected
+as the model the plug-in built, and another model's optimiser leaves them alone.
+:func:`attach_projection_hook` attaches the same projection to one model, for all its layers, also
+before any of them has trained (the plug-in's model transform does it for every model it builds). The hook is one of
 torch's optimizer step post hooks (called after ``step()`` of every optimiser, whatever the loop),
 holds the model weakly (it goes away with the model) and acts only on the EvalNorm layers the model
 has *at the time of the step* (layers added later by a conversion are included) whose parameters the
@@ -23,8 +28,6 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
-
-from .evalnorm import evalnorm_layers
 
 # model -> its hook; weak keys, so neither the table nor the hook keeps a model alive
 _HOOKS: "weakref.WeakKeyDictionary[nn.Module, ProjectionHook]" = weakref.WeakKeyDictionary()
@@ -60,12 +63,38 @@ class ProjectionHook:
         model = self._model()
         if model is None:
             return
+        from .evalnorm import evalnorm_layers  # evalnorm imports this module
+
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         params = [p for _, layer in evalnorm_layers(model) for p in (layer.alpha_hat, layer.beta_hat) if id(p) in held]
         if params:
             with torch.no_grad():
                 for p in params:
                     p.clamp_(0.0, 1.0)
+
+
+# EvalNorm layers that computed L_aux (their alpha_hat, beta_hat may be trained), held weakly
+_LEARNING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_WATCH = {"handle": None}
+
+
+def _project_learning_layers(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    if not _LEARNING:
+        return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    params = [p for layer in list(_LEARNING) for p in (layer.alpha_hat, layer.beta_hat) if id(p) in held]
+    if params:
+        with torch.no_grad():
+            for p in params:
+                p.clamp_(0.0, 1.0)
+
+
+def watch_learning_layer(layer: nn.Module) -> None:
+    """Project ``layer``'s alpha_hat, beta_hat after every step of an optimiser that holds them
+    (called by the layer when it computes L_aux; see the module docstring)."""
+    if _WATCH["handle"] is None:
+        _WATCH["handle"] = register_optimizer_step_post_hook(_project_learning_layers)
+    _LEARNING.add(layer)
 
 
 def attach_projection_hook(model: nn.Module) -> ProjectionHook:

@@ -35,7 +35,8 @@ Differences from the authors' code (github.com/megvii-model/MABN), each delibera
 
 * The step t is the number of *optimizer steps* (not forward calls). A layer records a call's χ² and
   Ψ when that call's backward runs, into per-step accumulators; when the optimizer step ends
-  (:mod:`d2_bnstats.layers.mabn_step`: a per-model optimizer-step hook, or :func:`end_step`) the
+  (:mod:`d2_bnstats.layers.mabn_step`: after the step of the optimizer that holds the layer's
+  parameters, by a per-model optimizer-step hook, or :func:`end_step`) the
   count-weighted mean of the step's calls becomes one ring-buffer entry, R is updated and t
   advances. Hence: gradient accumulation (k micro-batches → one entry: the exact χ²/Ψ of the union),
   shared heads (one entry per step over all calls), activation recomputation (a recomputed forward
@@ -63,6 +64,7 @@ Differences from the authors' code (github.com/megvii-model/MABN), each delibera
   version (:attr:`MABN2d._version`).
 """
 import logging
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +72,7 @@ from torch import nn
 
 from .mabn_autograd import MABNFunction, accumulation_dtype, channel_view
 from .mabn_from_bn import bn_to_mabn_parameters, map_bn_state
-from .mabn_step import attach_step_hook, clear_pending, end_step, mark_pending, set_optimizer_step_hook
+from .mabn_step import PENDING_CALLS_WARNING, attach_step_hook, clear_pending, end_step, mark_pending, set_optimizer_step_hook
 from .moments import add_skip_counter, count_skips, empty_output, world_size
 
 __all__ = [
@@ -108,8 +110,10 @@ class MABN2d(nn.BatchNorm2d):
         sync: sum χ² and Ψ over all processes (global-batch statistics); every process must then
             call the layer (and its backward) equally often, also with an empty input.
 
-    Steps end by an optimizer-step hook attached to the model (:func:`attach_step_hook`) or by
-    :func:`end_step`; constructing the layer installs nothing.
+    Steps end after the ``step()`` of any torch optimizer that holds the layer's parameters (also
+    for copies of the layer and in plain PyTorch loops), by a hook attached to the model
+    (:func:`attach_step_hook`) or by :func:`end_step` (:mod:`d2_bnstats.layers.mabn_step`);
+    constructing the layer installs nothing.
 
     Buffers (all in the checkpoint): ``running_var`` = R (the running SECOND MOMENT, not a variance),
     ``running_mean`` = 0 (always), ``num_batches_tracked`` = t (optimizer steps recorded),
@@ -160,6 +164,7 @@ class MABN2d(nn.BatchNorm2d):
         self.register_buffer("pending_count", torch.zeros((), **factory))
         self._steps = 0  # t: host-side mirror of num_batches_tracked, so the schedule needs no sync
         self._has_pending = False
+        self._pending_calls = 0
         add_skip_counter(self)
 
     # torch's convention (weight of the new value), derived from ``decay``
@@ -196,6 +201,7 @@ class MABN2d(nn.BatchNorm2d):
                 getattr(self, name).zero_()
             self._steps = 0
             self._has_pending = False
+            self._pending_calls = 0
             clear_pending(self)
 
     # -----------------------------------------------------------------------------------------
@@ -232,6 +238,17 @@ class MABN2d(nn.BatchNorm2d):
         self.pending_count.add_(count)
         self._has_pending = True
         mark_pending(self)
+        self._pending_calls += 1
+        if self._pending_calls == PENDING_CALLS_WARNING:
+            warnings.warn(
+                f"MABN2d: {PENDING_CALLS_WARNING} backward passes since this layer's step last ended: no torch "
+                "optimizer holding its parameters has stepped, so its step t, ring buffers and R do not "
+                "advance. A loop that updates the parameters itself must call d2_bnstats.layers.end_step() "
+                "after each update (or attach_step_hook(model) when the optimizer does not hold the "
+                "layer's parameters)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     @torch.no_grad()
     def _end_step(self) -> None:
@@ -263,6 +280,7 @@ class MABN2d(nn.BatchNorm2d):
         self.pending_psi.zero_()
         self.pending_count.zero_()
         self._has_pending = False
+        self._pending_calls = 0
         clear_pending(self)
 
     @torch.no_grad()
@@ -284,6 +302,7 @@ class MABN2d(nn.BatchNorm2d):
 
     def __setstate__(self, state):  # unpickling and deepcopy: a copy with pending statistics ends its step too
         super().__setstate__(state)
+        self.__dict__.setdefault("_pending_calls", 0)  # objects pickled before the counter existed
         if self.__dict__.get("_has_pending"):
             mark_pending(self)
 
@@ -327,6 +346,7 @@ class MABN2d(nn.BatchNorm2d):
             self._zero_schedule()
         self._steps = int(self.num_batches_tracked)
         self._has_pending = bool(self.pending_count.item() > 0)
+        self._pending_calls = int(self._has_pending)
         if self._has_pending:
             mark_pending(self)
         else:

@@ -1,4 +1,4 @@
-"""When an MABN step ends: the optimizer-step hook and :func:`end_step`.
+"""When an MABN step ends: after the optimizer step that updates the layer, or :func:`end_step`.
 
 MABN's step t counts optimizer steps (see :mod:`d2_bnstats.layers.mabn`). A layer records each call's
 statistics when that call's backward runs; the step ends, for every layer that recorded something,
@@ -7,17 +7,25 @@ ring-buffer entry, R is updated and t advances.
 
 Who ends the step:
 
-* :func:`attach_step_hook` ``(model)``: after every ``step()`` of any ``torch.optim.Optimizer``
-  (torch's ``register_optimizer_step_post_hook``) the step of ``model``'s MABN layers ends. One hook
+* Any ``torch.optim.Optimizer`` that holds the layer's parameters: after its ``step()`` (torch's
+  ``register_optimizer_step_post_hook``; one process-wide hook, installed the first time a layer
+  records statistics, not when it is built) the step of every layer with recorded statistics whose
+  weight or bias that optimizer holds ends. The layer needs nothing else, so a model trained in a
+  plain PyTorch loop, a ``copy.deepcopy`` of a model or a whole module saved with ``torch.save`` and
+  loaded again counts its steps as the original does; an optimizer of another model leaves it alone.
+* :func:`attach_step_hook` ``(model)``: after every ``step()`` of any optimizer, the step of ``model``'s
+  MABN layers ends, also of those whose parameters no optimizer holds (a frozen affine). One hook
   per model (attaching twice returns the same handle); the hook holds the model weakly, does nothing
   once the model is gone and is removed by ``handle.remove()`` (or, for a collected model, at the
-  next attach). Whoever builds a model calls it once (the plug-in's MABN model transform does, for
-  the models it builds).
+  next attach). The plug-in's MABN model transform attaches it to the models it builds.
 * :func:`end_step` ``()``: for loops without a torch optimizer, called after each update; it ends the
-  step of every MABN layer that recorded statistics (or of one model's layers).
+  step of every MABN layer that recorded statistics (or of one model's layers). A layer that has
+  recorded :data:`PENDING_CALLS_WARNING` backward passes without its step ending warns, naming these
+  calls (a loop that updates the parameters itself and never calls :func:`end_step` would otherwise
+  keep t = 0 and R = 1 for ever).
 
-A layer constructed or loaded installs nothing. An AMP step skipped by ``GradScaler`` does not call
-``optimizer.step()``, so its statistics merge into the next step.
+An AMP step skipped by ``GradScaler`` does not call ``optimizer.step()``, so its statistics merge into
+the next step.
 """
 import threading
 import warnings
@@ -27,7 +35,11 @@ from typing import Dict, Optional
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["StepHookHandle", "attach_step_hook", "end_step"]
+__all__ = ["PENDING_CALLS_WARNING", "StepHookHandle", "attach_step_hook", "end_step"]
+
+# Backward passes recorded in one step before a layer warns that nothing ends its steps: far more
+# than gradient accumulation times the calls of a shared head (e.g. 16 x 5 FPN levels = 80).
+PENDING_CALLS_WARNING = 256
 
 # Layers that recorded statistics (a backward ran) since their step last ended.
 _PENDING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -36,10 +48,29 @@ _LOCK = threading.Lock()
 # cannot remove itself: torch iterates the hooks while calling them).
 _HANDLES: Dict[int, "StepHookHandle"] = {}
 _PROCESS_WIDE = {"handle": None}
+_WATCH = {"handle": None}
+
+
+def _end_steps_updated_by(optimizer, args, kwargs) -> None:
+    """After ``optimizer.step()``: end the step of the pending layers whose parameters it holds."""
+    if not _PENDING:
+        return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for layer in list(_PENDING):
+        if any(id(p) in held for p in layer.parameters(recurse=False)):
+            layer._end_step()
+
+
+def _watch_optimizer_steps() -> None:
+    if _WATCH["handle"] is None:
+        with _LOCK:
+            if _WATCH["handle"] is None:
+                _WATCH["handle"] = register_optimizer_step_post_hook(_end_steps_updated_by)
 
 
 def mark_pending(layer: nn.Module) -> None:
     """``layer`` recorded statistics in the current step (called by the layer)."""
+    _watch_optimizer_steps()
     _PENDING.add(layer)
 
 

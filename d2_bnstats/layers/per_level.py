@@ -16,8 +16,12 @@ copy therefore runs exactly once per head forward, which is what PreciseBN and t
 population-statistics protocol need (fvcore's ``update_bn_stats`` sees L ordinary BN layers).
 
 State dict: ``<prefix>levels.<i>.<name>``; shared parameters appear under every level (as for any
-tied parameter in torch). The class's ``_version`` (torch's checkpoint version, in the file's
-metadata) is 2; files of version 1 have the same layout. Besides its own files, loading accepts two
+tied parameter in torch); ``<prefix>_extra_state`` is the level the next call goes to (torch's extra
+state, an int64 tensor), so a module reloaded between two calls of one head forward (a standalone
+wrapper, or a checkpoint taken inside a forward) sends the next call to the same level as the
+original. The class's ``_version`` (torch's checkpoint version, in the file's metadata) is 3;
+files of versions 1 and 2 have the same layout without the level, which loads as 0 (the
+state between head forwards). Besides its own files, loading accepts two
 layouts written by other modules at the same prefix (their metadata carries *their* class's version,
 which says nothing about this layout, so these are recognised by the absence of ``levels.`` keys):
 the un-wrapped norm's keys (``<prefix><name>``: copied into every level, e.g. fine-tuning from a
@@ -28,15 +32,17 @@ import copy
 import re
 from typing import Callable, List, Optional
 
+import torch
 from torch import nn
 
 _LEVEL_KEY = re.compile(r"^(\d+)\.(.+)$")
+_EXTRA_STATE_KEY = "_extra_state"  # where torch's state_dict puts get_extra_state()
 
 
 class PerLevelNorm(nn.Module):
     """L copies of ``norm`` sharing its parameters, used in turn (see module docstring)."""
 
-    _version = 2
+    _version = 3
 
     def __init__(self, norm: nn.Module, num_levels: int):
         super().__init__()
@@ -65,12 +71,31 @@ class PerLevelNorm(nn.Module):
     def extra_repr(self):
         return f"num_levels={len(self.levels)}, shared parameters, per-level buffers"
 
+    def get_extra_state(self) -> torch.Tensor:
+        """The level of the next call (a CPU int64 tensor: checkpointers take tensors)."""
+        return torch.tensor(self._next, dtype=torch.int64)
+
+    def set_extra_state(self, state) -> None:
+        level = int(state)
+        if not 0 <= level < len(self.levels):
+            raise ValueError(
+                f"PerLevelNorm: the state's next level is {level}, but this module has {len(self.levels)} levels"
+            )
+        self._next = level
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # other layouts first: an un-wrapped norm's own extra state must go to the levels, not here
+        _accept_other_layouts(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        # versions 1-2 and the other layouts hold no level: the next call goes to level 0
+        state_dict.setdefault(prefix + _EXTRA_STATE_KEY, torch.zeros((), dtype=torch.int64))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
 
 def _accept_other_layouts(module: PerLevelNorm, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     """Load pre-hook: rename the foreign layouts of the module docstring to ``levels.<i>.<name>``."""
     ours = prefix + "levels."
     if any(k.startswith(ours) for k in state_dict):
-        return  # this class's layout (versions 1 and 2)
+        return  # this class's layout (versions 1 to 3)
     levels = len(module.levels)
     level_names = set(module.levels[0].state_dict(keep_vars=True))
     for key in [k for k in state_dict if k.startswith(prefix)]:

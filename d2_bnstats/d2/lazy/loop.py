@@ -25,10 +25,12 @@ from typing import Callable, List, Optional
 
 from detectron2.config import instantiate
 from detectron2.engine import HookBase
-from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
+from detectron2.utils.registry import locate
 from torch import nn
 
 from ...layers.frozen_bn import freeze_batch_statistics
+from ..evaluation import DetectionCountingCOCOEvaluator
 from ..population import (
     FrozenBNHook,
     PreciseBNHook,
@@ -127,6 +129,24 @@ def test_loader(cfg):
     return loader
 
 
+def build_evaluator(cfg):
+    """``cfg.dataloader.evaluator`` instantiated, where detectron2's ``COCOEvaluator`` is the plug-in's
+    :class:`~d2_bnstats.d2.evaluation.DetectionCountingCOCOEvaluator` (same arguments): a model without
+    detections scores AP 0, as on the yacs path, not detectron2's NaN."""
+    node = cfg.dataloader.evaluator
+    target = node.get("_target_") if hasattr(node, "get") else None
+    if isinstance(target, str):
+        target = locate(target)
+    if target is not COCOEvaluator:
+        return instantiate(node)
+    original = node._target_
+    node._target_ = DetectionCountingCOCOEvaluator  # in place: the node's relative interpolations need its parents
+    try:
+        return instantiate(node)
+    finally:
+        node._target_ = original
+
+
 def evaluate(cfg, model: nn.Module):
     """detectron2's ``do_test`` of ``lazyconfig_train_net.py`` with the plug-in's evaluation
     statistics (batch statistics at test with ``bnstats.TEST_BATCH_STATS``). None without
@@ -135,6 +155,6 @@ def evaluate(cfg, model: nn.Module):
         return None
     view = check_config(cfg)
     with evaluation_statistics(view.cfg, model):
-        results = inference_on_dataset(model, test_loader(cfg), instantiate(cfg.dataloader.evaluator))
+        results = inference_on_dataset(model, test_loader(cfg), build_evaluator(cfg))
     print_csv_format(results)
     return results

@@ -1,7 +1,7 @@
 """The logic behind ``tools/lazyconfig_train_net.py``: detectron2's LazyConfig training script with the plug-in.
 
 detectron2's ``tools/lazyconfig_train_net.py`` (``--config-file``, ``--num-gpus``, ``--eval-only``,
-``--resume``, trailing ``path.key=value`` overrides), with the plug-in's calls where they belong:
+``--resume``, ``path.key=value`` overrides, here in any order with the flags), with the plug-in's calls where they belong:
 
 - **Loading** (:func:`load_config`): ``LazyConfig.load`` + ``LazyConfig.apply_overrides``, then the
   plug-in's checks over the run's processes (:func:`~.model.check_config`, ``train.init_checkpoint``
@@ -35,13 +35,11 @@ import os
 from typing import List, Optional, Sequence
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
     AMPTrainer,
     SimpleTrainer,
     create_ddp_model,
-    default_argument_parser,
     default_setup,
     default_writers,
     hooks,
@@ -50,7 +48,11 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ..datasets import DatasetError, FileNamingMapper, add_register_coco_argument, check_datasets, register_coco_from_args
+from ...outputs import OutputFolderError, check_output_folder
+from ..checkpoint import AtomicCheckpointer, CheckpointError, resume_checkpoint
+from ...model_zoo import resolve_config_path
+from ...cli.args import LAZY, ToolArgumentParser
+from ..datasets import DatasetError, FileNamingMapper, check_datasets, register_coco_from_args
 from ..launch import launch_from_args
 from ..losses import DetectionLossHook
 from ..statistics_health import StatisticsHealthHook
@@ -85,12 +87,16 @@ class LazyConfigError(ValueError):
 
 
 def argument_parser(epilog=None):
-    """detectron2's ``default_argument_parser``, with ``--config`` (alias of ``--config-file``) and
-    ``--register-coco NAME JSON IMAGE_ROOT``, as ``tools/train_net.py``'s."""
-    parser = default_argument_parser(epilog=epilog)
-    parser.add_argument("--config", dest="config_file", metavar="FILE", help="alias of --config-file")
-    add_register_coco_argument(parser)
-    return parser
+    """detectron2's ``default_argument_parser`` flags with ``--config`` (alias of ``--config-file``) and
+    ``--register-coco NAME JSON IMAGE_ROOT``, as ``tools/train_net.py``'s; ``path.key=value`` overrides in
+    any order with the flags (:mod:`d2_bnstats.cli.args`)."""
+    return ToolArgumentParser(description="Train or evaluate a detectron2 LazyConfig (Python config) with "
+                                          "d2_bnstats' checks, transforms and hooks.",
+                              epilog=epilog, overrides=LAZY, launch=True, training_flags=True,
+                              launch_help={"--resume": "continue from the last checkpoint in train.output_dir "
+                                                       "(else start from train.init_checkpoint)",
+                                           "--eval-only": "only evaluate train.init_checkpoint (or with --resume "
+                                                          "the last checkpoint of train.output_dir)"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,6 +106,10 @@ def argument_parser(epilog=None):
 def _load_file(config_file: str):
     if not config_file:
         raise LazyConfigError("no config file: pass --config-file FILE (a LazyConfig .py or .yaml)")
+    try:
+        config_file = resolve_config_path(config_file)  # bnstats://NAME: a packaged config
+    except FileNotFoundError as e:
+        raise LazyConfigError(str(e)) from None
     if not os.path.isfile(config_file):
         raise LazyConfigError(f"config file {config_file} does not exist")
     try:
@@ -125,7 +135,7 @@ def apply_overrides(cfg, opts: Sequence[str], config_file: str = ""):
     for override in opts or ():
         if override.startswith("--"):
             raise LazyConfigError(
-                f"{override} after the overrides is read as one: put the options before the path.key=value overrides"
+                f"{override} is a flag, not a path.key=value override"
             )
         if "=" not in override:
             raise LazyConfigError(
@@ -193,8 +203,9 @@ def _dataset_splits(cfg, eval_only: bool) -> List[str]:
 
 def check_run(args):
     """Everything a run checks before it starts, in this process, for ``args.num_gpus`` x
-    ``args.num_machines`` processes: ``--register-coco``, the config, its data sets. Returns the
-    config; errors: :class:`LazyConfigError`."""
+    ``args.num_machines`` processes: ``--register-coco``, the config, its data sets,
+    ``train.output_dir`` (a folder that can be created and written) and, with ``--resume``, the last
+    checkpoint. Returns the config; errors: :class:`LazyConfigError`."""
     try:
         register_coco_from_args(getattr(args, "register_coco", ()))
     except DatasetError as e:
@@ -205,18 +216,27 @@ def check_run(args):
         check_lazy_datasets(cfg, _dataset_splits(cfg, args.eval_only))
     except DatasetError as e:
         raise LazyConfigError(f"{args.config_file}: {e}") from e
+    try:
+        check_output_folder(cfg.train.output_dir, "train.output_dir")
+        if args.resume:
+            resume_checkpoint(cfg.train.output_dir)
+    except (OutputFolderError, CheckpointError) as e:
+        raise LazyConfigError(f"{args.config_file}: {e}") from e
     return cfg
 
 
 def setup(args):
-    """In every process: ``--register-coco``, the config (:func:`load_config`), detectron2's
-    ``default_setup`` (loggers, ``config.yaml`` in ``train.output_dir``, seed), the plug-in's logger,
-    the data sets (checked once per process and file). Returns the config."""
+    """In every process: ``--register-coco``, the config (:func:`load_config`), the data sets (checked
+    once per process and file) and ``train.output_dir``, then detectron2's ``default_setup``
+    (loggers, ``config.yaml`` in ``train.output_dir``, seed) and the plug-in's logger. Returns the
+    config."""
     register_coco_from_args(getattr(args, "register_coco", ()))  # in every process: launch spawns them
     cfg = load_config(args.config_file, args.opts, eval_only=args.eval_only)
+    # before default_setup, which prints the config and writes config.yaml into train.output_dir
+    check_lazy_datasets(cfg, _dataset_splits(cfg, args.eval_only))
+    check_output_folder(cfg.train.output_dir, "train.output_dir")
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="d2_bnstats", abbrev_name="bnstats")
-    check_lazy_datasets(cfg, _dataset_splits(cfg, args.eval_only))
     return cfg
 
 
@@ -269,7 +289,7 @@ def do_train(args, cfg):
 
     model = create_ddp_model(model, **_ddp_options(cfg))
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     added = checkpoint_training_state(
         checkpointer, trainer.state_dict(), {"optimizer": optimizer, "grad_scaler": getattr(trainer, "grad_scaler", None)}
     )
@@ -315,7 +335,7 @@ def evaluate_checkpoint(cfg, resume: bool = False):
     (:func:`~.loop.prepare_for_evaluation`), evaluate (:func:`do_test`)."""
     model = build_lazy_model(cfg)
     model.to(cfg.train.device)
-    checkpointer = DetectionCheckpointer(model, save_dir=cfg.train.output_dir)
+    checkpointer = AtomicCheckpointer(model, save_dir=cfg.train.output_dir)
     if not cfg.train.init_checkpoint and not (resume and checkpointer.has_checkpoint()):
         logger.warning("--eval-only without train.init_checkpoint: evaluating the model as initialized")
     checkpoint = checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
@@ -339,4 +359,5 @@ def run(args):
     """Check the run in this process (:func:`check_run`; errors: :class:`LazyConfigError`), then
     launch :func:`main` in ``args.num_gpus`` processes per machine (gloo on CPU)."""
     check_run(args)
+    print("Command Line Args:", args)  # after the checks: a run that cannot start says one line
     return launch_from_args(main, args)

@@ -5,10 +5,10 @@ the files next to it put a plug-in norm in. Minutes on 2 CPU cores.
     python tools/lazyconfig_train_net.py --config-file configs/lazy/cpu/faster_rcnn_R_18_FPN_fashion_evalnorm.py
 
 with a loop that uses the plug-in's calls (README, "LazyConfig"). Self-contained (no model-zoo
-files needed); ``import bnstats_lab`` registers the fashion-scenes data sets
-(datasets/prepare_fashion_scenes.py builds them).
+files needed). The fashion-scenes data sets it names are built by datasets/prepare_fashion_scenes.py
+and registered by the repository's lab (``import bnstats_lab``, which the clone's tools do); elsewhere
+override ``dataloader.{train,test}.dataset.names`` with data sets of your own (``--register-coco``).
 """
-import bnstats_lab  # noqa: F401  (registers fashion_scenes_*)
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader

@@ -1,0 +1,379 @@
+"""The documentation's commands and snippets, extracted from README.md, docs/ and the READMEs of datasets/
+and configs/, so that a doc that drifts from the code fails here.
+
+Every fenced ``bash``/``python`` block, every unlabelled fenced block and every indented code block whose
+lines are commands is taken. The comment line right above a block may say how it is tested:
+
+- ``<!-- doc-test: skip (REASON) -->``: not run here (the reason says where it is tested, or why not);
+- ``<!-- doc-test: run -->``: a shell block run for real (slow), tools with a tiny schedule on the tiny
+  data set (the overrides :data:`TINY_YACS`/:data:`TINY_LAZY` appended, which the tools accept anywhere);
+- ``<!-- doc-test: context NAME (...) -->``: a Python snippet run after :data:`CONTEXTS` ``[NAME]`` has
+  defined the names the prose around it assumes (``model``, ``image``, ...); ``, after the snippet above``
+  continues that snippet's names.
+
+Without a comment a shell block is checked command by command (not slow): the project's interpreter
+must be explicit (``.venv/bin/python``, or a ``d2-bnstats-*`` command of the installed package); each
+tool's own parser reads the command line and its config (``bnstats://`` names, ``KEY VALUE`` and
+``path.key=value`` overrides) loads through the tool's checks; ``make`` names a Makefile target. Python
+snippets run for real (slow), each in a fresh namespace of one process, in a folder laid out as a clone.
+"""
+import argparse
+import glob
+import importlib.util
+import io
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+from contextlib import redirect_stdout
+from typing import List, NamedTuple
+
+import pytest
+
+from d2_bnstats.cli.args import ToolArgumentParser
+from d2_bnstats.d2.lazy.train import load_config as load_lazy_config
+from d2_bnstats.d2.train import load_config
+
+from .conftest import REPO
+
+DOCS = ["README.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md"))),
+        "datasets/README.md", "configs/README.md"]
+PYTHON = ".venv/bin/python"
+COMMAND_START = re.compile(r"^(\.venv/bin/python|python|d2-bnstats-|make |OMP_NUM_THREADS=|nice |[A-Z]+=)")
+DIRECTIVE = re.compile(r"^<!-- doc-test: (skip|run|context)\b\s*(.*?)\s*-->$")
+# the plug-in's commands: the clone's script, the installed command, yacs or LazyConfig overrides
+PLUGIN_TOOLS = {
+    "tools/train_net.py": ("d2-bnstats-train", "yacs"),
+    "tools/lazyconfig_train_net.py": ("d2-bnstats-lazy-train", "lazy"),
+    "tools/compare_bn_stats.py": ("d2-bnstats-compare", "yacs"),
+    "tools/estimate_evalnorm.py": ("d2-bnstats-estimate-evalnorm", "yacs"),
+    "tools/convert_to_mabn.py": ("d2-bnstats-convert-mabn", "yacs"),
+    "tools/deploy_model.py": ("d2-bnstats-deploy", "yacs"),
+}
+COMMANDS = {command: script for script, (command, _) in PLUGIN_TOOLS.items()}
+CLONE = ("configs", "tools", "datasets", "d2_bnstats", "bnstats_lab", "Makefile")
+
+
+class Block(NamedTuple):
+    doc: str
+    line: int
+    lang: str  # "bash" or "python"
+    text: str
+    directive: str  # "", "skip", "run", "context"
+    argument: str
+
+    @property
+    def where(self):
+        return f"{self.doc}:{self.line}"
+
+
+def _directive(lines, index):
+    for previous in reversed(lines[:index]):
+        if previous.strip():
+            match = DIRECTIVE.match(previous.strip())
+            return (match.group(1), match.group(2)) if match else ("", "")
+    return ("", "")
+
+
+def extract_blocks(doc: str) -> List[Block]:
+    lines = open(os.path.join(REPO, doc), encoding="utf-8").read().split("\n")
+    blocks, i = [], 0
+    while i < len(lines):
+        fence = re.match(r"^```(\w*)\s*$", lines[i])
+        if fence:
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
+            text = "\n".join(lines[i + 1:end])
+            lang = fence.group(1) or ("bash" if any(COMMAND_START.match(l) for l in text.split("\n")) else "")
+            if lang in ("bash", "sh", "python"):
+                blocks.append(Block(doc, i + 1, "python" if lang == "python" else "bash", text, *_directive(lines, i)))
+            i = end + 1
+            continue
+        if lines[i].startswith("    ") and (i == 0 or not lines[i - 1].strip()):
+            end = i
+            while end < len(lines) and (lines[end].startswith("    ") or not lines[end].strip()):
+                end += 1
+            text = textwrap.dedent("\n".join(lines[i:end])).strip("\n")
+            if COMMAND_START.match(text.split("\n")[0]):
+                blocks.append(Block(doc, i + 1, "bash", text, *_directive(lines, i)))
+            i = end
+            continue
+        i += 1
+    return blocks
+
+
+BLOCKS = [block for doc in DOCS for block in extract_blocks(doc)]
+
+
+SUBSTITUTION = re.compile(r"^([A-Z_]+)=\$\((.*)\)\s*(#.*)?$")  # VAR=$(command)
+
+
+def shell_commands(text: str) -> List[List[str]]:
+    """The commands of a shell block as word lists (continuations joined, comments dropped); a line
+    ``VAR=$(command)`` is ``["VAR=$(", command words...]``."""
+    out = []
+    for line in re.sub(r"\\\n", " ", text).split("\n"):
+        substitution = SUBSTITUTION.match(line.strip())
+        if substitution:
+            out.append([substitution.group(1) + "=$("] + shlex.split(substitution.group(2)))
+        elif shlex.split(line, comments=True):
+            out.append(shlex.split(line, comments=True))
+    return out
+
+
+def test_the_docs_have_commands_and_snippets_and_every_skip_says_why():
+    assert len([b for b in BLOCKS if b.lang == "bash"]) >= 15 and len([b for b in BLOCKS if b.lang == "python"]) >= 8
+    for block in BLOCKS:
+        if block.directive == "skip":
+            assert len(block.argument) > 10, f"{block.where}: a skip says why"
+
+
+# ------------------------------------------------------------------------------------------ checked
+class _Parsed(Exception):
+    def __init__(self, namespace):
+        self.namespace = namespace
+
+
+@pytest.fixture()
+def parse_only(monkeypatch):
+    """Parsers stop once they have parsed: a tool's main reads its command line and goes no further."""
+    for cls in (argparse.ArgumentParser, ToolArgumentParser):
+        original = cls.__dict__["parse_args"]
+
+        def parse(self, args=None, namespace=None, _original=original):
+            raise _Parsed(_original(self, args, namespace))
+
+        monkeypatch.setattr(cls, "parse_args", parse)
+
+
+def _load_tool(path):
+    spec = importlib.util.spec_from_file_location("doc_tool_" + os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _parse(clone, script, argv):
+    tool = _load_tool(os.path.join(clone, script))
+    with pytest.raises(_Parsed) as parsed:
+        tool.main(argv)
+    return parsed.value.namespace
+
+
+def _check_config(script, args, where):
+    """The config loads with the command's overrides through the tool's checks. A checkpoint that an
+    earlier command of the docs writes (MODEL.WEIGHTS, train.init_checkpoint) need not exist yet."""
+    if not getattr(args, "config_file", None) or script not in PLUGIN_TOOLS:
+        return
+    if args.config_file.startswith("output/") and not os.path.exists(args.config_file):
+        return  # written by an earlier command of the docs (estimate_evalnorm.py's config)
+    world = getattr(args, "num_gpus", 1) * getattr(args, "num_machines", 1)
+    if PLUGIN_TOOLS[script][1] == "lazy":
+        opts = list(args.opts)
+        try:
+            load_lazy_config(args.config_file, opts, world_size=world)
+        except Exception as e:
+            if "init_checkpoint" not in str(e):
+                raise AssertionError(f"{where}: {e}")
+            load_lazy_config(args.config_file, opts + ["train.init_checkpoint="], world_size=world)
+        return
+    try:
+        load_config(args.config_file, list(args.opts), world_size=world)
+    except FileNotFoundError as e:
+        if "MODEL.WEIGHTS" not in str(e):
+            raise AssertionError(f"{where}: {e}")
+        load_config(args.config_file, list(args.opts) + ["MODEL.WEIGHTS", ""], world_size=world)
+
+
+@pytest.fixture()
+def clone(tmp_path):
+    """A folder laid out as a clone (links to its code, configs and data scripts; output/ is its own)."""
+    for name in CLONE:
+        os.symlink(os.path.join(REPO, name), tmp_path / name)
+    return tmp_path
+
+
+def _check_command(words, variables, clone, where):
+    if words[0].endswith("=$("):  # VAR=$(.venv/bin/python -c CODE): CODE's output
+        assert words[1:3] == [PYTHON, "-c"], f"{where}: {' '.join(words)}"
+        out = io.StringIO()
+        with redirect_stdout(out):
+            exec(compile(words[3], where, "exec"), {})
+        variables[words[0][:-3]] = os.environ[words[0][:-3]] = out.getvalue().strip()
+        return
+    words = [os.path.expandvars(w) if "$" in w else w for w in words]
+    while words and re.match(r"^[A-Z_]+=", words[0]):  # VAR=value before or as a command
+        name, value = words.pop(0).split("=", 1)
+        variables[name] = os.environ[name] = value
+    if words[:1] == ["nice"]:
+        words = words[3:]
+    if not words:
+        return
+    if words[0] == "make":
+        targets = re.findall(r"^([a-z-]+):", open(os.path.join(REPO, "Makefile")).read(), re.M)
+        assert words[1] in targets, f"{where}: make {words[1]}: no such target"
+        return
+    if words[0] in COMMANDS:
+        words = [PYTHON, COMMANDS[words[0]]] + words[1:]
+    assert words[0] == PYTHON, f"{where}: {' '.join(words)!r}: run it with the project's interpreter, {PYTHON}"
+    if words[1] == "-c":
+        compile(words[2], where, "exec")
+        return
+    script = words[1]
+    assert os.path.isfile(os.path.join(clone, script)), f"{where}: no {script}"
+    args = _parse(clone, script, words[2:])
+    _check_config(script, args, where)
+
+
+@pytest.mark.parametrize("block", [b for b in BLOCKS if b.lang == "bash" and b.directive != "skip"],
+                         ids=lambda b: b.where)
+def test_every_documented_command_reads_its_arguments_and_config(block, clone, parse_only, monkeypatch):
+    monkeypatch.chdir(clone)
+    variables = {}
+    for name in ("C", "W", "ZOO"):
+        monkeypatch.delenv(name, raising=False)
+    for words in shell_commands(block.text):
+        _check_command(words, variables, str(clone), block.where)
+
+
+# ---------------------------------------------------------------------------------- run for real
+TINY = {"SOLVER.MAX_ITER": "1", "SOLVER.STEPS": "()", "SOLVER.WARMUP_ITERS": "0", "DATALOADER.NUM_WORKERS": "0",
+        "DATASETS.TRAIN": "('fashion_scenes_tiny_train',)", "DATASETS.TEST": "('fashion_scenes_tiny_val',)",
+        "TEST.EVAL_PERIOD": "0"}
+TINY_YACS = [w for kv in TINY.items() for w in kv]
+TINY_LAZY = ["train.max_iter=1", "dataloader.train.num_workers=0",
+             "dataloader.train.dataset.names=fashion_scenes_tiny_train",
+             "dataloader.test.dataset.names=fashion_scenes_tiny_val"]
+SHIM = '''import os, runpy, sys
+TOOLS = {tools!r}
+script = sys.argv[1] if len(sys.argv) > 1 else ""
+if script in TOOLS:
+    sys.argv = sys.argv[1:] + (TOOLS[script] == "lazy" and {lazy!r} or {yacs!r})
+    runpy.run_path(script, run_name="__main__")
+else:
+    os.execv({python!r}, [{python!r}] + sys.argv[1:])
+'''
+
+
+def _run_clone(clone, datasets_root):
+    """``clone/.venv/bin/python``: the project's interpreter, with the tiny overrides after a tool's arguments."""
+    shim = clone / "doc_shim.py"
+    shim.write_text(SHIM.format(tools={k: v[1] for k, v in PLUGIN_TOOLS.items()}, lazy=TINY_LAZY, yacs=TINY_YACS,
+                                python=sys.executable))
+    (clone / ".venv" / "bin").mkdir(parents=True)
+    python = clone / ".venv" / "bin" / "python"
+    python.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(shim))} \"$@\"\n")
+    python.chmod(0o755)
+    return dict(os.environ, DETECTRON2_DATASETS=datasets_root, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
+                PYTHONPATH=REPO)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", [b for b in BLOCKS if b.directive == "run"], ids=lambda b: b.where)
+def test_documented_commands_marked_run_run_as_written(block, clone, datasets_root):
+    env = _run_clone(clone, datasets_root)
+    # what the docs' earlier steps leave behind: a trained checkpoint of each CPU config a block loads
+    for config in sorted(set(re.findall(r"configs/cpu/(\w+)\.yaml", block.text))):
+        subprocess.run([str(clone / ".venv/bin/python"), "tools/train_net.py", "--config",
+                        f"configs/cpu/{config}.yaml"], cwd=str(clone), env=env, check=True, capture_output=True,
+                       timeout=600)
+    proc = subprocess.run(["bash", "-e", "-c", block.text], cwd=str(clone), env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"{block.where}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+CONTEXTS = {
+    "detector": '''
+import torch
+from d2_bnstats import model_zoo
+from d2_bnstats.d2.train import load_config
+from detectron2.modeling import build_model
+cfg = load_config(model_zoo.get_config_file("cpu/frcnn_r18_mabn_2img.yaml"), ["MODEL.FPN.OUT_CHANNELS", "32"])
+model = build_model(cfg).eval()
+image = torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(0)) * 255
+''',
+    "evalnorm_model": '''
+from torch import nn
+from d2_bnstats import EvalNorm2d
+model = nn.Sequential(nn.Conv2d(3, 8, 3), EvalNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), EvalNorm2d(8))
+''',
+    "bn_model": '''
+import torch
+from torch import nn
+model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+batches = [torch.randn(2, 3, 16, 16) for _ in range(4)]
+num_batches = len(batches)
+inputs = torch.randn(2, 3, 16, 16)
+''',
+    "coco_files": '''
+import os
+tiny = os.path.join(os.environ["DETECTRON2_DATASETS"], "fashion_scenes", "fashion_scenes_tiny")
+os.makedirs("path/to", exist_ok=True)
+os.symlink(os.path.join(tiny, "train.json"), "path/to/train.json")
+os.symlink(os.path.join(tiny, "train"), "path/to/images")
+''',
+}
+RUNNER = '''
+import json, sys, traceback
+snippets = json.load(open(sys.argv[1]))
+failures, namespace = [], {}
+for snippet in snippets:
+    if not snippet["after"]:
+        namespace = {"__name__": "__doc_snippet__"}
+    try:
+        exec(compile(snippet["context"], snippet["where"] + " (context)", "exec"), namespace)
+        exec(compile(snippet["code"], snippet["where"], "exec"), namespace)
+    except BaseException:
+        failures.append(snippet["where"] + "\\n" + traceback.format_exc(limit=6))
+print(json.dumps(failures))
+'''
+
+
+@pytest.mark.slow
+def test_every_python_snippet_runs(clone, datasets_root):
+    snippets = []
+    for block in BLOCKS:
+        if block.lang != "python" or block.directive == "skip":
+            continue
+        name, _, rest = block.argument.partition(" ")
+        after = block.directive == "context" and "after the snippet above" in block.argument
+        context = CONTEXTS[name.rstrip(",")] if block.directive == "context" and not after else ""
+        snippets.append({"where": block.where, "code": block.text, "context": context, "after": after})
+    (clone / "snippets.json").write_text(json.dumps(snippets))
+    (clone / "runner.py").write_text(RUNNER)
+    env = dict(os.environ, DETECTRON2_DATASETS=datasets_root, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(clone))
+    proc = subprocess.run([sys.executable, "runner.py", "snippets.json"], cwd=str(clone), env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    failures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not failures, "\n\n".join(failures)
+    assert len(snippets) >= 8
+
+
+@pytest.mark.parametrize("command", [
+    "python tools/train_net.py --config configs/cpu/frcnn_r18_bn_2img.yaml",  # the system's python
+    ".venv/bin/python tools/train_net.py --config-file C --num-gpus 2",  # a placeholder
+    ".venv/bin/python tools/train_net.py --config configs/cpu/frcnn_r18_bn_2img.yaml SOLVER.STEPS (1200, 1400)",
+    ".venv/bin/python tools/deploy_model.py --config-file configs/cpu/frcnn_r18_mabn_2img.yaml --output d --fold "
+    "[--format onnx]",
+    ".venv/bin/python tools/compare_bn_stats.py --config configs/cpu/frcnn_r18_bn_2img.yaml --strategy ema",
+    "make demos",
+])
+def test_the_check_catches_a_command_that_drifted(command, clone, parse_only, monkeypatch):
+    monkeypatch.chdir(clone)
+    with pytest.raises((AssertionError, SystemExit, ValueError, FileNotFoundError, KeyError)):
+        for words in shell_commands(command):
+            _check_command(words, {}, str(clone), "example")
+
+
+def test_the_demo_is_seeded():
+    """`make demo` trains and compares with a fixed SEED (detectron2's default -1 draws a new one every
+    run), so the README's demo numbers are what a run gives."""
+    makefile = open(os.path.join(REPO, "Makefile")).read()
+    assert "$(DEMO_OPTS)" in makefile.split("\ndemo:")[1].split("\n\n")[0]  # both demo commands get them
+    options = re.search(r"^DEMO_OPTS \?= (.*)$", makefile, re.M).group(1)
+    words = shlex.split(options)
+    assert "SEED" in words and int(words[words.index("SEED") + 1]) >= 0, options
