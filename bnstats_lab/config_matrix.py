@@ -70,15 +70,30 @@ class NormSpec:
     heads: str  # MODEL.ROI_BOX_HEAD.NORM (4conv1fc) and MODEL.ROI_MASK_HEAD.NORM
     settings: Tuple[str, ...] = ALL_SETTINGS
     conv_box_head: bool = True  # 4conv1fc box head (False: detectron2's default 2fc head, no norm)
+    # (config key, fraction): keys counted in training steps, set to round(fraction x the leaf's MAX_ITER)
+    iteration_fractions: Tuple[Tuple[str, float], ...] = ()
 
 
 NORMS: Tuple[NormSpec, ...] = (
     NormSpec("bn", "BN (EMA statistics)", "BN", "BN", "BN"),
     NormSpec("evalnorm", "EvalNorm", "EvalNorm", "EvalNorm", "EvalNorm"),
     NormSpec("mabn", "MABN", "MABN", "MABN", "MABN"),
+    # Batch Renormalization's r_max/d_max schedule: the paper's steps (plain BN for 5k steps, d_max
+    # reached at 25k, r_max at 40k; Ioffe 2017 §4) as fractions of detectron2's 90k-step 1x schedule
+    NormSpec("brn", "Batch Renormalization", "BatchRenorm", "BatchRenorm", "BatchRenorm",
+             iteration_fractions=(("BNSTATS.BATCH_RENORM.RAMP_START_ITER", 5000 / 90000),
+                                  ("BNSTATS.BATCH_RENORM.D_MAX_END_ITER", 25000 / 90000),
+                                  ("BNSTATS.BATCH_RENORM.R_MAX_END_ITER", 40000 / 90000))),
     NormSpec("syncbn", "SyncBN", SYNC_BN, SYNC_BN, SYNC_BN),
     # RoI-shuffled BN applies to the RoI heads only; backbone and FPN use SyncBN
     NormSpec("syncbn_roishuffle", "SyncBN + RoI-shuffled BN in heads", SYNC_BN, SYNC_BN, "RoIShuffleBN"),
+    # Cross-Iteration BN; its paper's detection setting is the frozen one (CBN in FPN and heads)
+    NormSpec("cbn", "Cross-Iteration BN", "CrossIterBN", "CrossIterBN", "CrossIterBN",
+             settings=(SCRATCH, FROZEN, FINETUNE)),
+    # Weight Standardization (Qiao et al. 2019) before GN and before BN: random init only (fine-tuning
+    # needs weights pre-trained with standardized convs, which the lab does not make)
+    NormSpec("gnws", "GN + WS", "GN+WS", "GN+WS", "GN+WS", settings=(SCRATCH,)),
+    NormSpec("bnws", "BN + WS", "BN+WS", "BN+WS", "BN+WS", settings=(SCRATCH,)),
     # GN has no statistics: no re-initialised-statistics setting
     NormSpec("gn", "GN (baseline)", "GN", "GN", "GN", settings=(SCRATCH, FROZEN, FINETUNE)),
     # detectron2's standard recipe: FrozenBN backbone, no norm in FPN and the 2fc box head
@@ -245,6 +260,8 @@ class Cell:
             out["MODEL.ROI_BOX_HEAD.NUM_CONV"] = 0
             out["MODEL.ROI_BOX_HEAD.NUM_FC"] = 2
         lr, max_iter, steps = self.schedule()
+        for key, fraction in self.norm.iteration_fractions:
+            out[key] = int(round(fraction * max_iter))
         out["SOLVER.IMS_PER_BATCH"] = self.total_batch
         out["SOLVER.BASE_LR"] = lr
         out["SOLVER.MAX_ITER"] = max_iter

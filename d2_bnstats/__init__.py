@@ -24,6 +24,8 @@ with _warnings.catch_warnings():
     from .d2.mabn_convert import convert_to_mabn
     from . import model_zoo
     from .d2.plugin import add_bnstats_config, check_bnstats_config
+    from .layers.batch_renorm import BatchRenorm2d
+    from .layers.cross_iteration_bn import CrossIterationBatchNorm2d
     from .layers.evalnorm import EvalNorm2d, set_evalnorm_mode
     from .layers.evalnorm_projection import attach_projection_hook
     from .layers.ghost_bn import GhostBatchNorm2d
@@ -37,10 +39,13 @@ with _warnings.catch_warnings():
     from .layers.step_guard import StepStatisticsGuard
     from .layers.sync_bn import SyncBatchNorm2d
     from .layers.test_batch_stats import batch_statistics
+    from .layers.weight_standardization import fold_weight_standardization, make_weight_standardized
     from .registry import (
         ConfiguredNorm,
+        Norm,
         UnknownNormError,
         available_norms,
+        declared_norms,
         get_norm,
         register_norm,
         registered_norms,
@@ -55,6 +60,7 @@ __all__ = [
     "attach_step_hook",
     "available_norms",
     "batch_statistics",
+    "BatchRenorm2d",
     "build_lazy_model",
     "check_bnstats_config",
     "check_norm_keys",
@@ -63,15 +69,20 @@ __all__ = [
     "ConfiguredNorm",
     "convert_for_deployment",
     "convert_to_mabn",
+    "CrossIterationBatchNorm2d",
+    "declared_norms",
     "deploy",
     "EvalNorm2d",
     "fold_norms_into_convs",
+    "fold_weight_standardization",
     "freeze_batch_statistics",
     "get_norm",
     "GhostBatchNorm2d",
     "lazy",
     "MABN2d",
+    "make_weight_standardized",
     "model_transforms",
+    "Norm",
     "model_zoo",
     "NORM_KEYS",
     "PerLevelNorm",

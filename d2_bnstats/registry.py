@@ -1,13 +1,23 @@
-"""Norm names usable in detectron2 configs.
+"""Norm names usable in detectron2 configs, and the one declaration of a norm.
 
 detectron2 has no norm registry: ``detectron2.layers.get_norm`` maps a fixed set of strings (BN,
-GN, FrozenBN, SyncBN, ...) to modules. This module keeps the plug-in's names and resolves a norm
-string the way ``get_norm`` does, with our names first and detectron2's own names unchanged:
+GN, FrozenBN, SyncBN, ...) to modules. This module keeps the plug-in's norms and resolves a norm
+string the way ``get_norm`` does, with our names first and detectron2's own names unchanged.
 
-    >>> import d2_bnstats
-    >>> @d2_bnstats.register_norm("MyNorm")
-    ... def build_my_norm(out_channels):
-    ...     return MyNorm(out_channels)
+**A norm is one declared object**, a :class:`Norm`: its names and factories, its config node (the
+defaults, the checks, how options are read), its model transform and deployment conversion if any,
+and what kind of statistics its layers keep. :func:`register_norm` registers it -- the same call
+for the plug-in's own norms (``d2_bnstats/d2/norms/*.py``, one declaration per file) and for third
+parties::
+
+    import d2_bnstats
+    d2_bnstats.register_norm(d2_bnstats.Norm(
+        name="my_norm", factories={"MyNorm": MyNorm2d},
+        config_key="MY_NORM", defaults=my_defaults, check=my_check, options=my_options,
+        transform=my_transform, deploy=my_deploy, statistics="population"))
+
+The short form ``register_norm("MyNorm", factory, config_options=...)`` declares a norm with one
+name, a factory and an options reader only.
 
 A factory takes the channel count and returns an ``nn.Module``; it is called once per norm layer
 (and, by detectron2's RetinaNet head, once more as a throw-away probe with 1 or 32 channels).
@@ -18,19 +28,92 @@ is installed (``d2_bnstats.d2.plugin.install``).
 A name in a config reaches a factory in one of two forms: a plain string (the factory is called with
 the channel count only and builds the layer with its defaults) or a :class:`ConfiguredNorm`, a string
 equal to the name that also carries the factory's keyword options; ``d2_bnstats.d2.build`` turns
-config values into the second form while it builds a model.
+config values into the second form while it builds a model, with the declaration's ``options``.
 """
+import dataclasses
 import difflib
 import threading
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from torch import nn
 
 NormFactory = Callable[..., nn.Module]
+OptionsReader = Callable[[object, str], Dict[str, object]]
+ModelTransform = Callable[[nn.Module, object], Optional[nn.Module]]
 
-_FACTORIES: Dict[str, NormFactory] = {}
-_CONFIG_OPTIONS: Dict[str, Callable[[object, str], Dict[str, object]]] = {}
-_LOCK = threading.Lock()
+# What a norm's layers keep, for the tools that act on population statistics (PreciseBN, FrozenBN
+# late in training, batch statistics at test, the comparison tool) and offline EvalNorm:
+STATISTICS_KINDS = (
+    "batch",  # running statistics = the moving average of the batch mean and variance it normalizes
+    #           with in training (BN's meaning: offline EvalNorm may convert such a layer)
+    "population",  # statistics estimated from training batches used at inference, of another kind
+    "none",  # no population statistics (per-sample norms such as GN)
+)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # a declaration is itself: compared and hashed by identity
+class Norm:
+    """One norm method, declared once (see the module docstring); registered by :func:`register_norm`.
+
+    - ``name``: the method's name (its model transform's name; messages), e.g. ``"ghost_bn"``.
+    - ``factories``: config name -> ``factory(out_channels, **options) -> nn.Module``.
+    - ``config_key``: its node ``BNSTATS.<config_key>``; ``defaults(node)`` fills an empty node with
+      the documented defaults (a comment above each key says what it means).
+    - ``check(cfg)``: validates its node (a ValueError naming key, value and what is accepted); run
+      when a config is loaded, whatever norms the model uses. ``cfg`` may lack ``BNSTATS``.
+    - ``options(cfg, name)``: the factory's keyword options for config name ``name``; ``cfg`` is the
+      config of the model being built (yacs, or the LazyConfig path's yacs view).
+    - ``transform(model, cfg)``: run on every built model (``cfg`` may be None: defaults); a returned
+      module replaces the model. Transforms run by ``transform_order``, then registration order.
+    - ``deploy(model)``: in place on the deployment copy, before norms become frozen: converts this
+      method's modules to plain ones; returns the names of the modules it converted.
+      ``keep_reason(module)``: why one of its modules stays as it is at deployment, or None.
+    - ``statistics``: what its layers keep, one of :data:`STATISTICS_KINDS`; ``layer_types``: the
+      classes its factories build (None for a short-form registration: undeclared).
+    - ``overrides_detectron2``: names of detectron2's own ``get_norm`` that it replaces.
+    """
+
+    name: str
+    factories: Mapping[str, NormFactory] = dataclasses.field(default_factory=dict)
+    config_key: Optional[str] = None
+    defaults: Optional[Callable[[object], None]] = None
+    check: Optional[Callable[[object], None]] = None
+    options: Optional[OptionsReader] = None
+    transform: Optional[ModelTransform] = None
+    transform_order: int = 0
+    deploy: Optional[Callable[[nn.Module], List[str]]] = None
+    keep_reason: Optional[Callable[[nn.Module], Optional[str]]] = None
+    statistics: Optional[str] = None
+    layer_types: Tuple[type, ...] = ()
+    overrides_detectron2: Tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a norm declaration needs a non-empty name, got {self.name!r}")
+        for key, fn in dict(self.factories).items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"norm {self.name!r}: a norm name must be a non-empty string, got {key!r}")
+            if not callable(fn):
+                raise TypeError(f"norm {self.name!r}: the factory for {key!r} must be callable, got {fn!r}")
+        if (self.config_key is None) != (self.defaults is None):
+            raise ValueError(f"norm {self.name!r}: config_key and defaults go together (the node and its defaults)")
+        if self.statistics is not None and self.statistics not in STATISTICS_KINDS:
+            raise ValueError(
+                f"norm {self.name!r}: statistics = {self.statistics!r}; accepted: {', '.join(STATISTICS_KINDS)}"
+            )
+        for field in ("check", "options", "transform", "deploy", "keep_reason"):
+            value = getattr(self, field)
+            if value is not None and not callable(value):
+                raise TypeError(f"norm {self.name!r}: {field} must be callable or None, got {value!r}")
+        object.__setattr__(self, "factories", dict(self.factories))
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "overrides_detectron2", tuple(self.overrides_detectron2))
+
+
+_DECLARED: Dict[str, Norm] = {}  # declaration name -> declaration, in registration order
+_FACTORIES: Dict[str, NormFactory] = {}  # config name -> factory (of every declaration)
+_OWNER: Dict[str, str] = {}  # config name -> declaration name
+_LOCK = threading.RLock()
 _DETECTRON2_GET_NORM: List[Callable] = []  # detectron2's own get_norm, once handed over
 
 
@@ -115,64 +198,106 @@ def available_norms() -> List[str]:
 
 
 def register_norm(
-    name: str,
+    norm: Union[Norm, str],
     factory: Optional[NormFactory] = None,
     *,
-    config_options: Optional[Callable[[object, str], Dict[str, object]]] = None,
+    config_options: Optional[OptionsReader] = None,
     force: bool = False,
 ):
-    """Register ``factory`` under ``name``; usable as ``register_norm("X", f)`` or as a decorator.
+    """Register a norm: ``register_norm(Norm(...))`` (the full declaration), or the short form
+    ``register_norm("X", factory, config_options=...)`` (also usable as a decorator), which declares a
+    norm named "X" with that factory and options reader.
 
-    A name that is already taken (by d2_bnstats, a third party, or detectron2's own ``get_norm``)
-    is an error unless ``force=True``; forcing a detectron2 name makes every config that uses it
-    build ``factory`` instead.
-
-    ``config_options(cfg, name) -> dict``, if given, reads the factory's keyword options from the
-    config of the model being built (see ``d2_bnstats.d2.build``); without it the factory is always
-    called with the channel count only.
+    A taken name (a config name or the declaration's name, by d2_bnstats or a third party, or one of
+    detectron2's own names not listed in ``overrides_detectron2``) is an error unless ``force=True``,
+    which removes the declarations that held the taken names; forcing a detectron2 name makes every
+    config that uses it build the new factory. Returns the declaration (the factory for the short form).
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a norm name must be a non-empty string, got {name!r}")
+    if isinstance(norm, Norm):
+        if factory is not None or config_options is not None:
+            raise TypeError("register_norm(Norm(...)) takes no factory or config_options: they are in the declaration")
+        _register(norm, force)
+        return norm
+    if not isinstance(norm, str) or not norm:
+        raise ValueError(f"a norm name must be a non-empty string, got {norm!r}")
+    name = norm
 
-    def _register(fn: NormFactory) -> NormFactory:
+    def _short(fn: NormFactory) -> NormFactory:
         if not callable(fn):
             raise TypeError(f"the factory for norm {name!r} must be callable, got {fn!r}")
-        with _LOCK:
-            if not force:
-                if name in _FACTORIES:
-                    raise ValueError(
-                        f"norm {name!r} is already registered (by {_describe(_FACTORIES[name])}); "
-                        "pass force=True to replace it"
-                    )
-                if name in detectron2_norm_names():
-                    raise ValueError(
-                        f"norm {name!r} is one of detectron2's built-in names; "
-                        "pass force=True to override it for every config that uses it"
-                    )
-            _FACTORIES[name] = fn
-            if config_options is None:
-                _CONFIG_OPTIONS.pop(name, None)
-            else:
-                _CONFIG_OPTIONS[name] = config_options
+        _register(Norm(name=name, factories={name: fn}, options=config_options), force)
         return fn
 
     if factory is None:
-        return _register
-    return _register(factory)
+        return _short
+    return _short(factory)
+
+
+def _register(norm: Norm, force: bool) -> None:
+    with _LOCK:
+        taken = []
+        if norm.name in _DECLARED:
+            taken.append((norm.name, norm.name))
+        for key in norm.factories:
+            if key in _OWNER:
+                taken.append((key, _OWNER[key]))
+        if taken and not force:
+            key, owner = taken[0]
+            by = _describe(_FACTORIES[key]) if key in _FACTORIES else f"the declaration {owner!r}"
+            raise ValueError(f"norm {key!r} is already registered (by {by}); pass force=True to replace it")
+        if not force:
+            for key in norm.factories:
+                if key in norm.overrides_detectron2:
+                    continue
+                if key in detectron2_norm_names():
+                    raise ValueError(
+                        f"norm {key!r} is one of detectron2's built-in names; "
+                        "pass force=True to override it for every config that uses it"
+                    )
+        for _, owner in taken:
+            _remove(owner)
+        _DECLARED[norm.name] = norm
+        for key, fn in norm.factories.items():
+            _FACTORIES[key] = fn
+            _OWNER[key] = norm.name
+
+
+def _remove(declaration: str) -> None:
+    norm = _DECLARED.pop(declaration, None)
+    if norm is None:
+        return
+    for key in norm.factories:
+        if _OWNER.get(key) == declaration:
+            del _FACTORIES[key]
+            del _OWNER[key]
 
 
 def unregister_norm(name: str) -> None:
-    """Remove a registered name (detectron2's built-in names, if shadowed, work again)."""
+    """Remove the declaration that holds config name (or declaration name) ``name``, with all its
+    names; detectron2's built-in names, if shadowed, work again."""
     with _LOCK:
-        if name not in _FACTORIES:
+        owner = _OWNER.get(name, name if name in _DECLARED else None)
+        if owner is None:
             raise UnknownNormError(f"norm {name!r} is not registered; registered: {registered_norms()}")
-        del _FACTORIES[name]
-        _CONFIG_OPTIONS.pop(name, None)
+        _remove(owner)
 
 
-def config_options_reader(name: str) -> Optional[Callable[[object, str], Dict[str, object]]]:
-    """The ``config_options`` function registered with norm ``name``, or None."""
-    return _CONFIG_OPTIONS.get(name)
+def declared_norms() -> List[Norm]:
+    """Every registered declaration, in registration order."""
+    with _LOCK:
+        return list(_DECLARED.values())
+
+
+def norm_declaration(name: str) -> Optional[Norm]:
+    """The declaration that holds config name ``name`` (None for detectron2's names and unknown ones)."""
+    owner = _OWNER.get(str(name))
+    return _DECLARED.get(owner) if owner is not None else None
+
+
+def config_options_reader(name: str) -> Optional[OptionsReader]:
+    """The ``options`` reader declared with norm ``name``, or None."""
+    norm = norm_declaration(name)
+    return norm.options if norm is not None else None
 
 
 def _describe(fn) -> str:

@@ -87,10 +87,12 @@ def test_transforms_run_in_order_and_may_replace_the_model(cfg):
 
 
 def test_the_methods_transforms_run_in_the_declared_order():
-    from d2_bnstats.d2.norms import METHODS
+    from d2_bnstats.d2.norms import builtin_norms
 
-    declared = [m.__name__.rsplit(".", 1)[-1] for m in METHODS if hasattr(m, "transform")]
-    assert d2_bnstats.model_transforms()[: len(declared)] == declared == ["evalnorm", "mabn", "per_level"]
+    declared = [n.name for n in sorted(builtin_norms(), key=lambda n: n.transform_order) if n.transform is not None]
+    assert d2_bnstats.model_transforms()[: len(declared)] == declared
+    # MABN centralizes the convs feeding its layers before the per-level copies wrap those layers
+    assert declared.index("mabn") < declared.index("per_level") == len(declared) - 1
 
 
 def test_a_failing_build_names_the_value(cfg):
@@ -111,3 +113,31 @@ def test_uninstall_restores_detectron2_builders():
     finally:
         patch.reinstall()
     assert defaults.build_model is build.build_model
+
+
+def test_an_omegaconf_config_builds_as_without_the_plug_in(cfg):
+    """detectron2's build_model takes an OmegaConf DictConfig made from a yacs config (its own test
+    testOmegaConf does this with a model-zoo config); the patched one does too, and with a plug-in norm
+    the options still reach the layers."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from d2_bnstats.layers.ghost_bn import GhostBatchNorm2d
+
+    cfg.MODEL.DEVICE = "cpu"
+    plain = OmegaConf.create(cfg.dump())
+    torch.manual_seed(0)
+    model = build.build_model(plain)
+    torch.manual_seed(0)
+    reference = patch.original_build_model()(OmegaConf.create(cfg.dump()))
+    assert [type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+    cfg.MODEL.FPN.NORM = "GhostBN"
+    cfg.BNSTATS.GHOST_BN.VIRTUAL_BATCH_SIZE = 3
+    configured = OmegaConf.create(cfg.dump())
+    OmegaConf.set_readonly(configured, True)
+    model = build.build_model(configured)
+    ghost = [m for m in model.modules() if isinstance(m, GhostBatchNorm2d)]
+    assert len(ghost) == 8 and {m.virtual_batch_size for m in ghost} == {3}
+    assert configured.MODEL.FPN.NORM == "GhostBN" and type(configured.MODEL.FPN.NORM) is str  # unchanged

@@ -33,7 +33,7 @@ from d2_bnstats.d2.weights import after_loading_weights, reset_norm_statistics
 from .conftest import REPO, tiny_opts
 from .pretrained import tiny_pretrained  # noqa: F401  (fixture)
 
-MATRIX_NORMS = {"bn", "evalnorm", "mabn", "syncbn", "syncbn_roishuffle", "gn", "frozenbn"}
+MATRIX_NORMS = {"bn", "evalnorm", "mabn", "brn", "cbn", "syncbn", "syncbn_roishuffle", "gn", "gnws", "bnws", "frozenbn"}
 
 
 def abspath(rel):
@@ -72,12 +72,14 @@ def test_matrix_covers_every_norm_setting_and_batch():
     for family, depth in (("r50", 50), ("r18", 18)):
         for arch in ("frcnn", "mrcnn"):
             for n in (2, 4, 8):
-                for norm in ("bn", "evalnorm", "mabn", "syncbn", "syncbn_roishuffle"):
+                for norm in ("bn", "evalnorm", "mabn", "brn", "syncbn", "syncbn_roishuffle"):
                     for setting in ("scratch", "frozen", "finetune", "reinit"):
                         expected.add((family, arch, norm, n, setting))
                 for setting in ("scratch", "frozen", "finetune"):
                     expected.add((family, arch, "gn", n, setting))
+                    expected.add((family, arch, "cbn", n, setting))
                 expected.add((family, arch, "frozenbn", n, "frozen"))
+                expected.update({(family, arch, "gnws", n, "scratch"), (family, arch, "bnws", n, "scratch")})
     got = {c.key for c in cm.cells()}
     assert got == expected
     assert {c.norm.key for c in cm.cells()} == MATRIX_NORMS
@@ -159,6 +161,12 @@ def test_settings_and_norms_hold_in_every_generated_file():
                 assert cfg.MODEL.WEIGHTS == expected, cell.path
         assert describe.derive_setting(cfg) == setting, cell.path
         assert cfg.OUTPUT_DIR.endswith(cell.name), cell.path
+        if spec.key == "brn":  # the paper's schedule steps (5k, 25k, 40k of a 90k 1x) scaled to the run
+            brn, steps = cfg.BNSTATS.BATCH_RENORM, cfg.SOLVER.MAX_ITER
+            got = (brn.RAMP_START_ITER, brn.D_MAX_END_ITER, brn.R_MAX_END_ITER)
+            assert got == tuple(round(steps * k / 90000) for k in (5000, 25000, 40000)), cell.path
+            if steps == 90000:
+                assert got == (5000, 25000, 40000), cell.path
 
 
 def test_every_file_named_by_the_scheme_says_what_it_is():

@@ -276,3 +276,20 @@ def test_gpu_examples_put_the_norm_in_backbone_fpn_and_heads(method, layer):
     centralized = [m for m in model.modules() if isinstance(m, CentralizedConv2d)]
     assert (len(centralized) > 50) == (method == "mabn")
     assert cfg.dataloader.train.total_batch_size == 16 and cfg.train.max_iter in (90000, 180000)
+
+
+def test_prepare_model_reuses_the_checks_and_view_of_configure_lazy_norms(monkeypatch):
+    """One view and one round of checks per build; a change after configuring is checked again."""
+    from d2_bnstats.d2.lazy import model as lazy_model
+
+    cfg = cpu_config("mabn")
+    calls = []
+    real = lazy_model.check_config
+    monkeypatch.setattr(lazy_model, "check_config", lambda c, *a, **k: calls.append(1) or real(c, *a, **k))
+    model = instantiate(d2_bnstats.configure_lazy_norms(cfg).model)
+    d2_bnstats.prepare_model(model, cfg)
+    assert len(calls) == 1
+    cfg.bnstats.MABN.BUFFER_SIZE = 4  # changed after configuring: checked again, and found stale
+    with pytest.raises(ValueError, match="does not carry the options"):
+        d2_bnstats.prepare_model(model, cfg)
+    assert len(calls) == 2

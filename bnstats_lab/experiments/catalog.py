@@ -28,6 +28,7 @@ import os
 import sys
 from typing import Dict, Optional, Tuple
 
+from ..config_matrix import NORM_BY_KEY
 from .spec import Cell, Experiment, evaluation_of
 
 # Per-channel pixel mean / std (RGB) of each scene set's training split (pixel_statistics, 500 images)
@@ -69,6 +70,7 @@ PRETRAIN_SHORT = _short_pretraining(SHORT_PRETRAINED)[1]
 PRETRAINED_FOR = {  # the pre-trained backbone each norm's fine-tuned/frozen setting starts from
     "EvalNorm": SHORT_PRETRAINED, "BN": SHORT_PRETRAINED, "SyncBN": SHORT_PRETRAINED,
     "FrozenBN": SHORT_PRETRAINED, "GN": SHORT_PRETRAINED_GN, "MABN": SHORT_PRETRAINED_WC,
+    "BatchRenorm": SHORT_PRETRAINED, "CrossIterBN": SHORT_PRETRAINED,  # their state is BN's
 }
 PRETRAININGS = (
     _short_pretraining(SHORT_PRETRAINED),
@@ -148,12 +150,25 @@ def _e2_cell(name: str, config: str, norm: str, setting: str, arch: str = "frcnn
     )
 
 
+def _schedule_steps(norm_key: str, schedule) -> Tuple[str, ...]:
+    """The norm's keys counted in training steps (its config-matrix fractions) for a run of ``schedule``'s
+    MAX_ITER instead of the config's."""
+    max_iter = int(dict(zip(schedule[::2], schedule[1::2]))["SOLVER.MAX_ITER"])
+    out: Tuple[str, ...] = ()
+    for key, fraction in NORM_BY_KEY[norm_key].iteration_fractions:
+        out += (key, str(int(round(fraction * max_iter))))
+    return out
+
+
 def _e2() -> Experiment:
     cells = []
     for setting in ("scratch", "finetune"):
         cells += [
             _e2_cell(f"mabn_{setting}", f"configs/cpu/frcnn_r18_mabn_2img_{setting}.yaml", "MABN", setting),
             _e2_cell(f"gn_{setting}", f"configs/cpu/frcnn_r18_gn_2img_{setting}.yaml", "GN", setting),
+            _e2_cell(f"cbn_{setting}", f"configs/cpu/frcnn_r18_cbn_2img_{setting}.yaml", "CrossIterBN", setting),
+            _e2_cell(f"brn_{setting}", f"configs/cpu/frcnn_r18_brn_2img_{setting}.yaml", "BatchRenorm", setting,
+                     extra=_schedule_steps("brn", SCHEDULE_2IMG)),
             _e2_cell(f"syncbn_2x1_{setting}", f"configs/cpu/frcnn_r18_syncbn_2img_{setting}.yaml", "SyncBN", setting,
                      processes=2),
             _e2_cell(f"ghostbn_head_{setting}", f"configs/cpu/frcnn_r18_bn_2img_{setting}.yaml", "GhostBN (box head)",
@@ -161,6 +176,9 @@ def _e2() -> Experiment:
             _e2_cell(f"frozen_late_{setting}", f"configs/cpu/frcnn_r18_bn_2img_{setting}.yaml", "BN, FrozenBN late",
                      setting, extra=("BNSTATS.FROZEN_BN.START_ITER", FROZEN_LATE_START), backbone_norm="BN"),
         ]
+    # Weight Standardization: random init only (no backbone is pre-trained with standardized convs)
+    cells.append(_e2_cell("gnws_scratch", "configs/cpu/frcnn_r18_gnws_2img_scratch.yaml", "GN+WS", "scratch"))
+    cells.append(_e2_cell("bnws_scratch", "configs/cpu/frcnn_r18_bnws_2img_scratch.yaml", "BN+WS", "scratch"))
     cells.append(_e2_cell("frozenbn_frozen", "configs/cpu/frcnn_r18_frozenbn_2img_frozen.yaml", "FrozenBN", "frozen"))
     for norm, key in (("EvalNorm", "evalnorm"), ("MABN", "mabn"), ("GN", "gn")):
         cells.append(_e2_cell(

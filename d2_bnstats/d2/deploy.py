@@ -14,15 +14,16 @@ is γ x / sqrt(R + ε) + b: a frozen BN with μ = 0 and σ² = R (docs/mabn.md).
 ``FrozenBatchNorm2d`` evaluates it with the same fused ``F.batch_norm`` call as those layers' own
 eval-mode forward, so :func:`to_frozen` changes no output bit.
 
-Not a fixed affine, hence kept as they are: EvalNorm (its statistics mix in the sample's own, eqs.
-5-8 of Singh & Shrivastava 2019; a layer in mode "ema" is BN inference and is converted), any
-BN-type layer without running statistics (``track_running_stats=False``: the test batch's
-statistics), GroupNorm and other per-sample norms.
+Not a fixed affine, hence kept as they are: any BN-type layer without running statistics
+(``track_running_stats=False``: the test batch's statistics), a layer whose norm declaration gives a
+reason (``keep_reason`` of :class:`d2_bnstats.registry.Norm`: EvalNorm, whose statistics mix in the
+sample's own; a layer in mode "ema" is BN inference and is converted), GroupNorm and other
+per-sample norms.
 
-MABN's convolutions are weight-centralized: they compute with W − mean(W) on every forward
-(``d2_bnstats.layers.weight_centralization``). :func:`to_frozen` first stores the centred weight
-and gives each conv its plain class back (``fold_weight_centralization``; exact), so the deployed
-model has no plug-in class left in it for MABN.
+Before that, each registered norm's own deployment conversion (``deploy`` of its declaration) runs on
+the copy: MABN's weight-centralized convolutions store their centred weight and get their plain class
+back (exact), so the deployed model has no plug-in class left in it for MABN; a third party's norm
+converts its layers likewise. Each conversion's modules are listed in the report under the norm's name.
 
 Folding (:func:`fold_norms_into_convs`): a conv y = W ∗ x + b followed by the affine above is one
 conv with W' = s·W (per output filter) and b' = s (b − μ) + β, computed in float64 and stored in the
@@ -46,8 +47,7 @@ from detectron2.layers import Conv2d as D2Conv2d
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
-from ..layers.evalnorm import EvalNorm2d
-from ..layers.weight_centralization import fold_weight_centralization
+from ..registry import declared_norms
 
 __all__ = ["DeploymentReport", "convert_for_deployment", "fold_norms_into_convs", "to_frozen"]
 
@@ -60,7 +60,7 @@ _BATCH_NORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 class DeploymentReport:
     """What :func:`convert_for_deployment` did, by module name (names in the returned model)."""
 
-    centralized_convs_folded: List[str] = field(default_factory=list)
+    converted: Dict[str, List[str]] = field(default_factory=dict)  # norm declaration -> modules its deploy converted
     frozen: List[Tuple[str, str]] = field(default_factory=list)  # (name, original class name)
     kept: List[Tuple[str, str]] = field(default_factory=list)  # (name, why it is not a fixed affine)
     folded: List[str] = field(default_factory=list)  # convs that absorbed their norm
@@ -69,7 +69,7 @@ class DeploymentReport:
         lines = [
             f"{len(self.frozen)} norms converted to FrozenBatchNorm2d"
             + (f" ({', '.join(f'{n} {c}' for c, n in _count(self.frozen))})" if self.frozen else ""),
-            f"{len(self.centralized_convs_folded)} weight-centralized convs stored centred",
+            *(f"{len(names)} modules converted by {norm}'s deployment conversion" for norm, names in self.converted.items()),
             f"{len(self.folded)} norms folded into the preceding conv",
             f"{len(self.kept)} norms kept (inference is not a fixed affine)",
         ]
@@ -89,10 +89,12 @@ def _count(pairs: List[Tuple[str, str]]) -> List[Tuple[str, int]]:
 def fixed_affine_reason(module: nn.Module):
     """None if ``module`` is a BatchNorm-type layer whose inference is a fixed affine (convertible),
     else a short reason why not; raises nothing. Not a BatchNorm-type layer: ``"not BatchNorm"``."""
+    for norm in declared_norms():
+        reason = norm.keep_reason(module) if norm.keep_reason is not None else None
+        if reason is not None:
+            return reason
     if not isinstance(module, _BATCH_NORM_TYPES):
         return "not BatchNorm"
-    if isinstance(module, EvalNorm2d) and module.mode != "ema":
-        return f"EvalNorm (mode {module.mode!r}): inference mixes in each sample's own statistics"
     if not module.track_running_stats or module.running_mean is None or module.running_var is None:
         return "no running statistics: it normalizes with the test batch's statistics"
     return None
@@ -148,8 +150,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _to_frozen(model: nn.Module, report: DeploymentReport) -> nn.Module:
     model = copy.deepcopy(_unwrap(model))
-    # MABN's convs first: once they are plain convs they can be folded like any other
-    report.centralized_convs_folded.extend(fold_weight_centralization(model))
+    # the norms' own conversions first (MABN's convs: once plain convs they fold like any other)
+    for norm in declared_norms():
+        if norm.deploy is not None:
+            names = list(norm.deploy(model) or [])
+            if names:
+                report.converted[norm.name] = names
     return _convert_in_place(model, report)
 
 

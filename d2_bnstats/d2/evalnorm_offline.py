@@ -8,7 +8,8 @@ loss L_aux over training data with everything else frozen. Here:
    statistics. Only layers whose running statistics are what EvalNorm assumes -- the moving average
    of the mean and variance of the very batches the layer normalised with in training -- are
    accepted: ``nn.BatchNorm2d`` (detectron2's "BN"), ``nn.SyncBatchNorm``, detectron2's
-   ``NaiveSyncBatchNorm`` and the plug-in's ``SyncBatchNorm2d`` (:data:`BATCH_STATISTICS_TYPES`,
+   ``NaiveSyncBatchNorm`` and the layer types of every registered norm declared with
+   ``statistics="batch"`` (the plug-in's ``SyncBatchNorm2d``) (:func:`batch_statistics_types`,
    exact types). Any other layer that keeps running statistics is refused, naming its type, even
    when it subclasses ``nn.BatchNorm2d``: MABN's ``running_var`` is a second moment R, GhostBN and
    RoIShuffleBN normalise with other groups than the batch the statistics describe.
@@ -48,8 +49,8 @@ from torch import nn
 from ..layers.evalnorm import EvalNorm2d, evalnorm_layers, evalnorm_state
 from ..layers.evalnorm_aux import EVALNORM_LOSS_KEY, AuxLossHook
 from ..layers.evalnorm_projection import attach_projection_hook
-from ..layers.sync_bn import SyncBatchNorm2d
 from ..outputs import check_output_file, check_outputs, save_torch, write_yaml
+from ..registry import declared_norms
 from .build import build_model
 from .config import NORM_KEYS, get_config_value
 
@@ -65,9 +66,16 @@ BN_TO_EVALNORM = {
 }
 
 
-# layers whose running statistics are the moving average of the mean and variance of the batches
-# they normalised with in training (exact types: a subclass may keep something else, as MABN does)
-BATCH_STATISTICS_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, NaiveSyncBatchNorm, SyncBatchNorm2d)
+# detectron2's and torch's layers whose running statistics are the moving average of the mean and
+# variance of the batches they normalised with in training (exact types: a subclass may keep
+# something else, as MABN does)
+DETECTRON2_BATCH_STATISTICS_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, NaiveSyncBatchNorm)
+
+
+def batch_statistics_types() -> Tuple[type, ...]:
+    """Those, and the layer types of every registered norm declared with ``statistics="batch"``."""
+    declared = tuple(t for norm in declared_norms() if norm.statistics == "batch" for t in norm.layer_types)
+    return DETECTRON2_BATCH_STATISTICS_TYPES + declared
 
 
 def _is_frozen_bn(module: nn.Module) -> bool:
@@ -85,14 +93,14 @@ def _bn_with_statistics(module: nn.Module) -> bool:
 
 
 def _convertible(module: nn.Module, include_frozen: bool) -> bool:
-    if type(module) in BATCH_STATISTICS_TYPES:
+    if type(module) in batch_statistics_types():
         return _bn_with_statistics(module)
     return include_frozen and _is_frozen_bn(module)
 
 
 def _refused(module: nn.Module) -> bool:
     """A batch-norm subclass whose running statistics do not mean what EvalNorm assumes."""
-    return _bn_with_statistics(module) and type(module) not in BATCH_STATISTICS_TYPES
+    return _bn_with_statistics(module) and type(module) not in batch_statistics_types()
 
 
 def refused_layers(model: nn.Module) -> Dict[str, List[str]]:

@@ -33,7 +33,7 @@ from ..layers.mabn import MABN2d
 from ..layers.mabn_from_bn import bn_to_mabn_parameters
 from ..layers.weight_centralization import WeightCentralizedConv2d, centralize, centralize_conv_weight_
 from ..outputs import check_outputs, save_torch
-from .norms.mabn import NORMS as MABN_NORMS
+from .norms.mabn import NAMES as MABN_NORMS
 from .norms.mabn import convs_feeding_mabn
 
 logger = logging.getLogger(__name__)

@@ -12,8 +12,9 @@ A config value's path, e.g. ``bnstats.GHOST_BN.VIRTUAL_BATCH_SIZE = 16`` with
    carrying ``{"virtual_batch_size": 16}`` (:mod:`.norms`), in place.
 4. **Built.** ``instantiate(cfg.model)``: ``FastRCNNConvFCHead`` calls ``get_norm(conv_norm, 256)``,
    the registry calls ``GhostBatchNorm2d(256, virtual_batch_size=16)``.
-5. **Transformed.** :func:`prepare_model` checks again, checks that step 3 ran, and runs the model
-   transforms with the yacs view (:mod:`.model`); :func:`build_lazy_model` does 2-5.
+5. **Transformed.** :func:`prepare_model` runs the model transforms with the yacs view (:mod:`.model`):
+   the view and checks of step 2 when nothing they depend on changed since, otherwise it checks again
+   and checks that step 3 ran; :func:`build_lazy_model` does 2-5.
 
 Training loops add the plug-in's hooks with :func:`build_hooks` and evaluate with :func:`evaluate`
 (:mod:`.loop`). :mod:`.train` is such a loop, detectron2's ``tools/lazyconfig_train_net.py`` with

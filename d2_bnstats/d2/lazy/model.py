@@ -8,24 +8,33 @@ transforms on the built model. Here they are three calls around ``instantiate``:
     model = instantiate(cfg.model)
     model = prepare_model(model, cfg)      # checks again, that the norms were configured, transforms
 
-or :func:`build_lazy_model` for all of it. The transforms are the registered ones (EvalNorm's
+or :func:`build_lazy_model` for all of it. The view and the checks are made once: ``prepare_model``
+reuses those of ``configure_lazy_norms`` when nothing they were made of (``bnstats``, the fields the
+view reads, the norm values and their options) has changed since, and runs them again otherwise. The
+transforms are the registered ones (EvalNorm's
 auxiliary loss and projection hooks, MABN's weight centralization and step hook, per-level
 statistics, third parties'), run with the :class:`~.view.LazyView`'s yacs config.
 """
 import logging
 import os
-from typing import Optional
+import weakref
+from typing import Dict, Optional, Tuple
 
 from detectron2.config import instantiate
 from detectron2.utils import comm
+from omegaconf import OmegaConf
 from torch import nn
 
 from ..build import apply_model_transforms
 from ..config import check_batch_config, resolve_device
 from ..plugin import check_bnstats_config
 from ..weights import missing_weights_message
-from .norms import check_configured, check_norm_names, configure_norm_values
-from .view import LazyView
+from .norms import check_configured, check_norm_names, configure_norm_values, norm_values
+from .options import ROOT
+from .view import FIELDS, LazyView, model_fields
+
+# id(LazyConfig) -> (its fingerprint, its checked view) from the last configure_lazy_norms on it
+_CONFIGURED: Dict[int, Tuple[str, LazyView]] = {}
 
 logger = logging.getLogger(__name__)
 
@@ -54,18 +63,42 @@ def check_config(cfg, world_size: Optional[int] = None) -> LazyView:
 
 
 def _check_needs(view: LazyView) -> None:
-    """Options that need a field of the LazyConfig besides ``bnstats``."""
+    """General options that need a field of the LazyConfig besides ``bnstats`` (a norm's own check
+    says what its options need: its message names the yacs key, which the view translates)."""
     bnstats = view.cfg.BNSTATS
-    if bnstats.MABN.SIMULATED_BATCH > 0 and not view.has("SOLVER.IMS_PER_BATCH"):
-        raise ValueError(
-            f"bnstats.MABN.SIMULATED_BATCH = {bnstats.MABN.SIMULATED_BATCH} needs the images per step: set "
-            "dataloader.train.total_batch_size, or set SIMULATED_BATCH to 0 and choose bnstats.MABN.BUFFER_SIZE"
-        )
     if bnstats.FROZEN_BN.START_ITER >= 0 and not view.has("SOLVER.MAX_ITER"):
         raise ValueError(
             f"bnstats.FROZEN_BN.START_ITER = {bnstats.FROZEN_BN.START_ITER} needs the length of training: "
             "set train.max_iter"
         )
+
+
+def _fingerprint(cfg) -> Optional[str]:
+    """Everything a view and the configured norm values are made of, as one string (None when it cannot
+    be read: then nothing is reused)."""
+    try:
+        parts = [repr(OmegaConf.to_container(cfg[ROOT], resolve=True)) if ROOT in cfg else ""]
+        parts += [repr(OmegaConf.select(cfg, field, default=None)) for _, field in FIELDS]
+        parts += [f"{field}={value!r}" for field, _, _, value in norm_values(cfg)]
+        parts.append(repr(model_fields(cfg.model)))
+    except Exception:  # an unresolvable interpolation, say: check everything again
+        return None
+    return "\n".join(parts)
+
+
+def _remember(cfg, view: LazyView) -> None:
+    key = id(cfg)
+    if key not in _CONFIGURED:
+        weakref.finalize(cfg, _CONFIGURED.pop, key, None)
+    _CONFIGURED[key] = (_fingerprint(cfg), view)
+
+
+def _remembered_view(cfg) -> Optional[LazyView]:
+    """The view of the last :func:`configure_lazy_norms` on ``cfg`` if nothing it was made of changed."""
+    remembered = _CONFIGURED.get(id(cfg))
+    if remembered is None or remembered[1].lazy is not cfg or remembered[0] is None:
+        return None
+    return remembered[1] if remembered[0] == _fingerprint(cfg) else None
 
 
 def configure_lazy_norms(cfg):
@@ -75,15 +108,19 @@ def configure_lazy_norms(cfg):
     view = check_config(cfg)
     fields = configure_norm_values(cfg, view)
     logger.debug("configured norms: %s", ", ".join(fields) or "none")
+    _remember(cfg, view)
     return cfg
 
 
 def prepare_model(model: nn.Module, cfg) -> nn.Module:
     """What the plug-in does to a model it builds, for a model instantiated from a LazyConfig: the
     checks (:func:`check_config`, and that :func:`configure_lazy_norms` ran), then every registered
-    model transform with its hooks. Returns the model to use (a transform may replace it)."""
-    view = check_config(cfg)
-    check_configured(cfg, view)
+    model transform with its hooks. Returns the model to use (a transform may replace it). The checks
+    and the view of :func:`configure_lazy_norms` are reused when nothing they depend on changed since."""
+    view = _remembered_view(cfg)
+    if view is None:
+        view = check_config(cfg)
+        check_configured(cfg, view)
     with view.errors():
         return apply_model_transforms(model, view.cfg)
 

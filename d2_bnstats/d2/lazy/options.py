@@ -1,7 +1,7 @@
 """The plug-in's options as a LazyConfig node (``cfg.bnstats``), and how that node is read.
 
 :func:`bnstats_node` builds the node from the yacs defaults that :func:`d2_bnstats.add_bnstats_config`
-declares (d2/config.py and each method's ``add_config`` in d2/norms/, where the comment above every
+declares (d2/config.py and each norm declaration's ``defaults`` in d2/norms/, where the comment above every
 key says what it means): the same keys, the same spelling, the same defaults, no second list. The
 one addition: detectron2's two yacs keys that switch PreciseBN on and size it,
 ``TEST.PRECISE_BN.ENABLED`` and ``TEST.PRECISE_BN.NUM_ITER``, live in this node as

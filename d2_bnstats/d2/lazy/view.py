@@ -78,7 +78,7 @@ def _is_resnet(node) -> bool:
     return name.rsplit(".", 1)[-1] == "ResNet" and "stages" in node
 
 
-def _model_fields(model) -> Dict[str, Tuple[str, object]]:
+def model_fields(model) -> Dict[str, Tuple[str, object]]:
     """yacs key -> (field, value) for the keys read from the model's call tree."""
     found = {}
     for where, container, key in walk(model, "model"):
@@ -117,10 +117,11 @@ class LazyView:
             value = OmegaConf.select(lazy, field, default=None)
             if value is not None:
                 _set(self.cfg, key, list(value) if isinstance(value, ListConfig) else value)
-        # read by the MABN transform whatever the model; a model without a ResNet has nothing frozen
+        # read by model transforms whatever the model (MODEL.RESNETS.NORM with FREEZE_AT); a model
+        # without a ResNet has nothing frozen
         _set(self.cfg, "MODEL.RESNETS", CN())
         _set(self.cfg, "MODEL.BACKBONE.FREEZE_AT", 0)
-        for key, (field, value) in _model_fields(lazy.model).items():
+        for key, (field, value) in model_fields(lazy.model).items():
             self.fields[key] = field
             _set(self.cfg, key, value)
 

@@ -17,50 +17,50 @@ transform that makes detectron2's own training loop learn alpha_hat, beta_hat (d
   gap for EvalNorm to correct.
 """
 import math
-from typing import Callable, Dict
-
 import torch
-from detectron2.config import CfgNode as CN
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ...layers.evalnorm import MODES, EvalNorm2d, evalnorm_layers
 from ...layers.evalnorm_aux import attach_aux_loss_hook
 from ...layers.evalnorm_projection import attach_projection_hook
+from ...registry import Norm
 from ..config import bnstats_node
 
 KEY = "BNSTATS.EVALNORM"
 
-NORMS: Dict[str, Callable[..., nn.Module]] = {
-    "EvalNorm": lambda out_channels, **options: EvalNorm2d(out_channels, **options),
-    "SyncEvalNorm": lambda out_channels, **options: EvalNorm2d(out_channels, sync=True, **options),
-}
+
+def build_evalnorm(out_channels: int, **options) -> EvalNorm2d:
+    return EvalNorm2d(out_channels, **options)
 
 
-def add_config(bnstats: CN) -> None:
-    """Add ``BNSTATS.EVALNORM`` with its documented defaults."""
+def build_sync_evalnorm(out_channels: int, **options) -> EvalNorm2d:
+    return EvalNorm2d(out_channels, sync=True, **options)
+
+
+def defaults(node) -> None:
+    """``BNSTATS.EVALNORM`` with its documented defaults."""
     # EvalNorm ("EvalNorm" / "SyncEvalNorm" norms; docs/evalnorm.md). Checked when the config is
     # loaded, read when the model is built.
-    bnstats.EVALNORM = CN()
     # Evaluation statistics: "learned" (default; alpha_hat, beta_hat learned online by the auxiliary
     # loss), "rule" (alpha = beta = 1/B^2), "exact" (1/B), "fixed" (ALPHA, BETA), "ema" (BN inference).
-    bnstats.EVALNORM.MODE = "learned"
+    node.MODE = "learned"
     # alpha and beta for MODE "fixed", in [0, 1]; -1 = unset (BETA unset means BETA = ALPHA).
-    bnstats.EVALNORM.ALPHA = -1.0
-    bnstats.EVALNORM.BETA = -1.0
+    node.ALPHA = -1.0
+    node.BETA = -1.0
     # B (an integer) for MODE "rule"/"exact"; 0 = the normalization batch each layer recorded in training.
-    bnstats.EVALNORM.BATCH_SIZE = 0
+    node.BATCH_SIZE = 0
     # Learn alpha_hat, beta_hat during training (the auxiliary loss "loss_evalnorm"); False = they
     # stay at their initial value 0 and training costs exactly what BN costs.
-    bnstats.EVALNORM.LEARN = True
+    node.LEARN = True
     # loss_evalnorm = AUX_LOSS_WEIGHT * sum over EvalNorm layers of that layer's mean |mismatch|;
     # each layer's alpha_hat, beta_hat see only their own term: effective step BASE_LR * weight.
-    bnstats.EVALNORM.AUX_LOSS_WEIGHT = 1.0
+    node.AUX_LOSS_WEIGHT = 1.0
     # Values per channel used for the auxiliary loss per training forward (strided subset; 0 = all).
-    bnstats.EVALNORM.AUX_SAMPLES = 256
+    node.AUX_SAMPLES = 256
     # Write alpha_hat, beta_hat of every layer to the EventStorage (metrics.json, TensorBoard) as
     # "evalnorm/<layer>/alpha" and ".../beta", plus their means over layers.
-    bnstats.EVALNORM.LOG = True
+    node.LOG = True
 
 
 def _unit_or_unset(node, key: str, what: str) -> float:
@@ -150,3 +150,25 @@ def transform(model: nn.Module, cfg) -> None:
     attach_aux_loss_hook(model, weight=weight, callback=log_to_storage if log else None)
     attach_projection_hook(model)
     return None
+
+
+def keep_reason(module: nn.Module):
+    """At deployment an EvalNorm layer is not a fixed affine (its statistics mix in each sample's own,
+    eqs. 5-8 of Singh & Shrivastava 2019) unless its mode is "ema" (BN inference)."""
+    if isinstance(module, EvalNorm2d) and module.mode != "ema":
+        return f"EvalNorm (mode {module.mode!r}): inference mixes in each sample's own statistics"
+    return None
+
+
+NORM = Norm(
+    name="evalnorm",
+    factories={"EvalNorm": build_evalnorm, "SyncEvalNorm": build_sync_evalnorm},
+    config_key="EVALNORM",
+    defaults=defaults,
+    check=check_config,
+    options=layer_options,
+    transform=transform,
+    keep_reason=keep_reason,
+    statistics="population",  # BN's running statistics, mixed with the sample's at inference
+    layer_types=(EvalNorm2d,),
+)

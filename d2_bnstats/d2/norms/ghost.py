@@ -2,23 +2,16 @@
 and its ``BNSTATS.GHOST_BN`` config node (option ``VIRTUAL_BATCH_SIZE`` → ``virtual_batch_size``;
 the layer's default, 32, without a config).
 """
-from typing import Callable, Dict
-
-from detectron2.config import CfgNode as CN
-from torch import nn
-
 from ...layers.ghost_bn import GhostBatchNorm2d
+from ...registry import Norm
 from ..config import bnstats_node, positive_int
 
-NORMS: Dict[str, Callable[..., nn.Module]] = {"GhostBN": GhostBatchNorm2d}
 
-
-def add_config(bnstats: CN) -> None:
+def defaults(node) -> None:
     """``BNSTATS.GHOST_BN``: the options of the norm "GhostBN"."""
-    bnstats.GHOST_BN = CN()
     # "GhostBN": samples (images or RoIs) per sub-batch; default 32. A batch of N is cut into
     # ceil(N / VIRTUAL_BATCH_SIZE) sub-batches whose sizes differ by at most one.
-    bnstats.GHOST_BN.VIRTUAL_BATCH_SIZE = 32
+    node.VIRTUAL_BATCH_SIZE = 32
 
 
 def layer_options(cfg, name: str) -> dict:
@@ -30,3 +23,15 @@ def layer_options(cfg, name: str) -> dict:
 
 def check_config(cfg) -> None:
     layer_options(cfg, "GhostBN")
+
+
+NORM = Norm(
+    name="ghost",
+    factories={"GhostBN": GhostBatchNorm2d},
+    config_key="GHOST_BN",
+    defaults=defaults,
+    check=check_config,
+    options=layer_options,
+    statistics="population",  # the moving average of sub-batch statistics, not of the batch's
+    layer_types=(GhostBatchNorm2d,),
+)

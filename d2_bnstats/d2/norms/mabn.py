@@ -16,16 +16,16 @@ parameters, buffers and checkpoint keys stay as they are. With a centralization 
 (``WC_RAMP_ITERS``) the ramp follows the step count of the conv's own ``.norm``.
 """
 import logging
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
-from detectron2.config import CfgNode as CN
 from detectron2.layers import Conv2d as D2Conv2d
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
 from ...layers.mabn import MABN2d, check_options
 from ...layers.mabn_step import attach_step_hook
-from ...layers.weight_centralization import WeightCentralizedConv2d, make_weight_centralized
+from ...layers.weight_centralization import WeightCentralizedConv2d, fold_weight_centralization, make_weight_centralized
+from ...registry import Norm
 from ..config import bnstats_node
 
 logger = logging.getLogger(__name__)
@@ -39,38 +39,37 @@ def build_sync_mabn(out_channels: int, **options) -> MABN2d:
     return MABN2d(out_channels, sync=True, **options)
 
 
-NORMS: Dict[str, Callable[..., nn.Module]] = {"MABN": build_mabn, "SyncMABN": build_sync_mabn}
+NAMES = ("MABN", "SyncMABN")
 
 
-def add_config(bnstats: CN) -> None:
+def defaults(node) -> None:
     """``BNSTATS.MABN``: the options of the norms "MABN" and "SyncMABN"."""
     # MABN: the norms "MABN" and "SyncMABN" (d2_bnstats.layers.mabn, docs/mabn.md). Defaults are
     # the authors' detection settings (2 images per GPU, a simulated batch of 32).
-    bnstats.MABN = CN()
     # m: number of optimizer steps whose batch statistics (chi^2 forward, Psi backward) are averaged
     # (simple moving average). Default 16 = 32 / 2 images per step. Ignored if SIMULATED_BATCH > 0.
-    bnstats.MABN.BUFFER_SIZE = 16
+    node.BUFFER_SIZE = 16
     # If > 0: m = SIMULATED_BATCH / images normalized together per step (SOLVER.IMS_PER_BATCH per
     # process for "MABN", the whole SOLVER.IMS_PER_BATCH for "SyncMABN"); must divide. Default 0 (off).
-    bnstats.MABN.SIMULATED_BATCH = 0
+    node.SIMULATED_BATCH = 0
     # Current-step statistics instead of their average for the first max(m, WARMUP_ITERS) steps. Default 100.
-    bnstats.MABN.WARMUP_ITERS = 100
+    node.WARMUP_ITERS = 100
     # Renormalization factor r = 1 for the first max(RENORM_START, WARMUP_ITERS) steps. Default 1000.
-    bnstats.MABN.RENORM_START = 1000
+    node.RENORM_START = 1000
     # Afterwards r is clipped to [1 / RENORM_CLIP, RENORM_CLIP]. Default 5.0.
-    bnstats.MABN.RENORM_CLIP = 5.0
+    node.RENORM_CLIP = 5.0
     # Running second moment R <- DECAY * R + (1 - DECAY) * average; DECAY weights the OLD value
     # (PyTorch's momentum = 1 - DECAY). Default 0.98.
-    bnstats.MABN.DECAY = 0.98
+    node.DECAY = 0.98
     # epsilon added to the second moment. Default 1e-5.
-    bnstats.MABN.EPS = 1e-5
+    node.EPS = 1e-5
     # Centralize the weights of every conv that feeds an MABN layer (each output filter minus its
     # mean; checkpoint keys unchanged). MABN drops mean centring and relies on it. Default True.
-    bnstats.MABN.WEIGHT_CENTRALIZATION = True
+    node.WEIGHT_CENTRALIZATION = True
     # If > 0: centralization ramps in over this many steps of each MABN layer (the conv subtracts
     # min(1, t / WC_RAMP_ITERS) x its filter mean), so weights trained WITHOUT centralization (converted
     # BN/FrozenBN weights) start as the original model. Default 0: fully centralized from step 0.
-    bnstats.MABN.WC_RAMP_ITERS = 0
+    node.WC_RAMP_ITERS = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,9 +103,13 @@ def _checked(key: str, value):
 
 def _values(node) -> dict:
     """Every key of a ``BNSTATS.MABN`` node, checked (defaults for keys the node lacks)."""
-    defaults = CN()
-    add_config(defaults)
-    return {key: _checked(key, node.get(key, defaults.MABN[key])) for key in _RULES}
+    declared = _Defaults()
+    defaults(declared)
+    return {key: _checked(key, node.get(key, getattr(declared, key))) for key in _RULES}
+
+
+class _Defaults:
+    """A plain holder for the declared defaults."""
 
 
 def check_config(cfg) -> None:
@@ -114,8 +117,21 @@ def check_config(cfg) -> None:
     SIMULATED_BATCH divides the images per step is checked when a layer is built: it depends on
     the number of processes.)"""
     node = bnstats_node(cfg, "MABN")
-    if node is not None:
-        _values(node)
+    if node is None:
+        return
+    simulated = _values(node)["SIMULATED_BATCH"]
+    if simulated > 0 and _images_per_step(cfg) is None:
+        raise ValueError(
+            f"BNSTATS.MABN.SIMULATED_BATCH = {simulated} needs the images per step: set SOLVER.IMS_PER_BATCH, "
+            "or set SIMULATED_BATCH to 0 and choose BNSTATS.MABN.BUFFER_SIZE"
+        )
+
+
+def _images_per_step(cfg):
+    """SOLVER.IMS_PER_BATCH, or None where the config does not have it (a LazyConfig without
+    ``dataloader.train.total_batch_size``)."""
+    solver = cfg.get("SOLVER", None) if hasattr(cfg, "get") else None
+    return solver.get("IMS_PER_BATCH", None) if solver is not None and hasattr(solver, "get") else None
 
 
 def _per_step_images(cfg, sync: bool) -> int:
@@ -260,7 +276,7 @@ def weight_centralization(model: nn.Module, cfg) -> None:
     layers = [name for name, m in model.named_modules() if isinstance(m, MABN2d)]
     frozen = (
         cfg is not None
-        and cfg.MODEL.RESNETS.get("NORM", "") in NORMS
+        and cfg.MODEL.RESNETS.get("NORM", "") in NAMES
         and cfg.MODEL.BACKBONE.FREEZE_AT > 0
     )
     if not layers and not frozen:
@@ -290,3 +306,23 @@ def transform(model: nn.Module, cfg) -> None:
     if any(isinstance(m, MABN2d) for m in model.modules()):
         attach_step_hook(model)
     return None
+
+
+def deploy(model: nn.Module) -> List[str]:
+    """Weight-centralized convs store their centred weight and get their plain class back (exact),
+    so the deployed model has no plug-in class left for MABN; returns their names."""
+    return fold_weight_centralization(model)
+
+
+NORM = Norm(
+    name="mabn",
+    factories={"MABN": build_mabn, "SyncMABN": build_sync_mabn},
+    config_key="MABN",
+    defaults=defaults,
+    check=check_config,
+    options=layer_options,
+    transform=transform,
+    deploy=deploy,
+    statistics="population",  # running_var is the second moment R (inference: FrozenBN with mean 0)
+    layer_types=(MABN2d,),
+)

@@ -21,40 +21,33 @@ With ``ENABLED`` the number of levels is ``NUM_LEVELS`` if > 0, else, for a ``Re
 norm. Rebuilt SyncBN lists keep the length detectron2 gave them.
 """
 import logging
-from typing import Dict, List, Optional
+from typing import List, Optional
 
-from detectron2.config import CfgNode as CN
 from detectron2.layers import CycleBatchNormList, FrozenBatchNorm2d
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from torch import nn
 
 from ...layers.per_level import PerLevelNorm, keeps_statistics, wrap_per_level
-from ...registry import get_norm
+from ...registry import Norm, get_norm
 from ..build import configure_norm
 from ..config import bnstats_node
 from .sync import replaces_detectron2
 
 logger = logging.getLogger(__name__)
 
-NORMS: Dict[str, object] = {}
 _DEFAULT_HEADS = ("RetinaNetHead",)
 
 
-def add_config(bnstats: CN) -> None:
+def defaults(node) -> None:
     """``BNSTATS.PER_LEVEL``: per-FPN-level statistics in heads shared across levels."""
-    bnstats.PER_LEVEL = CN()
     # False (default): heads keep what detectron2 builds (RetinaNet: per-level BN only for "BN"/"SyncBN").
     # True: every statistics-keeping norm in the heads below gets one copy per FPN level sharing the
     # parameters (any registered norm: BN, GhostBN, EvalNorm, MABN, third-party).
-    bnstats.PER_LEVEL.ENABLED = False
+    node.ENABLED = False
     # Class names of the heads whose norms are applied once per FPN level; default ["RetinaNetHead"].
-    bnstats.PER_LEVEL.HEADS = list(_DEFAULT_HEADS)
+    node.HEADS = list(_DEFAULT_HEADS)
     # Levels per head; default 0 = infer (RetinaNetHead: len(MODEL.RETINANET.IN_FEATURES)).
-    bnstats.PER_LEVEL.NUM_LEVELS = 0
-
-
-def layer_options(cfg, name: str) -> dict:
-    return {}
+    node.NUM_LEVELS = 0
 
 
 def check_config(cfg) -> None:
@@ -197,3 +190,15 @@ def transform(model: nn.Module, cfg) -> None:
         )
     _rebuild_sync_cycle_lists(model, cfg)
     return None
+
+
+# Per-level statistics are a way of applying every norm, not a norm of their own: a declaration
+# without names, whose transform runs after every norm's (it copies the layers they prepared).
+NORM = Norm(
+    name="per_level",
+    config_key="PER_LEVEL",
+    defaults=defaults,
+    check=check_config,
+    transform=transform,
+    transform_order=10,
+)

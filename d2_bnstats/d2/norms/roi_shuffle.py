@@ -5,23 +5,16 @@ Meant for ``MODEL.ROI_BOX_HEAD.NORM`` (with ``ROI_BOX_HEAD.NUM_CONV > 0``) and
 ``MODEL.ROI_MASK_HEAD.NORM``. Option ``NUM_GROUPS`` → ``num_groups`` (groups normalized separately in
 one process; the layer's default, 2, without a config).
 """
-from typing import Callable, Dict
-
-from detectron2.config import CfgNode as CN
-from torch import nn
-
 from ...layers.roi_shuffle import RoIShuffleBatchNorm2d
+from ...registry import Norm
 from ..config import bnstats_node, positive_int
 
-NORMS: Dict[str, Callable[..., nn.Module]] = {"RoIShuffleBN": RoIShuffleBatchNorm2d}
 
-
-def add_config(bnstats: CN) -> None:
+def defaults(node) -> None:
     """``BNSTATS.ROI_SHUFFLE``: the options of the norm "RoIShuffleBN"."""
-    bnstats.ROI_SHUFFLE = CN()
     # "RoIShuffleBN", training in ONE process: the shuffled RoIs are normalized in this many groups
     # (default 2; 1 = plain BN). With several processes each normalizes one split; this is unused.
-    bnstats.ROI_SHUFFLE.NUM_GROUPS = 2
+    node.NUM_GROUPS = 2
 
 
 def layer_options(cfg, name: str) -> dict:
@@ -33,3 +26,15 @@ def layer_options(cfg, name: str) -> dict:
 
 def check_config(cfg) -> None:
     layer_options(cfg, "RoIShuffleBN")
+
+
+NORM = Norm(
+    name="roi_shuffle",
+    factories={"RoIShuffleBN": RoIShuffleBatchNorm2d},
+    config_key="ROI_SHUFFLE",
+    defaults=defaults,
+    check=check_config,
+    options=layer_options,
+    statistics="population",  # the moving average of the shuffled groups' statistics
+    layer_types=(RoIShuffleBatchNorm2d,),
+)

@@ -1,7 +1,7 @@
 """detectron2 glue of synchronized BN: the norm "SyncBN" → :class:`d2_bnstats.layers.sync_bn.SyncBatchNorm2d`,
 and its ``BNSTATS.SYNC_BN`` config node.
 
-Decision: the plug-in *replaces* detectron2's "SyncBN" entry (``OVERRIDES_DETECTRON2``) instead of
+Decision: the plug-in *replaces* detectron2's "SyncBN" entry (``overrides_detectron2`` of its declaration) instead of
 adding a new name, because every existing config that says "SyncBN" (detectron2's own
 ``Misc/*syncbn*`` configs, users' configs) then works in one process, on CPU/gloo and with empty RoI
 batches, with the same exact global-batch statistics that torch's layer computes where it runs.
@@ -16,13 +16,10 @@ Consequences, all documented in docs/sync_and_shuffle.md:
   ``nn.SyncBatchNorm`` without asking ``get_norm``; the per-level model transform
   (:mod:`d2_bnstats.d2.norms.per_level`) rebuilds those with this layer, one per FPN level.
 """
-from typing import Callable, Dict
-
-from detectron2.config import CfgNode as CN
 from torch import nn
 
 from ...layers.sync_bn import SyncBatchNorm2d
-from ...registry import detectron2_get_norm
+from ...registry import Norm, detectron2_get_norm
 from ..config import bnstats_node
 
 
@@ -33,17 +30,12 @@ def build_sync_bn(out_channels: int, replace_detectron2: bool = True) -> nn.Modu
     return SyncBatchNorm2d(out_channels)
 
 
-NORMS: Dict[str, Callable[..., nn.Module]] = {"SyncBN": build_sync_bn}
-OVERRIDES_DETECTRON2 = ("SyncBN",)
-
-
-def add_config(bnstats: CN) -> None:
+def defaults(node) -> None:
     """``BNSTATS.SYNC_BN``: whether "SyncBN" means the plug-in's layer."""
-    bnstats.SYNC_BN = CN()
     # True (default): the norm name "SyncBN" builds d2_bnstats' SyncBatchNorm2d: exact statistics of
     # the global batch on CUDA/NCCL and CPU/gloo, plain BN in one process, empty inputs allowed.
     # False: detectron2's own "SyncBN" (torch nn.SyncBatchNorm, CUDA only). "nnSyncBN" is always torch's.
-    bnstats.SYNC_BN.REPLACE_D2 = True
+    node.REPLACE_D2 = True
 
 
 def replaces_detectron2(cfg) -> bool:
@@ -63,3 +55,16 @@ def layer_options(cfg, name: str) -> dict:
 
 def check_config(cfg) -> None:
     replaces_detectron2(cfg)
+
+
+NORM = Norm(
+    name="sync",
+    factories={"SyncBN": build_sync_bn},
+    config_key="SYNC_BN",
+    defaults=defaults,
+    check=check_config,
+    options=layer_options,
+    statistics="batch",  # the moving average of the global batch's statistics it normalizes with
+    layer_types=(SyncBatchNorm2d,),
+    overrides_detectron2=("SyncBN",),
+)
