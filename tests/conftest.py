@@ -52,3 +52,19 @@ def assert_detection_loss_logged(rows):
     assert steps and all("detection_loss" in m for m in steps)
     for m in steps:
         assert 0 < m["detection_loss"] < m["total_loss"]
+
+
+def synthetic_detection_batch(size=96, seed=0, images=2):
+    """A detectron2 training batch of ``images`` random images of ``size`` px with 3 random boxes each
+    (10 classes), from a seeded generator: for tests that train a step without a data set."""
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for _ in range(images):
+        inst = Instances((size, size))
+        xy = torch.rand(3, 2, generator=g) * (size - 40)
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + torch.rand(3, 2, generator=g) * 30 + 8], dim=1))
+        inst.gt_classes = torch.randint(0, 10, (3,), generator=g)
+        batch.append({"image": torch.rand(3, size, size, generator=g) * 255, "instances": inst})
+    return batch

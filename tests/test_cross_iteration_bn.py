@@ -10,14 +10,13 @@ import torch
 import torch.nn.functional as F
 from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
 from torch import nn
 
 import d2_bnstats
 from d2_bnstats.d2.train import load_config
 from d2_bnstats.layers.cross_iteration_bn import CrossIterationBatchNorm2d
 
-from .conftest import CPU_BASE
+from .conftest import CPU_BASE, synthetic_detection_batch
 
 EPS = 1e-5
 SIZE = 96
@@ -180,16 +179,6 @@ def test_bad_uses_fail_at_once_with_clear_messages():
         load_config(CPU_BASE, ["BNSTATS.CROSS_ITER_BN.WINDOW", "0"])
 
 
-def _batch(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    batch = []
-    for _ in range(2):
-        inst = Instances((SIZE, SIZE))
-        xy = torch.rand(3, 2, generator=g) * (SIZE - 40)
-        inst.gt_boxes = Boxes(torch.cat([xy, xy + torch.rand(3, 2, generator=g) * 30 + 8], dim=1))
-        inst.gt_classes = torch.randint(0, 10, (3,), generator=g)
-        batch.append({"image": torch.rand(3, SIZE, SIZE, generator=g) * 255, "instances": inst})
-    return batch
 
 
 def test_detectron2_binds_each_layer_to_its_conv_trains_and_deploys():
@@ -205,7 +194,7 @@ def test_detectron2_binds_each_layer_to_its_conv_trains_and_deploys():
     pairs = [(m, m.norm) for m in model.modules() if isinstance(getattr(m, "norm", None), CrossIterationBatchNorm2d)]
     assert len(pairs) == 9 and all(norm.bound_weight() is conv.weight for conv, norm in pairs)
     assert {(norm.window, norm.burn_in) for _, norm in pairs} == {(3, 1)}
-    SimpleTrainer(model, itertools.repeat(_batch()), torch.optim.SGD(model.parameters(), lr=0.01)).train(0, 3)
+    SimpleTrainer(model, itertools.repeat(synthetic_detection_batch(SIZE)), torch.optim.SGD(model.parameters(), lr=0.01)).train(0, 3)
     assert {len(norm.history) for _, norm in pairs} == {2} and {int(n.num_batches_tracked) for _, n in pairs} == {3}
     model.eval()
     deployed, report = d2_bnstats.convert_for_deployment(model)

@@ -6,7 +6,6 @@ import pytest
 import torch
 from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
 from torch import nn
 
 import d2_bnstats
@@ -14,7 +13,7 @@ from d2_bnstats.d2.norms import builtin_norms
 from d2_bnstats.d2.train import load_config
 from d2_bnstats.layers.population_protocol import is_population_layer
 
-from .conftest import CPU_BASE
+from .conftest import CPU_BASE, synthetic_detection_batch
 
 SIZE = 96
 
@@ -104,16 +103,6 @@ def _config(*extra):
     return load_config(CPU_BASE, opts)
 
 
-def _batch(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    batch = []
-    for _ in range(2):
-        inst = Instances((SIZE, SIZE))
-        xy = torch.rand(3, 2, generator=g) * (SIZE - 40)
-        inst.gt_boxes = Boxes(torch.cat([xy, xy + torch.rand(3, 2, generator=g) * 30 + 8], dim=1))
-        inst.gt_classes = torch.randint(0, 10, (3,), generator=g)
-        batch.append({"image": torch.rand(3, SIZE, SIZE, generator=g) * 255, "instances": inst})
-    return batch
 
 
 def test_a_third_party_norm_is_declared_trained_and_deployed_through_the_public_call(third_party):
@@ -135,7 +124,7 @@ def test_a_third_party_norm_is_declared_trained_and_deployed_through_the_public_
     # one training step of detectron2's own trainer
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    SimpleTrainer(model, itertools.repeat(_batch()), optimizer).train(0, 1)
+    SimpleTrainer(model, itertools.repeat(synthetic_detection_batch(SIZE)), optimizer).train(0, 1)
     assert model.third_forwards == 1
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert any("fpn" in n and "norm" in n for n in changed)  # its layers' parameters trained

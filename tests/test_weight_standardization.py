@@ -11,7 +11,6 @@ from detectron2.engine import SimpleTrainer
 from detectron2.layers import Conv2d as D2Conv2d
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
@@ -25,7 +24,7 @@ from d2_bnstats.layers.weight_standardization import (
     standardize,
 )
 
-from .conftest import CPU_BASE
+from .conftest import CPU_BASE, synthetic_detection_batch
 
 SIZE = 96
 
@@ -106,16 +105,6 @@ def test_bad_uses_fail_at_once_with_clear_messages():
         load_config(CPU_BASE, ["BNSTATS.WS_GN.NUM_GROUPS", "0"])
 
 
-def _batch(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    batch = []
-    for _ in range(2):
-        inst = Instances((SIZE, SIZE))
-        xy = torch.rand(3, 2, generator=g) * (SIZE - 40)
-        inst.gt_boxes = Boxes(torch.cat([xy, xy + torch.rand(3, 2, generator=g) * 30 + 8], dim=1))
-        inst.gt_classes = torch.randint(0, 10, (3,), generator=g)
-        batch.append({"image": torch.rand(3, SIZE, SIZE, generator=g) * 255, "instances": inst})
-    return batch
 
 
 def _model(norm, *extra):
@@ -135,7 +124,7 @@ def test_gn_ws_in_detectron2_trains_and_deploys_as_plain_gn():
     convs = [m for m in model.modules() if isinstance(m, WeightStandardizedConv2d)]
     assert norms and {m.num_groups for m in norms} == {8}
     assert len(convs) == len(norms) and all(type(c.norm) is WSGroupNorm for c in convs)
-    SimpleTrainer(model, itertools.repeat(_batch()), torch.optim.SGD(model.parameters(), lr=0.01)).train(0, 1)
+    SimpleTrainer(model, itertools.repeat(synthetic_detection_batch(SIZE)), torch.optim.SGD(model.parameters(), lr=0.01)).train(0, 1)
     model.eval()
     deployed, report = d2_bnstats.convert_for_deployment(model)
     assert len(report.converted["ws_gn"]) == len(convs) + len(norms)
@@ -154,7 +143,7 @@ def test_bn_ws_with_frozen_stages_standardizes_their_convs_and_folds_into_frozen
     assert frozen and all(isinstance(m, WeightStandardizedConv2d) for m in frozen)
     assert all(isinstance(m, WeightStandardizedConv2d) for m in model.modules() if isinstance(m, D2Conv2d) and m.norm is not None)
     with EventStorage():  # population statistics, so that activations are normalized at inference
-        d2_bnstats.precise_bn(model, [_batch(1), _batch(2)], 2)
+        d2_bnstats.precise_bn(model, [synthetic_detection_batch(SIZE, 1), synthetic_detection_batch(SIZE, 2)], 2)
     model.eval()
     deployed, report = d2_bnstats.convert_for_deployment(model, fold=True)
     assert report.converted["ws_bn"] and not [m for m in deployed.modules() if isinstance(m, WeightStandardizedConv2d)]
