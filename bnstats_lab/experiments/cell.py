@@ -229,6 +229,11 @@ def parse_args(argv: Optional[List[str]] = None):
 
 def main(argv: Optional[List[str]] = None) -> int:
     import bnstats_lab  # noqa: F401  (data sets registered, weights hints)
+    # Everything a run executes is imported now, at its start: the evaluation runs tens of minutes
+    # later, and a module imported only then would come from the working tree as it is by then, mixed
+    # with the modules loaded at the start (the record's commit names the start's code).
+    import d2_bnstats.compare  # noqa: F401
+    import d2_bnstats.d2.train  # noqa: F401
 
     from .catalog import load_experiments
 
