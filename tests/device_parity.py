@@ -256,11 +256,28 @@ def training_step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, opt: Optio
     end_step(layer)
 
 
+class ConvThenCrossIterBN(nn.Sequential):
+    """A 1x1 convolution (near the identity, fixed initial weights) and a Cross-Iteration BN bound to
+    its weight: the smallest unit the layer is defined for."""
+
+    def __init__(self, channels: int, window: int):
+        from d2_bnstats.layers.cross_iteration_bn import CrossIterationBatchNorm2d
+
+        conv = nn.Conv2d(channels, channels, 1, bias=False)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            conv.weight.copy_(torch.eye(channels)[:, :, None, None] + 0.1 * torch.randn(conv.weight.shape, generator=g))
+        norm = CrossIterationBatchNorm2d(channels, window=window)
+        norm.bind_weight(conv.weight)
+        super().__init__(conv, norm)
+
+
 def norm_variants(channels: int) -> Dict[str, Callable[[], nn.Module]]:
     """Every registered norm of the plug-in with its defaults, detectron2's BN, FrozenBN and GN as
     controls, and variants that reach the code paths the defaults do not at test sizes: Ghost BN with
     several (equal and unequal) sub-batches, RoI-shuffle BN with 3 groups, MABN past its warm-up
     (moving averages, renormalization), EvalNorm in its other evaluation modes."""
+    from d2_bnstats.layers.cross_iteration_bn import CrossIterationBatchNorm2d
     from d2_bnstats.layers.evalnorm import EvalNorm2d
     from d2_bnstats.layers.ghost_bn import GhostBatchNorm2d
     from d2_bnstats.layers.mabn import MABN2d
@@ -271,6 +288,10 @@ def norm_variants(channels: int) -> Dict[str, Callable[[], nn.Module]]:
         name: (lambda name=name: get_norm(name, channels)) for name in ["BN", "FrozenBN", "GN"] + registered_norms()
     }
     variants.update({
+        # Cross-Iteration BN compensates through the weight of the conv before it: alone it is BN
+        # (window 1); its own variant is a 1x1 conv and the layer bound to it, trained together
+        "CrossIterBN": lambda: CrossIterationBatchNorm2d(channels, window=1),
+        "CrossIterBN(k=3) after a conv": lambda: ConvThenCrossIterBN(channels, window=3),
         "GhostBN(v=3)": lambda: GhostBatchNorm2d(channels, virtual_batch_size=3),
         "GhostBN(v=4)": lambda: GhostBatchNorm2d(channels, virtual_batch_size=4),
         "RoIShuffleBN(K=3)": lambda: RoIShuffleBatchNorm2d(channels, num_groups=3),
