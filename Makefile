@@ -42,7 +42,8 @@ output/pretrain/r18_gn_fashion_mnist.pkl: | env
 output/pretrain/r18_fashion_mnist_wc.pkl: | env
 	@$(PY) -W ignore tools/pretrain_backbone.py --weight-centralization --output $@ --json $(@:.pkl=.json)
 
-# The whole suite, slow tests included (what CI runs: .ci/run); about 13 minutes on an idle 2-core machine.
+# The whole suite, slow tests included (what CI runs: .ci/run); 17 minutes measured with 1 torch thread beside a
+# training run on the other core.
 test: env
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
 
