@@ -12,7 +12,7 @@ DEMO_OPTS ?= SOLVER.MAX_ITER 800 SOLVER.STEPS "(560, 720)" SEED 0
 DEMO_STRATEGIES ?= ema precise_bn:100 evalnorm_learned evalnorm_rule
 PYTEST_ARGS ?=
 
-.PHONY: env data demo test test-quick bench bench-smoke pretrain results clean-env
+.PHONY: env data demo test test-quick bench bench-smoke pretrain results results-data clean-env
 
 env:
 	@VENV=$(VENV) bash scripts/setup_env.sh
@@ -63,11 +63,25 @@ bench-smoke: data
 	@$(PY) -W ignore tools/benchmark.py --tiny --output $(BENCH_OUTPUT)/smoke $(BENCH_ARGS)
 
 # The declared experiments (bnstats_lab/experiments/catalog.py; protocol in docs/results.md): runs every
-# (cell, seed) without a record under results/, resumable, then renders docs/results.md. Hours on 2 cores.
-EXPERIMENTS ?= levels e1
+# (cell, seed) without a record under results/, resumable, in the order of the protocol's revision (the
+# dose-response cells of e1, the converged detectors e5, then e2), then renders docs/results.md.
+# Hours on 2 cores. EXPERIMENTS=... runs those experiments whole instead.
+DOSE_RESPONSE_CELLS := scratch_2img_d050 scratch_2img_d100 scratch_2img_default
+EXPERIMENTS ?=
 EXPERIMENT_THREADS ?= 2
-results: data
+# every scene set the experiments use (each built once)
+results-data: env
+	@for name in fashion_scenes fashion_scenes_d050 fashion_scenes_d100 fashion_scenes_d200; do \
+		$(PY) datasets/prepare_fashion_scenes.py --name $$name || exit 1; done
+
+results: results-data
+ifeq ($(strip $(EXPERIMENTS)),)
+	-@$(PY) -W ignore tools/run_experiments.py --experiment e1 --cells $(DOSE_RESPONSE_CELLS) --threads $(EXPERIMENT_THREADS)
+	-@$(PY) -W ignore tools/run_experiments.py --experiment e5 e2 --threads $(EXPERIMENT_THREADS)
+	@$(PY) -W ignore tools/run_experiments.py --report
+else
 	@$(PY) -W ignore tools/run_experiments.py --experiment $(EXPERIMENTS) --threads $(EXPERIMENT_THREADS) --report
+endif
 
 clean-env:
 	rm -rf $(VENV)
