@@ -208,3 +208,15 @@ def test_precise_bn_is_unavailable_when_every_layer_is_frozen_but_batch_statisti
     assert freeze_batch_statistics(model)
     assert build_strategy("precise_bn:4", OPTIONS).unavailable(ctx) is not None
     assert build_strategy("batch_stats:2", OPTIONS).unavailable(ctx) is None
+
+
+def test_every_registered_strategy_writes_into_a_folder_of_its_own():
+    """The evaluators' detections (read again for the intervals against EMA) are kept per strategy:
+    "EvalNorm 1/B²" and "EvalNorm 1/B" once shared a folder, and one overwrote the other's."""
+    from d2_bnstats.compare.comparison import build_strategies
+    from d2_bnstats.compare.report import slug
+
+    built = build_strategies(None, OPTIONS)
+    folders = [slug(s.name) for s in built]
+    assert len(set(folders)) == len(folders) == len(built)
+    assert slug("EvalNorm 1/B²") != slug("EvalNorm 1/B")

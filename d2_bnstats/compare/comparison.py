@@ -94,6 +94,9 @@ def build_strategies(specs: Optional[Sequence[str]], options: dict) -> list:
     names = [s.name for s in built]
     if len(set(names)) != len(names):
         raise ValueError(f"strategies given twice: {names}")
+    folders = [slug(name) for name in names]  # each strategy's evaluator writes into its own folder
+    if len(set(folders)) != len(folders):
+        raise ValueError(f"strategies whose names give the same output folder: {names} -> {folders}")
     return built
 
 

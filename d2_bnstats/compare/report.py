@@ -3,6 +3,7 @@
 import math
 import os
 import re
+import unicodedata
 
 import torch
 
@@ -12,8 +13,9 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def slug(text: str) -> str:
-    """A file-name-safe form of a strategy or layer name."""
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+    """A file-name-safe form of a strategy or layer name. Compatibility forms first (NFKD: "1/B²" →
+    "1/B2"), so that names differing by such a character keep different folders."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", unicodedata.normalize("NFKD", text)).strip("_").lower()
 
 
 def _result_cells(strategy: dict, dataset: str, tasks) -> list:
