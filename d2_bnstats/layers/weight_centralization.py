@@ -27,6 +27,8 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from .conv_class import give_conv_class
+
 __all__ = [
     "WeightCentralizedConv2d",
     "centralize",
@@ -111,17 +113,7 @@ def make_weight_centralized(
     left as it is and the centralization ramps in over ``ramp_layer``'s first ``ramp_iters`` steps.
     A conv that is weight-centralized already keeps its class.
     """
-    if not isinstance(conv, WeightCentralizedConv2d):
-        if cls is None:
-            if type(conv) is not nn.Conv2d:
-                raise TypeError(
-                    f"{type(conv).__name__} has its own forward: pass cls, a subclass of "
-                    f"WeightCentralizedConv2d and {type(conv).__name__}"
-                )
-            cls = WeightCentralizedConv2d
-        if not (issubclass(cls, WeightCentralizedConv2d) and issubclass(cls, type(conv))):
-            raise TypeError(f"{cls.__name__} must derive from WeightCentralizedConv2d and {type(conv).__name__}")
-        conv.__class__ = cls
+    give_conv_class(conv, WeightCentralizedConv2d, cls)
     if ramp_iters > 0:
         conv.wc_ramp_iters = int(ramp_iters)
         if ramp_layer is not None:

@@ -33,6 +33,8 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from .conv_class import give_conv_class
+
 __all__ = [
     "WSBatchNorm2d",
     "WSGroupNorm",
@@ -80,17 +82,7 @@ def make_weight_standardized(conv: nn.Conv2d, cls: Optional[type] = None, eps: f
     ``forward``). A conv that is standardized already keeps its class (and takes ``eps``)."""
     if not eps > 0:
         raise ValueError(f"eps = {eps!r}: expected a number > 0 (added to each filter's variance)")
-    if not isinstance(conv, WeightStandardizedConv2d):
-        if cls is None:
-            if type(conv) is not nn.Conv2d:
-                raise TypeError(
-                    f"{type(conv).__name__} has its own forward: pass cls, a subclass of "
-                    f"WeightStandardizedConv2d and {type(conv).__name__}"
-                )
-            cls = WeightStandardizedConv2d
-        if not (issubclass(cls, WeightStandardizedConv2d) and issubclass(cls, type(conv))):
-            raise TypeError(f"{cls.__name__} must derive from WeightStandardizedConv2d and {type(conv).__name__}")
-        conv.__class__ = cls
+    give_conv_class(conv, WeightStandardizedConv2d, cls)
     conv.ws_eps = float(eps)
     return conv
 
