@@ -11,6 +11,8 @@ DEMO_OUTPUT ?= output/demo
 DEMO_OPTS ?= SOLVER.MAX_ITER 800 SOLVER.STEPS "(560, 720)" SEED 0
 DEMO_STRATEGIES ?= ema precise_bn:100 evalnorm_learned evalnorm_rule
 PYTEST_ARGS ?=
+# test processes of `make test` (pytest-xdist; each gets its share of the cores as torch threads)
+TEST_WORKERS ?= 2
 
 .PHONY: env data demo test test-quick bench bench-smoke pretrain results results-data clean-env
 
@@ -45,11 +47,11 @@ output/pretrain/r18_fashion_mnist_wc.pkl: | env
 # The whole suite, slow tests included (what CI runs: .ci/run); 17 minutes measured with 1 torch thread beside a
 # training run on the other core.
 test: env
-	@$(PY) -m pytest -q $(PYTEST_ARGS)
+	@$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Everything but the tests marked slow (about 4 minutes).
 test-quick: env
-	@$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	@$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 # End-to-end benchmark of every norm (docs/benchmarks.md): tables printed, JSON + plot in $(BENCH_OUTPUT).
 # About an hour on an idle 2-core machine; BENCH_ARGS="--precise-bn-images 100 1000 10000" for the full PreciseBN sizes.

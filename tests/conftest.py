@@ -10,7 +10,19 @@ from bnstats_lab.data import build_fashion_scenes, fashion_scenes_root, register
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_BASE = os.path.join(REPO, "configs", "cpu", "Base-R18-FPN-fashion.yaml")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+def _test_threads():
+    """Torch threads per test process: the cores shared among pytest-xdist's workers (one process:
+    up to 2), so parallel workers do not oversubscribe the machine. Subprocesses started by the tests
+    inherit it through OMP_NUM_THREADS."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(2, (os.cpu_count() or 1) // workers))
+
+
+TEST_THREADS = _test_threads()
+torch.set_num_threads(TEST_THREADS)
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
 
 
 @pytest.fixture(scope="session")
