@@ -10,7 +10,7 @@ import statistics
 import pytest
 
 from bnstats_lab.benchmark import inference as inference_module
-from bnstats_lab.benchmark.models import norm_overrides
+from bnstats_lab.benchmark.models import norm_overrides, with_references
 from bnstats_lab.benchmark.precise_bn_scaling import linear_fit
 from bnstats_lab.benchmark.report import format_report
 from bnstats_lab.benchmark.timing import TimingRow, summarize
@@ -50,7 +50,7 @@ def test_ratio_is_the_median_of_same_round_ratios():
     evalnorm = rows["EvalNorm/learned"]
     # same-round ratios 1.5, 1.0, 1.2: median 1.2 (the ratio of the medians would be 2.0 / 2.0 = 1.0)
     assert evalnorm.ratio == pytest.approx(1.2)
-    assert evalnorm.median_s == 2.0 and evalnorm.rounds == 3
+    assert evalnorm.median_s == 2.0 and evalnorm.rounds == 3 and evalnorm.round_s == [1.5, 2.0, 4.8]
     assert evalnorm.spread == pytest.approx((4.8 - 1.5) / 2.0)
     assert evalnorm.ratio_spread == pytest.approx((1.5 - 1.0) / 1.2)
     # ratios 1.5, 1.0, 1.2: the 95% interval exp(mean log ± t(2)·se) reaches both sides of 1.10
@@ -64,6 +64,34 @@ def test_ratio_is_the_median_of_same_round_ratios():
     assert rows["BN"].target is None and rows["BN"].meets_target is None
     gone = rows["Gone"]
     assert gone.ratio is None and gone.median_s is None and gone.rounds == 0
+
+
+def test_a_row_measured_against_another_row_than_the_tables_reference():
+    """GN+WS against GN (what Weight Standardization adds), in the same rounds; a target named by the
+    row ("GN+WS (folded)") wins over one named by its norm."""
+    names = ("FrozenBN", "GN", "GN+WS", "GN+WS (folded)")
+    rows = {n: TimingRow("inference", "frcnn", 1, n) for n in names}
+    times = {"FrozenBN": [1.0, 1.0, 1.0], "GN": [2.0, 3.0, 4.0], "GN+WS": [2.4, 3.3, 4.8],
+             "GN+WS (folded)": [2.0, 3.03, 4.0]}
+    summarize(rows, times, "FrozenBN", {"GN+WS": 9.0, "GN+WS (folded)": 1.02},
+              {"GN+WS": "GN", "GN+WS (folded)": "GN"})
+    assert rows["GN"].reference == "FrozenBN" and rows["GN"].ratio == pytest.approx(3.0)
+    ws = rows["GN+WS"]  # same-round ratios to GN: 1.2, 1.1, 1.2
+    assert ws.reference == "GN" and ws.ratio == pytest.approx(1.2) and ws.target == 9.0 and ws.status == "met"
+    folded = rows["GN+WS (folded)"]  # 1.0, 1.01, 1.0
+    assert folded.ratio == pytest.approx(1.0) and folded.target == 1.02
+    logs = [0.0, math.log(1.01), 0.0]
+    mean, se = statistics.mean(logs), statistics.stdev(logs) / math.sqrt(3)
+    assert folded.ratio_high == pytest.approx(math.exp(mean + 4.302653 * se), rel=1e-6)
+    assert folded.ratio_high < 1.02 and folded.status == "met"  # exp(mean + t·se) = 1.0177
+
+
+def test_the_rows_a_ratio_needs_are_added_in_front_and_the_order_kept():
+    relative = {"GN+WS": "GN", "GN+WS (folded)": "GN", "BN+WS": "BN"}
+    assert with_references(["EvalNorm", "BN"], "BN", relative) == ["EvalNorm", "BN"]
+    assert with_references(["GN+WS", "EvalNorm"], "BN", relative) == ["BN", "GN", "GN+WS", "EvalNorm"]
+    assert with_references(["BN+WS", "GN", "GN+WS"], "FrozenBN", relative) == ["FrozenBN", "BN", "BN+WS", "GN",
+                                                                               "GN+WS"]
 
 
 def test_target_status_from_the_interval():
@@ -99,7 +127,8 @@ def test_tiny_benchmark_structure(datasets_root, tmp_path, monkeypatch):
     monkeypatch.setattr(inference_module, "set_evalnorm_mode", set_evalnorm_mode)
     # EvalNorm is not the last model built for inference: each mode must be set on the EvalNorm model.
     # "NoSuchNorm": a name no plug-in registers is reported, not an error.
-    assert tool.main(["--tiny", "--norms", "EvalNorm", "BN", "FrozenBN", "NoSuchNorm",
+    # GN+WS: measured against GN (added to the rows), and folded for inference.
+    assert tool.main(["--tiny", "--norms", "EvalNorm", "BN", "FrozenBN", "NoSuchNorm", "GN+WS",
                       "--memory-norms", "BN", "FrozenBN", "NoSuchNorm", "--output", str(out)] + TINY_DATA) == 0
     result = json.loads((out / "results.json").read_text())
     assert (out / "ratios.png").stat().st_size > 0
@@ -107,7 +136,12 @@ def test_tiny_benchmark_structure(datasets_root, tmp_path, monkeypatch):
     assert layers_changed and all(n > 0 for n in layers_changed)
 
     train = {r["norm"]: r for r in result["train"]}
-    assert list(train) == ["EvalNorm", "BN", "FrozenBN", "NoSuchNorm"]
+    assert list(train) == ["GN", "EvalNorm", "BN", "FrozenBN", "NoSuchNorm", "GN+WS"]
+    assert train["GN+WS"]["reference"] == "GN" and train["EvalNorm"]["reference"] == "BN"
+    # the JSON keeps every round's time: the ratio recomputes from it
+    assert len(train["GN+WS"]["round_s"]) == train["GN+WS"]["rounds"] == 2
+    assert train["GN+WS"]["ratio"] == pytest.approx(statistics.median(
+        [a / b for a, b in zip(train["GN+WS"]["round_s"], train["GN"]["round_s"])]))
     for name in ("EvalNorm", "FrozenBN"):
         r = train[name]
         assert r["skipped"] is None and r["rounds"] == 2
@@ -124,6 +158,9 @@ def test_tiny_benchmark_structure(datasets_root, tmp_path, monkeypatch):
     inference = {r["norm"]: r for r in result["inference"]}
     assert math.isfinite(inference["BN"]["ratio"]) and inference["BN"]["ratio"] > 0
     assert inference["NoSuchNorm"]["skipped"].startswith("not available")
+    for name in ("GN+WS", "GN+WS (folded)"):
+        assert inference[name]["reference"] == "GN" and math.isfinite(inference[name]["ratio"])
+    assert inference["GN+WS (folded)"]["target"] == 1.02
     for mode in ("learned", "rule", "exact", "fixed", "ema"):  # one row per mode, each against the same FrozenBN
         r = inference[f"EvalNorm/{mode}"]
         assert r["skipped"] is None and math.isfinite(r["ratio"]) and r["ratio"] > 0

@@ -4,8 +4,8 @@ One image per call, as detectron2's evaluation runs it, every model on the same 
 like training (:func:`~.timing.interleave`). FrozenBN is the reference at every norm position (what
 a BN model folds to). Each norm's model first trains ``train_steps`` iterations (EvalNorm records
 its batch size and learns alpha/beta, MABN fills its buffers). EvalNorm is timed in each of its
-evaluation modes, each set on the EvalNorm model before its block runs; MABN also with its weight
-centralization folded (deployment). ``SCORE_THRESH_TEST`` is 0 (:func:`~.models.load_bench_config`),
+evaluation modes, each set on the EvalNorm model before its block runs; MABN and the Weight
+Standardization norms also with their weight transform folded into the convs (deployment, :data:`FOLDS`). ``SCORE_THRESH_TEST`` is 0 (:func:`~.models.load_bench_config`),
 so every model does the same post-processing and mask work whatever its weights.
 """
 import copy
@@ -15,22 +15,29 @@ import torch
 
 from d2_bnstats.layers.evalnorm import set_evalnorm_mode
 from d2_bnstats.layers.weight_centralization import fold_weight_centralization
+from d2_bnstats.layers.weight_standardization import fold_weight_standardization
 
 from .models import (
     EVALNORM_FIXED_ALPHA,
     EVALNORM_MODES,
     INFERENCE_NORMS,
     INFERENCE_REFERENCE,
+    INFERENCE_RELATIVE_TO,
     INFERENCE_TARGETS,
     SYNTHETIC_ARCHS,
     build_trainer,
     load_batches,
     load_bench_config,
     unavailable_reason,
+    with_references,
 )
 from .timing import TimingRow, clock_for, interleave, short_error, summarize, sync
 
 Block = Callable[[], float]
+# Norms whose deployed model differs from the trained one by a weight transform folded into the
+# convs; each is timed as trained and folded.
+FOLDS: Dict[str, Callable] = {"MABN": fold_weight_centralization, "GN+WS": fold_weight_standardization,
+                              "BN+WS": fold_weight_standardization}
 
 
 def _inference_inputs(batches: Sequence[list], num_images: int) -> List[dict]:
@@ -45,8 +52,8 @@ def _row_keys(norm: str, evalnorm_modes: Sequence[str]) -> List[str]:
     """The rows of one norm: EvalNorm one per mode, MABN as trained and folded."""
     if norm == "EvalNorm":
         return [f"EvalNorm/{m}" for m in evalnorm_modes] or [norm]
-    if norm == "MABN":
-        return ["MABN", "MABN (folded)"]
+    if norm in FOLDS:
+        return [norm, f"{norm} (folded)"]
     return [norm]
 
 
@@ -81,13 +88,13 @@ def _model_blocks(norm: str, model, device: str, inputs: List[dict], now, evalno
                 model, device, inputs, now, prepare=lambda m=m, kw=kw, model=model: set_evalnorm_mode(model, m, **kw))
         return blocks
     blocks = {norm: _timed_inference(model, device, inputs, now)}
-    if norm == "MABN":
-        try:  # raises while a conv's centralization ramp has not finished
+    if norm in FOLDS:
+        try:  # MABN's fold raises while a conv's centralization ramp has not finished
             folded = copy.deepcopy(model)
-            fold_weight_centralization(folded)
-            blocks["MABN (folded)"] = _timed_inference(folded, device, inputs, now)
+            FOLDS[norm](folded)
+            blocks[f"{norm} (folded)"] = _timed_inference(folded, device, inputs, now)
         except Exception as e:
-            rows["MABN (folded)"].skipped = f"failed: {short_error(e)}"
+            rows[f"{norm} (folded)"].skipped = f"failed: {short_error(e)}"
     return blocks
 
 
@@ -140,8 +147,7 @@ def benchmark_inference(
     (``targets``: default :data:`~.models.INFERENCE_TARGETS`)."""
     from detectron2.utils.events import EventStorage
 
-    if INFERENCE_REFERENCE not in norms:
-        norms = [INFERENCE_REFERENCE] + list(norms)
+    norms = with_references(norms, INFERENCE_REFERENCE, INFERENCE_RELATIVE_TO)
     rows: Dict[str, TimingRow] = {}
     with EventStorage(0):
         entries = _inference_blocks(arch, norms, evalnorm_modes, num_images, train_steps, ims_per_batch, opts,
@@ -151,5 +157,6 @@ def benchmark_inference(
         for run in entries.values():  # warm-up
             run()
         times = interleave(entries, repeats, progress)
-    summarize(rows, times, INFERENCE_REFERENCE, INFERENCE_TARGETS if targets is None else targets)
+    summarize(rows, times, INFERENCE_REFERENCE, INFERENCE_TARGETS if targets is None else targets,
+              INFERENCE_RELATIVE_TO)
     return list(rows.values())

@@ -30,8 +30,10 @@ SYNTHETIC_ARCHS: Dict[str, Tuple[str, ...]] = {
     "frcnn_r50": ("INPUT.MIN_SIZE_TRAIN", "(800,)", "INPUT.MAX_SIZE_TRAIN", "1333",
                   "INPUT.MIN_SIZE_TEST", "800", "INPUT.MAX_SIZE_TEST", "1333"),
 }
-TRAIN_NORMS: Tuple[str, ...] = ("BN", "EvalNorm", "MABN", "SyncBN", "GhostBN", "GN", "FrozenBN")
-INFERENCE_NORMS: Tuple[str, ...] = ("FrozenBN", "BN", "EvalNorm", "MABN", "SyncBN", "GhostBN", "GN")
+TRAIN_NORMS: Tuple[str, ...] = ("BN", "EvalNorm", "MABN", "SyncBN", "GhostBN", "GN", "FrozenBN",
+                                "BatchRenorm", "CrossIterBN", "GN+WS", "BN+WS")
+INFERENCE_NORMS: Tuple[str, ...] = ("FrozenBN", "BN", "EvalNorm", "MABN", "SyncBN", "GhostBN", "GN",
+                                    "BatchRenorm", "CrossIterBN", "GN+WS", "BN+WS")
 EVALNORM_MODES: Tuple[str, ...] = ("learned", "rule", "exact", "fixed", "ema")
 EVALNORM_FIXED_ALPHA = 0.25  # the "fixed" mode needs a value: 1/B^2 at B = 2
 TRAIN_REFERENCE = "BN"
@@ -47,8 +49,17 @@ BOX_HEAD_OPTS: Tuple[str, ...] = (
 # no norm in FPN/heads from random init would at 0.02 without warm-up); speed does not depend on it.
 BENCH_OPTS: Tuple[str, ...] = ("SOLVER.BASE_LR", "0.001", "DATALOADER.NUM_WORKERS", "0")
 # The project's cost targets (docs/benchmarks.md), drawn on the plot and checked in the tables.
-TRAIN_TARGETS: Dict[str, float] = {"EvalNorm": 1.10, "MABN": 1.15, "SyncBN": 1.02}
-INFERENCE_TARGETS: Dict[str, float] = {"EvalNorm": 1.10, "MABN": 1.02}
+TRAIN_TARGETS: Dict[str, float] = {"EvalNorm": 1.10, "MABN": 1.15, "SyncBN": 1.02, "BatchRenorm": 1.05,
+                                   "CrossIterBN": 1.30, "GN+WS": 1.10, "BN+WS": 1.10}
+# Batch Renormalization and Cross-Iteration BN infer with population statistics as BN does; a WS
+# model deploys with the standardized weights folded into its convs (rows "... (folded)").
+INFERENCE_TARGETS: Dict[str, float] = {"EvalNorm": 1.10, "MABN": 1.02, "BatchRenorm": 1.02, "CrossIterBN": 1.02,
+                                       "GN+WS (folded)": 1.02, "BN+WS (folded)": 1.02}
+# Rows whose ratio is to another row than the table's reference: Weight Standardization's cost is
+# what it adds to the norm it goes with (GN+WS folded infers as a GN model, BN+WS folded as BN).
+TRAIN_RELATIVE_TO: Dict[str, str] = {"GN+WS": "GN", "BN+WS": "BN"}
+INFERENCE_RELATIVE_TO: Dict[str, str] = {"GN+WS": "GN", "GN+WS (folded)": "GN", "BN+WS": "BN",
+                                         "BN+WS (folded)": "BN"}
 PRECISE_BN_TARGET = 1.2
 # On a GPU (one run of frcnn_r50, ratios in that run): training to BN, inference to FrozenBN, and
 # the training peak memory of every norm to BN's.
@@ -56,6 +67,14 @@ GPU_NORMS: Tuple[str, ...] = ("BN", "FrozenBN", "EvalNorm", "MABN", "GN", "Ghost
 GPU_TRAIN_TARGETS: Dict[str, float] = {"EvalNorm": 1.05, "MABN": 1.10, "GhostBN": 1.10, "RoIShuffleBN": 1.10}
 GPU_INFERENCE_TARGETS: Dict[str, float] = {"EvalNorm": 1.05, "MABN": 1.02}
 GPU_MEMORY_TARGET = 1.10
+
+
+def with_references(norms: Sequence[str], reference: str, relative_to: Dict[str, str]) -> List[str]:
+    """``norms`` in their order, preceded by the rows their ratios need and the list lacks:
+    ``reference``, and any row a norm (or its folded row) is measured against
+    (:data:`TRAIN_RELATIVE_TO`, ...)."""
+    needed = [reference] + [relative_to[k] for n in norms for k in (n, f"{n} (folded)") if k in relative_to]
+    return list(dict.fromkeys([r for r in needed if r not in norms] + list(norms)))
 
 
 def norm_overrides(norm: str, mask: bool, placement: str = "train") -> List[str]:

@@ -24,6 +24,14 @@ def _target_cell(row: dict) -> str:
     return f"<= {row['target']:.2f}x {status}".rstrip()
 
 
+def _ratio_cell(row: dict, reference: str) -> str:
+    """The ratio, naming its reference where it is not the table's (e.g. ``1.031x / GN``)."""
+    if row.get("ratio") is None:
+        return ""
+    other = row.get("reference")
+    return f"{row['ratio']:.3f}x" + (f" / {other}" if other and other != reference else "")
+
+
 def _interval_cell(row: dict) -> str:
     if row.get("ratio_low") is None:
         return ""
@@ -35,7 +43,7 @@ def _timing_tables(result: dict, tabulate) -> List[str]:
     if result["train"]:
         parts.append("### Training: seconds per iteration, ratio to BN (same run, interleaved)")
         parts.append(tabulate([[r["arch"], r["ims_per_batch"], r["norm"], _fmt(r["median_s"], "{:.3f}"),
-                                _fmt(r["ratio"], "{:.3f}x"), _interval_cell(r), _target_cell(r), r["skipped"] or ""]
+                                _ratio_cell(r, TRAIN_REFERENCE), _interval_cell(r), _target_cell(r), r["skipped"] or ""]
                                for r in result["train"]],
                               headers=["model", "img/batch", "norm", "s/iter", "/ BN", "95% interval", "target",
                                        "note"],
@@ -51,7 +59,7 @@ def _timing_tables(result: dict, tabulate) -> List[str]:
                               tablefmt="github"))
     if result["inference"]:
         parts.append("### Inference: seconds per image, ratio to FrozenBN (same run, interleaved)")
-        parts.append(tabulate([[r["arch"], r["norm"], _fmt(r["median_s"], "{:.4f}"), _fmt(r["ratio"], "{:.3f}x"),
+        parts.append(tabulate([[r["arch"], r["norm"], _fmt(r["median_s"], "{:.4f}"), _ratio_cell(r, INFERENCE_REFERENCE),
                                 _interval_cell(r), _target_cell(r), r["skipped"] or ""]
                                for r in result["inference"]],
                               headers=["model", "norm / mode", "s/image", "/ FrozenBN", "95% interval", "target",
@@ -110,11 +118,12 @@ def _ratio_bars(ax, rows: List[dict], title: str, ref: str, targets: Dict[str, f
         ax.bar([i + g * width for i in range(len(names))], vals, width, label=label)
     for n, t in targets.items():
         for i, name in enumerate(names):
-            if target_key(name) == n:
+            if name == n or target_key(name) == n:
                 ax.hlines(t, i - 0.1, i + 0.8, colors="red", linestyles="--")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))])
-    ax.set_xticklabels(names, rotation=45, ha="right")
+    others = {r["norm"]: r.get("reference") for r in rows if r.get("reference") not in (None, ref)}
+    ax.set_xticklabels([f"{n} / {others[n]}" if n in others else n for n in names], rotation=45, ha="right")
     ax.set_ylabel(f"ratio to {ref}")
     ax.set_title(title + " (red dashes: targets)")
     ax.legend(fontsize=8)

@@ -129,6 +129,8 @@ class TimingRow:
     status: Optional[str] = None  # "met", "missed", "unresolved" (target_status); None without a target
     rounds: int = 0
     skipped: Optional[str] = None  # "not available: ..." or why it could not be measured
+    reference: Optional[str] = None  # the row the ratio is to (the table's reference unless said)
+    round_s: List[float] = dataclasses.field(default_factory=list)  # per round, in round order: the raw data
 
 
 def target_key(name: str) -> str:
@@ -162,10 +164,12 @@ def target_status(interval: Optional[tuple], target: Optional[float]) -> Optiona
 
 
 def summarize(rows: Dict[str, TimingRow], times: Dict[str, List[float]], reference: str,
-              targets: Dict[str, float]) -> None:
-    """Fill each row's median, spread, same-round ratio to ``reference`` with its 95% interval, and
-    the target's status (in place)."""
-    ref = times.get(reference)
+              targets: Dict[str, float], references: Optional[Dict[str, str]] = None) -> None:
+    """Fill each row's median, spread, same-round ratio to its reference with its 95% interval, and
+    the target's status (in place). The reference is ``reference`` unless ``references`` names
+    another row for the row (e.g. GN+WS against GN: what Weight Standardization adds); a target is
+    looked up by the row's name, then by its norm (:func:`target_key`)."""
+    references = references or {}
     for key, row in rows.items():
         t = times.get(key)
         if row.skipped or not t:
@@ -173,6 +177,9 @@ def summarize(rows: Dict[str, TimingRow], times: Dict[str, List[float]], referen
         row.median_s = statistics.median(t)
         row.spread = spread(t)
         row.rounds = len(t)
+        row.round_s = list(t)
+        row.reference = references.get(key, reference)
+        ref = times.get(row.reference)
         interval = None
         if ref:
             ratios = [a / b for a, b in zip(t, ref)]
@@ -181,8 +188,8 @@ def summarize(rows: Dict[str, TimingRow], times: Dict[str, List[float]], referen
             interval = ratio_interval(ratios)
             if interval is not None:
                 row.ratio_low, row.ratio_high = interval
-        base = target_key(key)
-        if base in targets:
-            row.target = targets[base]
+        target = targets.get(key, targets.get(target_key(key)))
+        if target is not None:
+            row.target = target
             row.status = target_status(interval, row.target)
             row.meets_target = {MET: True, MISSED: False}.get(row.status)

@@ -15,11 +15,13 @@ from .models import (
     SYNTHETIC_ARCHS,
     TRAIN_NORMS,
     TRAIN_REFERENCE,
+    TRAIN_RELATIVE_TO,
     TRAIN_TARGETS,
     build_trainer,
     load_batches,
     load_bench_config,
     unavailable_reason,
+    with_references,
 )
 from .timing import TimingRow, clock_for, count_host_syncs, interleave, is_cuda, short_error, summarize, sync
 
@@ -81,8 +83,7 @@ def benchmark_training(
     ``targets``: norm -> target ratio (default :data:`~.models.TRAIN_TARGETS`)."""
     from detectron2.utils.events import EventStorage
 
-    if TRAIN_REFERENCE not in norms:
-        norms = [TRAIN_REFERENCE] + list(norms)
+    norms = with_references(norms, TRAIN_REFERENCE, TRAIN_RELATIVE_TO)
     now = clock_for(clock)
     rows = {n: TimingRow("train", arch, ims_per_batch, n) for n in norms}
     with EventStorage(0):
@@ -95,5 +96,5 @@ def benchmark_training(
             for n, (trainer, device) in trainers.items():
                 if is_cuda(device):
                     host_syncs[n] = count_host_syncs(trainer.run_step)
-    summarize(rows, times, TRAIN_REFERENCE, TRAIN_TARGETS if targets is None else targets)
+    summarize(rows, times, TRAIN_REFERENCE, TRAIN_TARGETS if targets is None else targets, TRAIN_RELATIVE_TO)
     return list(rows.values())
