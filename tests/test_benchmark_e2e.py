@@ -113,6 +113,7 @@ def test_norm_placement():
         "MODEL.ROI_MASK_HEAD.NORM", ""]
     assert norm_overrides("FrozenBN", mask=False, placement="inference")[1::2] == ["FrozenBN"] * 3
     assert norm_overrides("GN", mask=False)[1::2] == ["GN"] * 3
+    assert norm_overrides("RoIShuffleBN", mask=True)[1::2] == ["BN", "BN", "RoIShuffleBN", "RoIShuffleBN"]
 
 
 def test_tiny_benchmark_structure(datasets_root, tmp_path, monkeypatch):

@@ -30,10 +30,13 @@ SYNTHETIC_ARCHS: Dict[str, Tuple[str, ...]] = {
     "frcnn_r50": ("INPUT.MIN_SIZE_TRAIN", "(800,)", "INPUT.MAX_SIZE_TRAIN", "1333",
                   "INPUT.MIN_SIZE_TEST", "800", "INPUT.MAX_SIZE_TEST", "1333"),
 }
-TRAIN_NORMS: Tuple[str, ...] = ("BN", "EvalNorm", "MABN", "SyncBN", "GhostBN", "GN", "FrozenBN",
+TRAIN_NORMS: Tuple[str, ...] = ("BN", "EvalNorm", "MABN", "SyncBN", "GhostBN", "RoIShuffleBN", "GN", "FrozenBN",
                                 "BatchRenorm", "CrossIterBN", "GN+WS", "BN+WS")
 INFERENCE_NORMS: Tuple[str, ...] = ("FrozenBN", "BN", "EvalNorm", "MABN", "SyncBN", "GhostBN", "GN",
                                     "BatchRenorm", "CrossIterBN", "GN+WS", "BN+WS")
+# Norms made for the RoI heads, timed there (the norm of the backbone and FPN in their models);
+# at inference they are BN.
+HEAD_NORMS: Dict[str, str] = {"RoIShuffleBN": "BN"}
 EVALNORM_MODES: Tuple[str, ...] = ("learned", "rule", "exact", "fixed", "ema")
 EVALNORM_FIXED_ALPHA = 0.25  # the "fixed" mode needs a value: 1/B^2 at B = 2
 TRAIN_REFERENCE = "BN"
@@ -80,15 +83,17 @@ def with_references(norms: Sequence[str], reference: str, relative_to: Dict[str,
 def norm_overrides(norm: str, mask: bool, placement: str = "train") -> List[str]:
     """The config keys a user sets for ``norm``: backbone, FPN, box head (and mask head).
 
-    FrozenBN in training is detectron2's default placement: the backbone only, FPN and heads with no
-    norm (FrozenBN there would be a fixed affine map of random init). For inference (``placement =
+    A head norm (:data:`HEAD_NORMS`: RoIShuffleBN) goes in the heads with BN in the backbone and FPN,
+    where users put it. FrozenBN in training is detectron2's default placement: the backbone only, FPN
+    and heads with no norm (FrozenBN there would be a fixed affine map of random init). For inference (``placement =
     "inference"``) FrozenBN is the reference at EVERY norm position: what a BN model folds to, so
     the ratios isolate the cost of the norm's inference path.
     """
     if placement not in ("train", "inference"):
         raise ValueError(f"placement must be 'train' or 'inference', got {placement!r}")
     head = "" if (norm == "FrozenBN" and placement == "train") else norm
-    opts = ["MODEL.RESNETS.NORM", norm, "MODEL.FPN.NORM", head, "MODEL.ROI_BOX_HEAD.NORM", head]
+    body = HEAD_NORMS.get(norm, norm)
+    opts = ["MODEL.RESNETS.NORM", body, "MODEL.FPN.NORM", HEAD_NORMS.get(norm, head), "MODEL.ROI_BOX_HEAD.NORM", head]
     if mask:
         opts += ["MODEL.ROI_MASK_HEAD.NORM", head]
     return opts
