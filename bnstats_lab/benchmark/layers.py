@@ -1,8 +1,10 @@
 """Per-layer cost of every norm, as ratios to ``nn.BatchNorm2d`` (training) and
 ``FrozenBatchNorm2d`` (inference) measured in the same run.
 
-Timings interleave the norms within each repetition so that drift of the machine (other load,
-frequency changes) affects all of them alike; each figure is the median over repetitions. On CUDA
+Timings interleave the norms within each repetition (round) so that drift of the machine (other
+load, frequency changes) affects all of them alike; a time is the median over rounds, a ratio the
+median over rounds of (norm / reference in the same round) with the 95% interval of
+:func:`~.timing.ratio_interval` (the t interval of the mean log-ratio), as in the end-to-end tables. On CUDA
 (``device="cuda"``) the layers and tensors live on the GPU, cuDNN's autotuner is on and each block of
 ``iters`` calls is timed with CUDA events after the warm-up (:func:`.timing.time_block`).
 
@@ -21,7 +23,7 @@ from torch import nn
 from d2_bnstats.layers.step_guard import StepStatisticsGuard
 from d2_bnstats.registry import available_norms, get_norm
 
-from .timing import prepare_device, spread, time_block
+from .timing import prepare_device, ratio_interval, spread, time_block
 
 Shape = Tuple[int, int, int, int]
 
@@ -49,6 +51,10 @@ class LayerTiming:
     eval_ratio: Optional[float] = None  # to FrozenBatchNorm2d eval
     train_spread: Optional[float] = None  # (max - min) / median over repetitions
     eval_spread: Optional[float] = None
+    train_interval: Optional[Tuple[float, float]] = None  # 95% interval of train_ratio
+    eval_interval: Optional[Tuple[float, float]] = None  # 95% interval of eval_ratio
+    train_round_ms: List[float] = dataclasses.field(default_factory=list)  # per round: the raw data
+    eval_round_ms: List[float] = dataclasses.field(default_factory=list)
     skipped: Optional[str] = None  # why this norm could not be measured here
 
 
@@ -76,6 +82,12 @@ def _time_train(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, iters: i
 def _time_eval(module: nn.Module, x: torch.Tensor, iters: int) -> float:
     module.eval()
     return time_block(lambda: module(x), iters, str(x.device)) * 1000
+
+
+def _same_round_ratio(times: Sequence[float], reference: Sequence[float]):
+    """The median over rounds of times / reference in the same round, and its 95% interval."""
+    ratios = [a / b for a, b in zip(times, reference)]
+    return statistics.median(ratios), ratio_interval(ratios)
 
 
 def benchmark_norms(
@@ -126,8 +138,6 @@ def benchmark_norms(
                 eval_times[name].append(_time_eval(module, x, iters))
         if progress is not None:
             progress(f"shape {shape}: {len(modules)} norms timed, {len(skipped)} skipped")
-        bn_train = statistics.median(train_times[BN_REFERENCE])
-        frozen_eval = statistics.median(eval_times[FROZEN_REFERENCE])
         for name in builders:
             if name in skipped:
                 rows.append(LayerTiming(name, shape, skipped=skipped[name]))
@@ -135,13 +145,19 @@ def benchmark_norms(
             row = LayerTiming(name, shape)
             if train_times[name]:
                 row.train_ms = statistics.median(train_times[name])
-                row.train_ratio = row.train_ms / bn_train
+                row.train_ratio, row.train_interval = _same_round_ratio(train_times[name], train_times[BN_REFERENCE])
                 row.train_spread = spread(train_times[name])
+                row.train_round_ms = train_times[name]
             row.eval_ms = statistics.median(eval_times[name])
-            row.eval_ratio = row.eval_ms / frozen_eval
+            row.eval_ratio, row.eval_interval = _same_round_ratio(eval_times[name], eval_times[FROZEN_REFERENCE])
             row.eval_spread = spread(eval_times[name])
+            row.eval_round_ms = eval_times[name]
             rows.append(row)
     return rows
+
+
+def _interval(interval) -> str:
+    return "" if interval is None else f"[{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
 def format_table(rows: Sequence[LayerTiming]) -> str:
@@ -156,12 +172,14 @@ def format_table(rows: Sequence[LayerTiming]) -> str:
             "x".join(map(str, r.shape)),
             fmt(r.train_ms, "{:.3f}"),
             fmt(r.train_ratio, "{:.2f}x"),
+            _interval(r.train_interval),
             fmt(r.eval_ms, "{:.3f}"),
             fmt(r.eval_ratio, "{:.2f}x"),
-            fmt(r.train_spread, "{:.0%}"),
+            _interval(r.eval_interval),
             r.skipped or "",
         ]
         for r in rows
     ]
-    headers = ["norm", "N x C x H x W", "train ms", "train / BN", "eval ms", "eval / FrozenBN", "train spread", "note"]
+    headers = ["norm", "N x C x H x W", "train ms", "train / BN", "95% interval", "eval ms", "eval / FrozenBN",
+               "95% interval", "note"]
     return tabulate(table, headers=headers, tablefmt="github")
