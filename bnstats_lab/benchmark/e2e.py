@@ -72,14 +72,14 @@ class BenchmarkSettings:
     ims_per_batch: Tuple[int, ...] = (2, 8)
     norms: Tuple[str, ...] = TRAIN_NORMS
     repeats: int = 5
-    iters: int = 3
+    iters: int = 2  # per round; with the rounds' interleaving this keeps `make bench` near an hour
     warmup: int = 2
     num_batches: int = 4
     memory: bool = True
     memory_norms: Optional[Tuple[str, ...]] = None  # default: the same as norms
     memory_iters: int = 3
     inference: bool = True
-    inference_images: int = 8
+    inference_images: int = 32  # fixed images per round: enough work for a ratio known to a few %
     precise_bn: bool = True
     # images per PreciseBN pass; the full sizes are 100, 1000, 10000 (tools/benchmark.py
     # --precise-bn-images 100 1000 10000, ~1 h more on 2 cores); the default stays shorter
