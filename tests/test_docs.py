@@ -2,9 +2,11 @@
 and configs/, so that a doc that drifts from the code fails here.
 
 Every fenced ``bash``/``python`` block, every unlabelled fenced block and every indented code block whose
-lines are commands is taken. The comment line right above a block may say how it is tested:
+lines are commands is taken. The comment lines right above a block may say how it is tested:
 
 - ``<!-- doc-test: skip (REASON) -->``: not run here (the reason says where it is tested, or why not);
+- ``<!-- doc-test: skip `TEXT` (REASON) -->``: the block's commands that contain TEXT are not run (one such
+  line per TEXT; each must match a command of its block);
 - ``<!-- doc-test: run -->``: a shell block run for real (slow), tools with a tiny schedule on the tiny
   data set (the overrides :data:`TINY_YACS`/:data:`TINY_LAZY` appended, which the tools accept anywhere);
 - ``<!-- doc-test: context NAME (...) -->``: a Python snippet run after :data:`CONTEXTS` ``[NAME]`` has
@@ -29,7 +31,7 @@ import subprocess
 import sys
 import textwrap
 from contextlib import redirect_stdout
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Tuple
 
 import pytest
 
@@ -44,6 +46,7 @@ DOCS = ["README.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path
 PYTHON = ".venv/bin/python"
 COMMAND_START = re.compile(r"^(\.venv/bin/python|python|d2-bnstats-|make |OMP_NUM_THREADS=|nice |[A-Z]+=)")
 DIRECTIVE = re.compile(r"^<!-- doc-test: (skip|run|context)\b\s*(.*?)\s*-->$")
+COMMAND_SKIP = re.compile(r"^`([^`]+)`\s*(\(.*\))$")  # skip `TEXT` (REASON)
 # the plug-in's commands: the clone's script, the installed command, yacs or LazyConfig overrides
 PLUGIN_TOOLS = {
     "tools/train_net.py": ("d2-bnstats-train", "yacs"),
@@ -64,6 +67,7 @@ class Block(NamedTuple):
     text: str
     directive: str  # "", "skip", "run", "context"
     argument: str
+    skips: Tuple[Tuple[str, str], ...] = ()  # (TEXT, REASON): its commands containing TEXT are not run
 
     @property
     def where(self):
@@ -71,11 +75,21 @@ class Block(NamedTuple):
 
 
 def _directive(lines, index):
+    """The directive comments right above line ``index``: the block's (kind, argument) and its
+    per-command skips."""
+    kind, argument, skips = "", "", []
     for previous in reversed(lines[:index]):
-        if previous.strip():
-            match = DIRECTIVE.match(previous.strip())
-            return (match.group(1), match.group(2)) if match else ("", "")
-    return ("", "")
+        if not previous.strip():
+            continue
+        match = DIRECTIVE.match(previous.strip())
+        if not match:
+            break
+        command = COMMAND_SKIP.match(match.group(2)) if match.group(1) == "skip" else None
+        if command:
+            skips.insert(0, (command.group(1), command.group(2)))
+        else:
+            kind, argument = match.group(1), match.group(2)
+    return kind, argument, tuple(skips)
 
 
 def extract_blocks(doc: str) -> List[Block]:
@@ -128,6 +142,21 @@ def test_the_docs_have_commands_and_snippets_and_every_skip_says_why():
     for block in BLOCKS:
         if block.directive == "skip":
             assert len(block.argument) > 10, f"{block.where}: a skip says why"
+        commands = [" ".join(words) for words in shell_commands(block.text)] if block.lang == "bash" else []
+        for text, reason in block.skips:
+            assert len(reason) > 10, f"{block.where}: a skip says why"
+            assert any(text in command for command in commands), f"{block.where}: no command contains {text!r}"
+    assert any(block.skips for block in BLOCKS)
+
+
+def test_a_skip_comment_names_the_block_or_some_of_its_commands():
+    lines = ["<!-- doc-test: skip `make test` (the suite itself: this test is one of its tests) -->",
+             "<!-- doc-test: skip `--num-gpus 8` (COCO in 8 processes) -->", "", "```bash"]
+    assert _directive(lines, 3) == ("", "", (("make test", "(the suite itself: this test is one of its tests)"),
+                                             ("--num-gpus 8", "(COCO in 8 processes)")))
+    assert _directive(["text", "<!-- doc-test: skip (a reason for the block) -->", "```bash"], 2) == \
+        ("skip", "(a reason for the block)", ())
+    assert _directive(["<!-- doc-test: skip (old) -->", "text", "```bash"], 2) == ("", "", ())
 
 
 # ------------------------------------------------------------------------------------------ checked
