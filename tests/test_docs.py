@@ -2,20 +2,33 @@
 and configs/, so that a doc that drifts from the code fails here.
 
 Every fenced ``bash``/``python`` block, every unlabelled fenced block and every indented code block whose
-lines are commands is taken. The comment line right above a block may say how it is tested:
+lines are commands is taken. The comment lines right above a block may say how it is tested:
 
 - ``<!-- doc-test: skip (REASON) -->``: not run here (the reason says where it is tested, or why not);
-- ``<!-- doc-test: run -->``: a shell block run for real (slow), tools with a tiny schedule on the tiny
-  data set (the overrides :data:`TINY_YACS`/:data:`TINY_LAZY` appended, which the tools accept anywhere);
+- ``<!-- doc-test: skip `TEXT` (REASON) -->``: the block's commands that contain TEXT are not run (one such
+  line per TEXT; each must match a command of its block);
 - ``<!-- doc-test: context NAME (...) -->``: a Python snippet run after :data:`CONTEXTS` ``[NAME]`` has
   defined the names the prose around it assumes (``model``, ``image``, ...); ``, after the snippet above``
   continues that snippet's names.
 
-Without a comment a shell block is checked command by command (not slow): the project's interpreter
-must be explicit (``.venv/bin/python``, or a ``d2-bnstats-*`` command of the installed package); each
-tool's own parser reads the command line and its config (``bnstats://`` names, ``KEY VALUE`` and
-``path.key=value`` overrides) loads through the tool's checks; ``make`` names a Makefile target. Python
-snippets run for real (slow), each in a fresh namespace of one process, in a folder laid out as a clone.
+Every shell block is checked command by command (not slow): the project's interpreter must be explicit
+(``.venv/bin/python``, or a ``d2-bnstats-*`` command of the installed package); each tool's own parser
+reads the command line and its config (``bnstats://`` names, ``KEY VALUE`` and ``path.key=value``
+overrides) loads through the tool's checks; ``make`` names a Makefile target.
+
+Then every command runs for real (slow), one doc per test, in document order, in one folder laid out as
+a clone that every doc shares, as a reader following the docs top to bottom: a checkpoint trained by
+one command serves the later ``MODEL.WEIGHTS output/...`` commands, and a doc run on its own first
+trains the checkpoints it reads (:data:`TRAINED_BY`). The clone's ``.venv/bin/python``
+(tests/doc_interpreter.py) appends each tool's tiny arguments (:data:`TINY_TOOLS`: a 1-iteration
+schedule on the tiny data set, tiny benchmark sizes, 1-iteration pre-training, data sets the size of
+fashion_scenes_tiny); ``make`` runs its recipe with those, the ``env`` step (which creates the virtual
+environment) taken as done. The clone links the code and copies what commands write into
+(configs/, docs/, results/, README.md, datasets/), so nothing is written into the repository. A
+command run before word for word is not run again.
+
+Python snippets run for real (slow), each in a fresh namespace of one process, in a folder laid out as
+a clone.
 """
 import argparse
 import glob
@@ -25,11 +38,13 @@ import json
 import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
 from contextlib import redirect_stdout
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Tuple
 
 import pytest
 
@@ -43,7 +58,8 @@ DOCS = ["README.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path
         "datasets/README.md", "configs/README.md"]
 PYTHON = ".venv/bin/python"
 COMMAND_START = re.compile(r"^(\.venv/bin/python|python|d2-bnstats-|make |OMP_NUM_THREADS=|nice |[A-Z]+=)")
-DIRECTIVE = re.compile(r"^<!-- doc-test: (skip|run|context)\b\s*(.*?)\s*-->$")
+DIRECTIVE = re.compile(r"^<!-- doc-test: (skip|context)\b\s*(.*?)\s*-->$")
+COMMAND_SKIP = re.compile(r"^`([^`]+)`\s*(\(.*\))$")  # skip `TEXT` (REASON)
 # the plug-in's commands: the clone's script, the installed command, yacs or LazyConfig overrides
 PLUGIN_TOOLS = {
     "tools/train_net.py": ("d2-bnstats-train", "yacs"),
@@ -62,8 +78,9 @@ class Block(NamedTuple):
     line: int
     lang: str  # "bash" or "python"
     text: str
-    directive: str  # "", "skip", "run", "context"
+    directive: str  # "", "skip", "context"
     argument: str
+    skips: Tuple[Tuple[str, str], ...] = ()  # (TEXT, REASON): its commands containing TEXT are not run
 
     @property
     def where(self):
@@ -71,11 +88,21 @@ class Block(NamedTuple):
 
 
 def _directive(lines, index):
+    """The directive comments right above line ``index``: the block's (kind, argument) and its
+    per-command skips."""
+    kind, argument, skips = "", "", []
     for previous in reversed(lines[:index]):
-        if previous.strip():
-            match = DIRECTIVE.match(previous.strip())
-            return (match.group(1), match.group(2)) if match else ("", "")
-    return ("", "")
+        if not previous.strip():
+            continue
+        match = DIRECTIVE.match(previous.strip())
+        if not match:
+            break
+        command = COMMAND_SKIP.match(match.group(2)) if match.group(1) == "skip" else None
+        if command:
+            skips.insert(0, (command.group(1), command.group(2)))
+        else:
+            kind, argument = match.group(1), match.group(2)
+    return kind, argument, tuple(skips)
 
 
 def extract_blocks(doc: str) -> List[Block]:
@@ -110,11 +137,16 @@ BLOCKS = [block for doc in DOCS for block in extract_blocks(doc)]
 SUBSTITUTION = re.compile(r"^([A-Z_]+)=\$\((.*)\)\s*(#.*)?$")  # VAR=$(command)
 
 
+def logical_lines(text: str) -> List[str]:
+    """A shell block's lines, continuations joined."""
+    return re.sub(r"\\\n", " ", text).split("\n")
+
+
 def shell_commands(text: str) -> List[List[str]]:
     """The commands of a shell block as word lists (continuations joined, comments dropped); a line
     ``VAR=$(command)`` is ``["VAR=$(", command words...]``."""
     out = []
-    for line in re.sub(r"\\\n", " ", text).split("\n"):
+    for line in logical_lines(text):
         substitution = SUBSTITUTION.match(line.strip())
         if substitution:
             out.append([substitution.group(1) + "=$("] + shlex.split(substitution.group(2)))
@@ -128,6 +160,21 @@ def test_the_docs_have_commands_and_snippets_and_every_skip_says_why():
     for block in BLOCKS:
         if block.directive == "skip":
             assert len(block.argument) > 10, f"{block.where}: a skip says why"
+        commands = [" ".join(words) for words in shell_commands(block.text)] if block.lang == "bash" else []
+        for text, reason in block.skips:
+            assert len(reason) > 10, f"{block.where}: a skip says why"
+            assert any(text in command for command in commands), f"{block.where}: no command contains {text!r}"
+    assert any(block.skips for block in BLOCKS)
+
+
+def test_a_skip_comment_names_the_block_or_some_of_its_commands():
+    lines = ["<!-- doc-test: skip `make test` (the suite itself: this test is one of its tests) -->",
+             "<!-- doc-test: skip `--num-gpus 8` (COCO in 8 processes) -->", "", "```bash"]
+    assert _directive(lines, 3) == ("", "", (("make test", "(the suite itself: this test is one of its tests)"),
+                                             ("--num-gpus 8", "(COCO in 8 processes)")))
+    assert _directive(["text", "<!-- doc-test: skip (a reason for the block) -->", "```bash"], 2) == \
+        ("skip", "(a reason for the block)", ())
+    assert _directive(["<!-- doc-test: skip (old) -->", "text", "```bash"], 2) == ("", "", ())
 
 
 # ------------------------------------------------------------------------------------------ checked
@@ -239,49 +286,212 @@ def test_every_documented_command_reads_its_arguments_and_config(block, clone, p
 
 
 # ---------------------------------------------------------------------------------- run for real
-TINY = {"SOLVER.MAX_ITER": "1", "SOLVER.STEPS": "()", "SOLVER.WARMUP_ITERS": "0", "DATALOADER.NUM_WORKERS": "0",
-        "DATASETS.TRAIN": "('fashion_scenes_tiny_train',)", "DATASETS.TEST": "('fashion_scenes_tiny_val',)",
-        "TEST.EVAL_PERIOD": "0"}
-TINY_YACS = [w for kv in TINY.items() for w in kv]
-TINY_LAZY = ["train.max_iter=1", "dataloader.train.num_workers=0",
-             "dataloader.train.dataset.names=fashion_scenes_tiny_train",
-             "dataloader.test.dataset.names=fashion_scenes_tiny_val"]
-SHIM = '''import os, runpy, sys
-TOOLS = {tools!r}
-script = sys.argv[1] if len(sys.argv) > 1 else ""
-if script in TOOLS:
-    sys.argv = sys.argv[1:] + (TOOLS[script] == "lazy" and {lazy!r} or {yacs!r})
-    runpy.run_path(script, run_name="__main__")
-else:
-    os.execv({python!r}, [{python!r}] + sys.argv[1:])
-'''
+# The tiny arguments the clone's interpreter appends to each tool (tests/doc_interpreter.py): "append"
+# always, each "unless_named" override only when the command does not set that key itself (a command
+# that names its own data set trains and evaluates on it).
+TINY_YACS = ["SOLVER.MAX_ITER", "1", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "0", "DATALOADER.NUM_WORKERS", "0",
+             "TEST.EVAL_PERIOD", "0", "BNSTATS.PRECISE_BN.NUM_SAMPLES", "2"]
+TINY_DATA_YACS = {"DATASETS.TRAIN": ["DATASETS.TRAIN", "('fashion_scenes_tiny_train',)"],
+                  "DATASETS.TEST": ["DATASETS.TEST", "('fashion_scenes_tiny_val',)"]}
+TINY_LAZY = ["train.max_iter=1", "dataloader.train.num_workers=0"]
+TINY_DATA_LAZY = {"dataloader.train.dataset.names=": ["dataloader.train.dataset.names=fashion_scenes_tiny_train"],
+                  "dataloader.test.dataset.names=": ["dataloader.test.dataset.names=fashion_scenes_tiny_val"]}
+# a free port instead of the fixed per-user one, which another multi-process run on the machine may hold
+LAUNCH = ["--dist-url", "auto"]
+YACS_TOOL = {"append": TINY_YACS, "unless_named": TINY_DATA_YACS}
+TINY_TOOLS = {
+    "tools/train_net.py": {"append": LAUNCH + TINY_YACS, "unless_named": TINY_DATA_YACS},
+    "tools/lazyconfig_train_net.py": {"append": LAUNCH + TINY_LAZY, "unless_named": TINY_DATA_LAZY},
+    "tools/compare_bn_stats.py": {"append": LAUNCH + ["--max-images", "2", "--precise-bn-samples", "2",
+                                                      "--bootstrap-rounds", "20", "--discrepancy-images", "2"]
+                                  + TINY_YACS, "unless_named": TINY_DATA_YACS},
+    "tools/estimate_evalnorm.py": {"append": ["--images", "2"] + TINY_YACS, "unless_named": TINY_DATA_YACS},
+    "tools/convert_to_mabn.py": YACS_TOOL,
+    "tools/deploy_model.py": YACS_TOOL,
+    "tools/benchmark.py": {"append": ["--tiny", "DATALOADER.NUM_WORKERS", "0"], "unless_named": TINY_DATA_YACS},
+    "tools/benchmark_norms.py": {"append": ["--quick"]},
+    "tools/benchmark_sync.py": {"append": ["--repeats", "1", "--iters", "1", "--warmup", "0",
+                                           "DATALOADER.NUM_WORKERS", "0"], "unless_named": TINY_DATA_YACS},
+    "tools/pretrain_backbone.py": {"append": ["--max-iter", "1", "--batch-size", "2", "--train-subset", "8",
+                                              "--test-subset", "8"]},
+    # fashion_scenes_tiny's size: `--name fashion_scenes_tiny` finds the tiny set up to date
+    "datasets/prepare_fashion_scenes.py": {"append": ["--num-train", "16", "--num-val", "8"]},
+}
+# What an earlier part of the docs trains (README.md, `make demo`), for a doc run on its own: a missing
+# checkpoint that a command reads is trained first by the command that writes it.
+TRAINED_BY = [
+    (r"output/cpu/(\w+)/model_final\.pth$", ".venv/bin/python tools/train_net.py --config configs/cpu/{}.yaml"),
+    (r"output/lazy/cpu/(\w+)/model_final\.pth$",
+     ".venv/bin/python tools/lazyconfig_train_net.py --config-file configs/lazy/cpu/{}.py"),
+    (r"output/demo/model_final\.pth$", "make demo"),
+]
+LINKED = ("tools", "d2_bnstats", "bnstats_lab")  # code: no documented command writes there
+COPIED = ("configs", "datasets", "docs", "results", "README.md", "Makefile")  # make_configs.py, the report write here
+INTERPRETER = os.path.join(REPO, "tests", "doc_interpreter.py")
+COMMAND_TIMEOUT = 300
+ASSIGNMENT = re.compile(r"^[A-Za-z_]\w*=")
+VARIABLE = re.compile(r"\$(\w+)|\$\{(\w+)\}")
 
 
-def _run_clone(clone, datasets_root):
-    """``clone/.venv/bin/python``: the project's interpreter, with the tiny overrides after a tool's arguments."""
-    shim = clone / "doc_shim.py"
-    shim.write_text(SHIM.format(tools={k: v[1] for k, v in PLUGIN_TOOLS.items()}, lazy=TINY_LAZY, yacs=TINY_YACS,
-                                python=sys.executable))
-    (clone / ".venv" / "bin").mkdir(parents=True)
-    python = clone / ".venv" / "bin" / "python"
-    python.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(shim))} \"$@\"\n")
+def _expand(word, variables):
+    return VARIABLE.sub(lambda m: variables.get(m.group(1) or m.group(2), ""), word)
+
+
+def _inputs(words):
+    """The checkpoints a command reads."""
+    for i, word in enumerate(words):
+        if word == "MODEL.WEIGHTS" and i + 1 < len(words):
+            yield words[i + 1]
+        elif word.startswith("train.init_checkpoint="):
+            yield word.split("=", 1)[1]
+
+
+def _coco_files(tiny, folder, num_classes=3):
+    """The reader's own COCO-format files of datasets/README.md (path/to/{train,val}.json, images): the
+    tiny splits with their first ``num_classes`` categories."""
+    os.makedirs(folder)
+    for split in ("train", "val"):
+        data = json.load(open(os.path.join(tiny, f"{split}.json")))
+        keep = {c["id"] for c in sorted(data["categories"], key=lambda c: c["id"])[:num_classes]}
+        data["categories"] = [c for c in data["categories"] if c["id"] in keep]
+        data["annotations"] = [a for a in data["annotations"] if a["category_id"] in keep]
+        with open(os.path.join(folder, f"{split}.json"), "w") as f:
+            json.dump(data, f)
+        os.symlink(os.path.join(tiny, split), os.path.join(folder, f"{split}_images"))
+
+
+class Reader:
+    """A clone in which the docs' commands run one after the other (module docstring)."""
+
+    def __init__(self, folder, env):
+        self.folder, self.env = folder, env
+        self.ran = {}  # expanded words -> where they ran
+
+    def run_block(self, block: Block) -> int:
+        """Run the block's commands in order; returns how many ran (here or before)."""
+        variables, count = {}, 0
+        for line in logical_lines(block.text):
+            words = shlex.split(line, comments=True)
+            if not words or any(text in " ".join(words) for text, _ in block.skips):
+                continue
+            substitution = SUBSTITUTION.match(line.strip())
+            if substitution:  # VAR=$(command)
+                output = self.run(substitution.group(2), block, variables, capture=True)
+                variables[substitution.group(1)] = output.strip()
+                continue
+            if all(ASSIGNMENT.match(w) for w in words):  # C=... W=...
+                variables.update((name, _expand(value, variables)) for name, value in (w.split("=", 1) for w in words))
+                continue
+            count += 1
+            for path in _inputs([_expand(w, variables) for w in words]):
+                self.provide(path, block)
+            self.run(line, block, variables)
+        return count
+
+    def provide(self, path, block):
+        """Train the checkpoint ``path`` if it is missing and :data:`TRAINED_BY` names its command."""
+        for pattern, command in TRAINED_BY:
+            match = re.search(pattern, path)
+            if match and not os.path.exists(os.path.join(self.folder, path)):
+                self.run(command.format(*match.groups()), block)
+                assert os.path.exists(os.path.join(self.folder, path)), f"{block.where}: `{command}` wrote no {path}"
+
+    def run(self, line, block, variables=None, capture=False):
+        """Run one command line in the clone (bash), unless it ran before word for word; its stdout, or a
+        failure naming the block and the command with the tail of its output (``capture``: stderr
+        apart, as ``$(...)`` takes only stdout)."""
+        variables = variables or {}
+        key = tuple(_expand(w, variables) for w in shlex.split(line, comments=True))
+        if key in self.ran and not capture:
+            return ""
+        if key[0] == "make":  # the clone's interpreter is in place: the env step is done
+            line = "make -o env" + line.strip()[len("make"):]
+        try:
+            proc = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", line], cwd=str(self.folder),
+                                  env=dict(self.env, **variables), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE if capture else subprocess.STDOUT, text=True,
+                                  timeout=COMMAND_TIMEOUT)
+        except subprocess.TimeoutExpired as e:
+            output = e.output.decode(errors="replace") if isinstance(e.output, bytes) else e.output or ""
+            pytest.fail(f"{block.where}: `{line.strip()}` ran past {COMMAND_TIMEOUT} s:\n{output[-4000:]}",
+                        pytrace=False)
+        if proc.returncode != 0:
+            pytest.fail(f"{block.where}: `{line.strip()}` exited with {proc.returncode}:\n{proc.stdout[-4000:]}"
+                        + (f"\n{proc.stderr[-4000:]}" if capture else ""), pytrace=False)
+        self.ran[key] = block.where
+        return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def reader(tmp_path_factory, datasets_root):
+    """The clone every doc's commands run in (module docstring), with its interpreter's server."""
+    folder = tmp_path_factory.mktemp("reader")
+    for name in LINKED:
+        os.symlink(os.path.join(REPO, name), folder / name)
+    for name in COPIED:
+        source = os.path.join(REPO, name)
+        (shutil.copytree if os.path.isdir(source) else shutil.copyfile)(source, folder / name)
+    tiny = os.path.join(datasets_root, "fashion_scenes", "fashion_scenes_tiny")
+    os.makedirs(folder / "datasets" / "fashion_scenes")
+    os.symlink(tiny, folder / "datasets" / "fashion_scenes" / "fashion_scenes_tiny")
+    _coco_files(tiny, str(folder / "path" / "to"))
+    settings = folder / "interpreter.json"
+    settings.write_text(json.dumps({"python": sys.executable, "tools": TINY_TOOLS,
+                                    "address": f"\0d2_bnstats-docs-{os.getpid()}-{folder.name}"}))
+    (folder / ".venv" / "bin").mkdir(parents=True)
+    python = folder / ".venv" / "bin" / "python"
+    python.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -S {shlex.quote(INTERPRETER)} "
+                      f"{shlex.quote(str(settings))} \"$@\"\n")
     python.chmod(0o755)
-    return dict(os.environ, DETECTRON2_DATASETS=datasets_root, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
-                PYTHONPATH=REPO)
+    env = dict(os.environ, DETECTRON2_DATASETS=str(folder / "datasets"), PYTHONWARNINGS="ignore",
+               OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    log = open(folder / "interpreter.log", "w")
+    server = subprocess.Popen([sys.executable, INTERPRETER, "serve", str(settings)], cwd=str(folder), env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+    try:
+        assert server.stdout.readline().strip() == b"ready", (folder / "interpreter.log").read_text()[-3000:]
+        yield Reader(folder, env)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)  # the server and whatever a stopped command left running
+        server.wait()
+        log.close()
+
+
+def test_the_tiny_arguments_come_last_and_keep_the_data_set_a_command_names(clone, parse_only, monkeypatch):
+    """What the clone's interpreter makes of a documented command: the tiny schedule wins over the
+    command's own (the tool reads the last value), a data set the command names stays."""
+    from .doc_interpreter import tiny_arguments
+
+    monkeypatch.chdir(clone)
+    command = ["--config", "configs/cpu/frcnn_r18_bn_2img.yaml", "SOLVER.MAX_ITER", "100", "--num-gpus", "2",
+               "DATASETS.TEST", "('fashion_scenes_tiny_train',)"]
+    args = _parse(str(clone), "tools/train_net.py", command + tiny_arguments(command, TINY_TOOLS["tools/train_net.py"]))
+    cfg = load_config(args.config_file, list(args.opts), world_size=args.num_gpus)
+    assert cfg.SOLVER.MAX_ITER == 1 and args.num_gpus == 2 and args.dist_url == "auto"
+    assert cfg.DATASETS.TRAIN == ("fashion_scenes_tiny_train",) and cfg.DATASETS.TEST == ("fashion_scenes_tiny_train",)
+    lazy = ["train.max_iter=100", "dataloader.train.dataset.names=mine"]
+    assert tiny_arguments(lazy, TINY_TOOLS["tools/lazyconfig_train_net.py"]) == \
+        LAUNCH + TINY_LAZY + ["dataloader.test.dataset.names=fashion_scenes_tiny_val"]
+
+
+RUN_DOCS = [doc for doc in DOCS if any(b.doc == doc and b.lang == "bash" and b.directive != "skip" for b in BLOCKS)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("block", [b for b in BLOCKS if b.directive == "run"], ids=lambda b: b.where)
-def test_documented_commands_marked_run_run_as_written(block, clone, datasets_root):
-    env = _run_clone(clone, datasets_root)
-    # what the docs' earlier steps leave behind: a trained checkpoint of each CPU config a block loads
-    for config in sorted(set(re.findall(r"configs/cpu/(\w+)\.yaml", block.text))):
-        subprocess.run([str(clone / ".venv/bin/python"), "tools/train_net.py", "--config",
-                        f"configs/cpu/{config}.yaml"], cwd=str(clone), env=env, check=True, capture_output=True,
-                       timeout=600)
-    proc = subprocess.run(["bash", "-e", "-c", block.text], cwd=str(clone), env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, f"{block.where}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+@pytest.mark.parametrize("doc", RUN_DOCS)
+def test_every_documented_command_runs(doc, reader):
+    ran = sum(reader.run_block(b) for b in BLOCKS if b.doc == doc and b.lang == "bash" and b.directive != "skip")
+    assert ran, f"{doc}: every command is skipped"
+
+
+@pytest.mark.slow
+def test_a_documented_command_that_fails_names_its_block_and_shows_its_output(reader):
+    block = Block("docs/example.md", 3, "bash", ".venv/bin/python tools/train_net.py --config configs/cpu/missing.yaml",
+                  "", "")
+    with pytest.raises(pytest.fail.Exception) as failed:
+        reader.run_block(block)
+    message = str(failed.value)
+    assert message.startswith("docs/example.md:3: `.venv/bin/python tools/train_net.py") and "missing.yaml" in message
 
 
 CONTEXTS = {
