@@ -19,8 +19,15 @@ import pytest
 import torch
 from torch import nn
 
-from d2_bnstats import EvalNorm2d, GhostBatchNorm2d, MABN2d, PerLevelNorm, RoIShuffleBatchNorm2d, SyncBatchNorm2d
-from d2_bnstats.layers.batch_channel_norm import BatchChannelNorm2d
+from d2_bnstats import (
+    BatchChannelNorm2d,
+    EvalNorm2d,
+    GhostBatchNorm2d,
+    MABN2d,
+    PerLevelNorm,
+    RoIShuffleBatchNorm2d,
+    SyncBatchNorm2d,
+)
 
 C, STEPS, COPY_AT, CALLS = 4, 12, 5, 2  # CALLS per step, as a head shared over inputs
 
