@@ -94,6 +94,10 @@ NORMS: Tuple[NormSpec, ...] = (
     # needs weights pre-trained with standardized convs, which the lab does not make)
     NormSpec("gnws", "GN + WS", "GN+WS", "GN+WS", "GN+WS", settings=(SCRATCH,)),
     NormSpec("bnws", "BN + WS", "BN+WS", "BN+WS", "BN+WS", settings=(SCRATCH,)),
+    # Batch-Channel Normalization (Qiao et al. 2019, §4): random init, and the frozen setting (the BN
+    # pre-trained backbone frozen, BCN in FPN and heads, which start from random weights anyway); a
+    # fine-tuned BCN backbone needs weights pre-trained with BCN, which the lab does not make
+    NormSpec("bcn", "Batch-Channel Normalization", "BCN", "BCN", "BCN", settings=(SCRATCH, FROZEN)),
     # GN has no statistics: no re-initialised-statistics setting
     NormSpec("gn", "GN (baseline)", "GN", "GN", "GN", settings=(SCRATCH, FROZEN, FINETUNE)),
     # detectron2's standard recipe: FrozenBN backbone, no norm in FPN and the 2fc box head

@@ -24,6 +24,7 @@ with _warnings.catch_warnings():
     from .d2.mabn_convert import convert_to_mabn
     from . import model_zoo
     from .d2.plugin import add_bnstats_config, check_bnstats_config
+    from .layers.batch_channel_norm import BatchChannelNorm2d
     from .layers.batch_renorm import BatchRenorm2d
     from .layers.cross_iteration_bn import CrossIterationBatchNorm2d
     from .layers.evalnorm import EvalNorm2d, set_evalnorm_mode
@@ -60,6 +61,7 @@ __all__ = [
     "attach_step_hook",
     "available_norms",
     "batch_statistics",
+    "BatchChannelNorm2d",
     "BatchRenorm2d",
     "build_lazy_model",
     "check_bnstats_config",

@@ -33,7 +33,7 @@ from d2_bnstats.d2.weights import after_loading_weights, reset_norm_statistics
 from .conftest import REPO, tiny_opts
 from .pretrained import tiny_pretrained  # noqa: F401  (fixture)
 
-MATRIX_NORMS = {"bn", "evalnorm", "mabn", "brn", "cbn", "syncbn", "syncbn_roishuffle", "gn", "gnws", "bnws", "frozenbn"}
+MATRIX_NORMS = {"bn", "evalnorm", "mabn", "brn", "cbn", "syncbn", "syncbn_roishuffle", "gn", "gnws", "bnws", "bcn", "frozenbn"}
 
 
 def abspath(rel):
@@ -80,6 +80,7 @@ def test_matrix_covers_every_norm_setting_and_batch():
                     expected.add((family, arch, "cbn", n, setting))
                 expected.add((family, arch, "frozenbn", n, "frozen"))
                 expected.update({(family, arch, "gnws", n, "scratch"), (family, arch, "bnws", n, "scratch")})
+                expected.update({(family, arch, "bcn", n, "scratch"), (family, arch, "bcn", n, "frozen")})
     got = {c.key for c in cm.cells()}
     assert got == expected
     assert {c.norm.key for c in cm.cells()} == MATRIX_NORMS

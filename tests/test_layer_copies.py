@@ -19,7 +19,15 @@ import pytest
 import torch
 from torch import nn
 
-from d2_bnstats import EvalNorm2d, GhostBatchNorm2d, MABN2d, PerLevelNorm, RoIShuffleBatchNorm2d, SyncBatchNorm2d
+from d2_bnstats import (
+    BatchChannelNorm2d,
+    EvalNorm2d,
+    GhostBatchNorm2d,
+    MABN2d,
+    PerLevelNorm,
+    RoIShuffleBatchNorm2d,
+    SyncBatchNorm2d,
+)
 
 C, STEPS, COPY_AT, CALLS = 4, 12, 5, 2  # CALLS per step, as a head shared over inputs
 
@@ -35,6 +43,7 @@ LAYERS = {
     "GhostBN": lambda c: GhostBatchNorm2d(c, virtual_batch_size=2),
     "RoIShuffleBN": lambda c: RoIShuffleBatchNorm2d(c, num_groups=2),
     "SyncBN": SyncBatchNorm2d,
+    "BCN": lambda c: BatchChannelNorm2d(c, 2, momentum=0.1),
     "PerLevel(BN)": lambda c: PerLevelNorm(nn.BatchNorm2d(c), 3),
     "PerLevel(MABN)": lambda c: PerLevelNorm(_mabn(c), 3),
     "PerLevel(EvalNorm)": lambda c: PerLevelNorm(EvalNorm2d(c, aux_samples=8), 3),

@@ -179,6 +179,8 @@ def _e2() -> Experiment:
     # Weight Standardization: random init only (no backbone is pre-trained with standardized convs)
     cells.append(_e2_cell("gnws_scratch", "configs/cpu/frcnn_r18_gnws_2img_scratch.yaml", "GN+WS", "scratch"))
     cells.append(_e2_cell("bnws_scratch", "configs/cpu/frcnn_r18_bnws_2img_scratch.yaml", "BN+WS", "scratch"))
+    # Batch-Channel Normalization: random init (no backbone is pre-trained with it)
+    cells.append(_e2_cell("bcn_scratch", "configs/cpu/frcnn_r18_bcn_2img_scratch.yaml", "BCN", "scratch"))
     cells.append(_e2_cell("frozenbn_frozen", "configs/cpu/frcnn_r18_frozenbn_2img_frozen.yaml", "FrozenBN", "frozen"))
     for norm, key in (("EvalNorm", "evalnorm"), ("MABN", "mabn"), ("GN", "gn")):
         cells.append(_e2_cell(

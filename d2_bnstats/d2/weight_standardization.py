@@ -115,7 +115,7 @@ def fold_group_norm_ws(model: nn.Module) -> List[str]:
     WSGroupNorm layers plain ``nn.GroupNorm`` (the same computation); returns their names."""
     fed = convs_before(model, lambda conv, norm: isinstance(norm, WSGroupNorm))
     fed_ids = {id(conv) for _, conv in fed}
-    names = _fold(model, lambda conv: id(conv) in fed_ids)
+    names = fold_standardized_convs(model, lambda conv: id(conv) in fed_ids)
     for name, module in model.named_modules():
         if type(module) is WSGroupNorm:
             module.__class__ = nn.GroupNorm
@@ -127,10 +127,12 @@ def fold_other_ws(model: nn.Module) -> List[str]:
     """Deployment of "BN+WS": every standardized conv that does not feed a WSGroupNorm stores Ŵ and
     becomes a plain conv (the BN after it is then frozen and folded as any BN)."""
     gn_fed = {id(conv) for _, conv in convs_before(model, lambda conv, norm: isinstance(norm, WSGroupNorm))}
-    return _fold(model, lambda conv: id(conv) not in gn_fed)
+    return fold_standardized_convs(model, lambda conv: id(conv) not in gn_fed)
 
 
-def _fold(model: nn.Module, chosen_if: Callable[[nn.Module], bool]) -> List[str]:
+def fold_standardized_convs(model: nn.Module, chosen_if: Callable[[nn.Module], bool]) -> List[str]:
+    """Fold (store Ŵ, plain class back) every standardized conv of ``model`` for which ``chosen_if``
+    holds; returns their names. The deployment conversions of the WS declarations use it."""
     holder = nn.Module()  # fold_weight_standardization walks a module: give it the chosen convs only
     chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, WeightStandardizedConv2d) and chosen_if(m)]
     for i, (_, conv) in enumerate(chosen):
