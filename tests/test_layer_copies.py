@@ -21,6 +21,8 @@ from torch import nn
 
 from d2_bnstats import (
     BatchChannelNorm2d,
+    BatchRenorm2d,
+    CrossIterationBatchNorm2d,
     EvalNorm2d,
     GhostBatchNorm2d,
     MABN2d,
@@ -44,6 +46,9 @@ LAYERS = {
     "RoIShuffleBN": lambda c: RoIShuffleBatchNorm2d(c, num_groups=2),
     "SyncBN": SyncBatchNorm2d,
     "BCN": lambda c: BatchChannelNorm2d(c, 2, momentum=0.1),
+    # the ramp of the clipping bounds under way at the copy point
+    "BatchRenorm": lambda c: BatchRenorm2d(c, r_max=1.5, d_max=0.5, ramp_start=2, r_max_end=8, d_max_end=8),
+    "CrossIterBN": lambda c: CrossIterationBatchNorm2d(c, window=3, burn_in=2),
     "PerLevel(BN)": lambda c: PerLevelNorm(nn.BatchNorm2d(c), 3),
     "PerLevel(MABN)": lambda c: PerLevelNorm(_mabn(c), 3),
     "PerLevel(EvalNorm)": lambda c: PerLevelNorm(EvalNorm2d(c, aux_samples=8), 3),
@@ -56,6 +61,8 @@ class Net(nn.Module):
     def __init__(self, build_norm):
         super().__init__()
         self.subnet = nn.Sequential(nn.Conv2d(3, C, 3, padding=1), build_norm(C), nn.ReLU(), nn.Conv2d(C, 2, 1))
+        if hasattr(self.subnet[1], "bind_weight"):  # Cross-Iteration BN: the conv whose output it normalizes
+            self.subnet[1].bind_weight(self.subnet[0].weight)
 
     def forward(self, x):
         return torch.cat([self.subnet(chunk) for chunk in x.chunk(CALLS)])
@@ -117,9 +124,16 @@ def _uninterrupted(name):
     return _state(model), outputs
 
 
+# Cross-Iteration BN's window of past statistics and their weight gradients is transient by design
+# (kept out of checkpoints: three weight-sized tensors per past iteration); a layer rebuilt from its
+# state_dict refills it, as after a restart (test_a_reloaded_cross_iteration_bn_refills_its_window).
+TRANSIENT = {("CrossIterBN", "state_dict")}
+COPIES = [(name, how) for name in LAYERS for how in ("deepcopy", "torch.save", "pickle", "state_dict")
+          if (name, how) not in TRANSIENT]
+
+
 @pytest.mark.filterwarnings("ignore:EvalNorm2d. the last training step")
-@pytest.mark.parametrize("how", ["deepcopy", "torch.save", "pickle", "state_dict"])
-@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("name,how", COPIES)
 def test_a_copy_made_mid_training_ends_as_the_uninterrupted_run(name, how):
     expected, reference_outputs = _uninterrupted(name)
     copied, outputs = _train(name, how)
@@ -146,3 +160,25 @@ def test_the_layers_trained_and_the_copy_point_matters():
     for step in range(COPY_AT):
         per_level(_batch(step))
     assert per_level.subnet[1].get_extra_state().item() == COPY_AT * CALLS % 3 != 0
+
+
+def test_a_reloaded_cross_iteration_bn_refills_its_window():
+    """The documented behaviour of the one transient state: the state_dict copy starts with BN's state
+    and an empty window (its first step uses its own batch only, as the paper's burn-in does), and
+    holds k − 1 past iterations again after k − 1 training calls."""
+    model = _build("CrossIterBN")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(COPY_AT):
+        model(_batch(step)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    layer = model.subnet[1]
+    assert len(layer.history) == layer.window - 1 == 2
+    reloaded = _copy(model, "state_dict", "CrossIterBN")
+    new_layer = reloaded.subnet[1]
+    assert len(new_layer.history) == 0 and new_layer.bound_weight() is reloaded.subnet[0].weight
+    assert torch.equal(new_layer.running_mean, layer.running_mean)
+    reloaded.subnet(_batch(COPY_AT))  # one training call: one record
+    assert len(new_layer.history) == 1
+    reloaded.subnet(_batch(COPY_AT + 1))
+    assert len(new_layer.history) == new_layer.window - 1
