@@ -31,9 +31,9 @@ SYNTHETIC_ARCHS: Dict[str, Tuple[str, ...]] = {
                   "INPUT.MIN_SIZE_TEST", "800", "INPUT.MAX_SIZE_TEST", "1333"),
 }
 TRAIN_NORMS: Tuple[str, ...] = ("BN", "EvalNorm", "MABN", "SyncBN", "GhostBN", "RoIShuffleBN", "GN", "FrozenBN",
-                                "BatchRenorm", "CrossIterBN", "GN+WS", "BN+WS")
+                                "BatchRenorm", "CrossIterBN", "GN+WS", "BN+WS", "BCN")
 INFERENCE_NORMS: Tuple[str, ...] = ("FrozenBN", "BN", "EvalNorm", "MABN", "SyncBN", "GhostBN", "GN",
-                                    "BatchRenorm", "CrossIterBN", "GN+WS", "BN+WS")
+                                    "BatchRenorm", "CrossIterBN", "GN+WS", "BN+WS", "BCN")
 # Norms made for the RoI heads, timed there (the norm of the backbone and FPN in their models);
 # at inference they are BN.
 HEAD_NORMS: Dict[str, str] = {"RoIShuffleBN": "BN"}
