@@ -9,7 +9,17 @@ import sys
 
 import pytest
 
-from bnstats_lab.benchmark.layers import BN_REFERENCE, FROZEN_REFERENCE, QUICK_SHAPES, benchmark_norms
+import torch
+import torch.nn.functional as F
+
+from bnstats_lab.benchmark.layers import (
+    BN_REFERENCE,
+    CONV_COUPLED,
+    FROZEN_REFERENCE,
+    QUICK_SHAPES,
+    _builders,
+    benchmark_norms,
+)
 
 from .conftest import REPO
 
@@ -56,3 +66,30 @@ def test_benchmark_cli_rejects_unknown_norm():
         capture_output=True, text=True, cwd=REPO, timeout=300, env=dict(os.environ, PYTHONPATH=REPO),
     )
     assert proc.returncode != 0 and "--norms = 'NoSuch'" in proc.stderr
+
+
+def test_evalnorm_layer_is_timed_on_its_per_sample_path():
+    """A new EvalNorm layer (learned alpha, beta = 0) infers exactly as BN; the benchmark's layer must
+    not: its output is EvalNorm's formula with alpha = beta = 0.25, not BN inference."""
+    layer = _builders(["EvalNorm"])["EvalNorm"](4).eval()
+    x = torch.randn(2, 4, 5, 5) * 3 + 1
+    with torch.no_grad():
+        out = layer(x)
+        bn = F.batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps)
+        mean_i = x.mean((2, 3), keepdim=True)
+        var_i = x.var((2, 3), unbiased=False, keepdim=True)
+        mean_e, var_e = layer.running_mean.view(1, -1, 1, 1), layer.running_var.view(1, -1, 1, 1)
+        a = b = 0.25
+        mu = a * mean_i + (1 - a) * mean_e
+        var = b * var_i + (1 - b) * var_e + b * (1 - b) * (mean_i - mean_e) ** 2
+        expected = (x - mu) / torch.sqrt(var + layer.eps) * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
+    assert not torch.allclose(out, bn, atol=1e-3)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_coupled_norms_are_reported_not_timed_alone():
+    rows = benchmark_norms(["BN", "CrossIterBN", "GN+WS"], QUICK_SHAPES[:1], repeats=2, iters=1, warmup=1)
+    by_name = {r.norm: r for r in rows}
+    for name in ("CrossIterBN", "GN+WS"):
+        assert by_name[name].skipped == CONV_COUPLED[name] and by_name[name].eval_ms is None
+    assert by_name["BN"].skipped is None and by_name["BN"].train_ms > 0

@@ -20,6 +20,7 @@ import torch
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
+from d2_bnstats.layers.evalnorm import EvalNorm2d
 from d2_bnstats.layers.step_guard import StepStatisticsGuard
 from d2_bnstats.registry import available_norms, get_norm
 
@@ -39,6 +40,19 @@ R50_SHAPES: Tuple[Shape, ...] = (
 )
 BN_REFERENCE = "nn.BatchNorm2d"
 FROZEN_REFERENCE = "FrozenBatchNorm2d"
+# Norms whose method acts through the convolution before the layer (Cross-Iteration BN compensates its
+# statistics through the conv's weight; Weight Standardization rewrites the conv): a layer alone
+# measures a different computation, so they are timed end to end (tools/benchmark.py) only.
+CONV_COUPLED = {
+    "CrossIterBN": "compensates through the preceding conv's weight: timed end to end (tools/benchmark.py)",
+    "GN+WS": "standardizes the preceding conv's weight: timed end to end (tools/benchmark.py)",
+    "BN+WS": "standardizes the preceding conv's weight: timed end to end (tools/benchmark.py)",
+    "BCN+WS": "standardizes the preceding conv's weight: timed end to end (tools/benchmark.py)",
+}
+# EvalNorm's inference interpolation weights in the per-layer rows: those of "rule" at 2 images
+# (1/B² = 0.25). A new layer's learned alpha_hat = beta_hat = 0 is plain BN inference, which would time
+# BN's path, not the per-sample one a trained layer takes.
+EVALNORM_ALPHA_BETA = 0.25
 
 
 @dataclasses.dataclass
@@ -64,8 +78,17 @@ def _builders(names: Sequence[str]) -> Dict[str, Callable[[int], nn.Module]]:
         FROZEN_REFERENCE: FrozenBatchNorm2d,
     }
     for name in names:
-        builders[name] = lambda c, name=name: get_norm(name, c)
+        builders[name] = lambda c, name=name: _representative(get_norm(name, c))
     return builders
+
+
+def _representative(module: Optional[nn.Module]) -> Optional[nn.Module]:
+    """The layer in the state whose cost is measured (see :data:`EVALNORM_ALPHA_BETA`)."""
+    if isinstance(module, EvalNorm2d):
+        with torch.no_grad():
+            module.alpha_hat.fill_(EVALNORM_ALPHA_BETA)
+            module.beta_hat.fill_(EVALNORM_ALPHA_BETA)
+    return module
 
 
 def _time_train(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, iters: int) -> float:
@@ -116,6 +139,9 @@ def benchmark_norms(
         grad = torch.randn(n, c, h, w).to(device)
         modules, skipped = {}, {}
         for name, build in builders.items():
+            if name in CONV_COUPLED:
+                skipped[name] = CONV_COUPLED[name]
+                continue
             try:
                 module = build(c)
                 if module is None:
