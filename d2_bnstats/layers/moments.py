@@ -120,13 +120,18 @@ def local_moments(x: torch.Tensor, channel_dim: int = 1) -> Moments:
 FUSED_STATISTICS_MAX_NUMEL = 1 << 15
 
 
-def exporting_to_onnx() -> bool:
-    """``torch.onnx.is_in_onnx_export()``, asked only while torch records a graph (tracing, as the
-    TorchScript-based exporter does, or compiling or exporting, as the dynamo-based one does): those
-    flags cost about 0.1 µs, the question itself about 3 µs, which a small layer would pay at every call."""
+def recording_graph() -> bool:
+    """Whether torch records a graph of this call: tracing (as the TorchScript-based ONNX exporter does),
+    compiling or exporting (as the dynamo-based one does). Those flags cost about 0.1 µs."""
     compiler = torch.compiler
     exporting = hasattr(compiler, "is_exporting") and compiler.is_exporting()
-    return (torch.jit.is_tracing() or compiler.is_compiling() or exporting) and torch.onnx.is_in_onnx_export()
+    return torch.jit.is_tracing() or compiler.is_compiling() or exporting
+
+
+def exporting_to_onnx() -> bool:
+    """``torch.onnx.is_in_onnx_export()``, asked only while torch records a graph (:func:`recording_graph`):
+    the question itself costs about 3 µs, which a small layer would pay at every call."""
+    return recording_graph() and torch.onnx.is_in_onnx_export()
 
 
 def fits_fused_statistics(x: torch.Tensor) -> bool:
