@@ -505,7 +505,7 @@ class EvalNorm2d(nn.BatchNorm2d):
             # off CPU: statistics and output in one shifted copy; on CPU per_sample_moments avoids the copy
             if not x.is_cpu and x.dtype == cdt and x.is_contiguous() and not exporting_to_onnx():
                 return self._eval_in_shifted_copy(x, mean_e, var_e, alpha, beta)
-            mean_i, var_i = per_sample_moments(x)
+            mean_i, var_i = per_sample_moments(x, self._variance_floor(var_e, beta))
             mu_hat, var_hat = evalnorm_moments(mean_i, var_i, mean_e, var_e, alpha, beta)
             if x.is_contiguous():
                 # one fused pass: BN inference of the (1, N*C, H, W) view with per-sample statistics
@@ -531,6 +531,17 @@ class EvalNorm2d(nn.BatchNorm2d):
         if tie:
             shift = shift + (self.alpha_hat + self.beta_hat).to(cdt) * 0.0
         return torch.addcmul(shift.to(x.dtype)[:, :, None, None], x, scale.to(x.dtype)[:, :, None, None])
+
+    @staticmethod
+    def _variance_floor(var_e: torch.Tensor, beta: Number):
+        """How precisely sigma2_hat needs sigma2_i (``per_sample_moments``' ``var_floor``): an error e in
+        sigma2_i is an error beta·e in sigma2_hat >= beta·sigma2_i + (1 − beta)·sigma2_E, so relative to
+        sigma2_hat it is at most e / (sigma2_i + floor) with floor = (1 − beta)/beta · sigma2_E. With a
+        small beta (learned values, 1/B² in the heads) the plain sums then suffice for maps whose mean
+        is far from 0 in units of their own spread, instead of recomputing them with shifted sums."""
+        if isinstance(beta, torch.Tensor) or beta >= 1.0:
+            return None
+        return math.inf if beta <= 0.0 else var_e * ((1.0 - beta) / beta)
 
     def _eval_in_shifted_copy(
         self, x: torch.Tensor, mean_e: torch.Tensor, var_e: torch.Tensor, alpha: Number, beta: Number
