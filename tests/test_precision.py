@@ -16,7 +16,7 @@ RATIOS = (1.0, 1e2, 1e3, 1e4)
 # ratio 1 some maps, above all of them)
 SHAPES = {
     "backbone, fused": (2, 8, 16, 16),
-    "head, fused": (64, 8, 7, 7),
+    "head, fused": (16, 8, 7, 7),
     "backbone, checked sums": (2, 8, 64, 64),
     "head, checked sums": (256, 8, 7, 7),
 }
