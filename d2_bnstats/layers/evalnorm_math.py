@@ -60,6 +60,7 @@ def unit_interval_value(p: torch.Tensor) -> float:
     """The value of :func:`unit_interval` (``p`` as float32, clamped to [0, 1]) as a Python float, read
     on the host: for a CPU parameter in inference, where reading it costs less than the kernels of the
     tensor form. NaN stays NaN."""
+    p = p.detach()  # a scalar read of a tensor that requires grad warns
     v = float(p if p.dtype == torch.float32 else p.float())
     return v if 0.0 <= v <= 1.0 or v != v else (0.0 if v < 0.0 else 1.0)
 
