@@ -5,6 +5,7 @@ import copy
 import gc
 import inspect
 import io
+import warnings
 import weakref
 
 import pytest
@@ -197,6 +198,32 @@ def test_every_way_of_inference_equals_the_formula(way, affine, monkeypatch):
         assert y.dtype == dtype and y.shape == x.shape
         ref = ref_eval(x, layer.running_mean, layer.running_var, weight, bias, layer.eps, float(layer.alpha), float(layer.beta))
         torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol, msg=lambda m: f"{mode}: {m}")
+
+
+@pytest.mark.parametrize("alpha, beta", [(0.3, 0.2), (0.0, 0.0)])
+def test_learned_inference_reads_alpha_beta_without_warning(alpha, beta):
+    """Without gradient a CPU layer reads alpha_hat, beta_hat as numbers: no warning about converting a
+    tensor that requires grad (also with grad mode on, where nothing needs a gradient: frozen affine
+    parameters, an input without grad), the formula's output, and BN inference exactly at 0, 0."""
+    layer = trained_layer(4).eval()
+    with torch.no_grad():
+        layer.alpha_hat.fill_(alpha)
+        layer.beta_hat.fill_(beta)
+    layer.weight.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    x = sample((2, 4, 5, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = layer(x)
+        assert not y.requires_grad
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+    ref = ref_eval(x, layer.running_mean, layer.running_var, layer.weight.detach(), layer.bias.detach(), layer.eps, alpha, beta)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    if alpha == beta == 0.0:
+        bn = nn.BatchNorm2d(4)
+        bn.load_state_dict(layer.state_dict(), strict=False)
+        assert torch.equal(y, bn.eval()(x))
 
 
 def test_eval_gradient_flows_through_the_sample_statistics():

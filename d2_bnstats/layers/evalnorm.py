@@ -116,7 +116,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .evalnorm_math import Number, aux_loss, aux_subset, evalnorm_moments, unit_interval
+from .evalnorm_math import (
+    Number,
+    as_dtype,
+    aux_loss,
+    aux_subset,
+    evalnorm_moments,
+    unit_interval,
+    unit_interval_value,
+)
 from .evalnorm_projection import watch_learning_layer
 from .moments import (
     add_skip_counter,
@@ -126,6 +134,7 @@ from .moments import (
     global_moments,
     guarded_batch_norm,
     per_sample_moments,
+    recording_graph,
     shifted_sample_moments,
     unbiased_variance,
     update_running_stats,
@@ -245,8 +254,9 @@ class EvalNorm2d(nn.BatchNorm2d):
     def _resolved_batch_size(self) -> Optional[float]:
         return self.batch_size if self.batch_size is not None else self.recorded_batch_size
 
-    def _alpha_beta(self, detach: bool) -> Tuple[Number, Number]:
-        """Current (alpha, beta): python floats, or 0-dim float32 tensors in mode "learned"."""
+    def _alpha_beta(self, detach: bool, on_host: bool = False) -> Tuple[Number, Number]:
+        """Current (alpha, beta): python floats, or 0-dim float32 tensors in mode "learned" (floats
+        there too with ``on_host``: their values read from CPU parameters, no gradient)."""
         if self.mode == "ema":
             return 0.0, 0.0
         if self.mode == "fixed":
@@ -265,6 +275,8 @@ class EvalNorm2d(nn.BatchNorm2d):
                 return 0.0, 0.0
             a = min(1.0, 1.0 / (b * b) if self.mode == "rule" else 1.0 / b)
             return a, a
+        if on_host and self.alpha_hat.is_cpu and self.beta_hat.is_cpu:
+            return unit_interval_value(self.alpha_hat), unit_interval_value(self.beta_hat)
         alpha, beta = self._learned_ab()
         if detach:
             alpha, beta = alpha.detach(), beta.detach()
@@ -469,10 +481,13 @@ class EvalNorm2d(nn.BatchNorm2d):
             return super().forward(x)  # BN without running statistics: batch statistics
         if x.numel() == 0:
             return self._empty_output(x, with_aux=False)
-        alpha, beta = self._alpha_beta(detach=True)
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or (self.affine and (self.weight.requires_grad or self.bias.requires_grad))
         )
+        # without gradient, learned alpha, beta of a CPU layer as Python floats: reading them costs less
+        # than the kernels of their tensor form, and 0, 0 then takes BN inference below. Not while a
+        # graph is recorded, which would keep them as constants.
+        alpha, beta = self._alpha_beta(detach=True, on_host=not needs_grad and not recording_graph())
         # keep alpha_hat/beta_hat in the graph (zero gradient) so DistributedDataParallel finds
         # them used when a layer runs in eval mode inside a training step
         tie = needs_grad and self.alpha_hat.requires_grad
@@ -485,21 +500,23 @@ class EvalNorm2d(nn.BatchNorm2d):
             return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
         n, c, h, w = x.shape
         cdt = torch.promote_types(x.dtype, torch.float32)
-        mean_e, var_e = self.running_mean.to(cdt), self.running_var.to(cdt)
+        mean_e, var_e = as_dtype(self.running_mean, cdt), as_dtype(self.running_var, cdt)
         if not needs_grad:
             # off CPU: statistics and output in one shifted copy; on CPU per_sample_moments avoids the copy
             if not x.is_cpu and x.dtype == cdt and x.is_contiguous() and not exporting_to_onnx():
                 return self._eval_in_shifted_copy(x, mean_e, var_e, alpha, beta)
-            mean_i, var_i = per_sample_moments(x)
+            mean_i, var_i = per_sample_moments(x, self._variance_floor(var_e, beta))
             mu_hat, var_hat = evalnorm_moments(mean_i, var_i, mean_e, var_e, alpha, beta)
             if x.is_contiguous():
                 # one fused pass: BN inference of the (1, N*C, H, W) view with per-sample statistics
                 weight = bias = None
                 if self.affine:
-                    weight = self.weight.to(cdt).repeat(n)
-                    bias = self.bias.to(cdt).repeat(n)
-                out = F.batch_norm(
-                    x.view(1, n * c, h, w), mu_hat.reshape(-1), var_hat.reshape(-1), weight, bias, False, 0.0, self.eps
+                    weight, bias = as_dtype(self.weight, cdt), as_dtype(self.bias, cdt)
+                    if n > 1:  # gamma, beta of each (sample, channel); one sample takes them as they are
+                        weight, bias = weight.expand(n, c).reshape(-1), bias.expand(n, c).reshape(-1)
+                out = torch.batch_norm(
+                    x.view(1, n * c, h, w), weight, bias, mu_hat.view(-1), var_hat.view(-1), False, 0.0, self.eps,
+                    torch.backends.cudnn.enabled,
                 )
                 return out.view(n, c, h, w)
         else:
@@ -514,6 +531,17 @@ class EvalNorm2d(nn.BatchNorm2d):
         if tie:
             shift = shift + (self.alpha_hat + self.beta_hat).to(cdt) * 0.0
         return torch.addcmul(shift.to(x.dtype)[:, :, None, None], x, scale.to(x.dtype)[:, :, None, None])
+
+    @staticmethod
+    def _variance_floor(var_e: torch.Tensor, beta: Number):
+        """How precisely sigma2_hat needs sigma2_i (``per_sample_moments``' ``var_floor``): an error e in
+        sigma2_i is an error beta·e in sigma2_hat >= beta·sigma2_i + (1 − beta)·sigma2_E, so relative to
+        sigma2_hat it is at most e / (sigma2_i + floor) with floor = (1 − beta)/beta · sigma2_E. With a
+        small beta (learned values, 1/B² in the heads) the plain sums then suffice for maps whose mean
+        is far from 0 in units of their own spread, instead of recomputing them with shifted sums."""
+        if isinstance(beta, torch.Tensor) or beta >= 1.0:
+            return None
+        return math.inf if beta <= 0.0 else var_e * ((1.0 - beta) / beta)
 
     def _eval_in_shifted_copy(
         self, x: torch.Tensor, mean_e: torch.Tensor, var_e: torch.Tensor, alpha: Number, beta: Number
