@@ -25,7 +25,7 @@ import dataclasses
 
 import bnstats_lab  # noqa: F401  (registers the norms and data sets)
 from bnstats_lab.benchmark.e2e import TINY, BenchmarkSettings, run_benchmark
-from bnstats_lab.benchmark.models import ARCH_CONFIGS
+from bnstats_lab.benchmark.models import ARCH_CONFIGS, TRAIN_NORMS
 from bnstats_lab.benchmark.report import format_report, plot_report
 from d2_bnstats.cli.args import ToolArgumentParser
 from d2_bnstats.outputs import write_json, write_text
@@ -56,7 +56,7 @@ def main(argv=None):
     p.add_argument("--tiny", "--smoke", dest="tiny", action="store_true", help="tiny sizes (smoke run, < 60 s)")
     p.add_argument("--archs", nargs="+", choices=sorted(ARCH_CONFIGS), help="default: frcnn mrcnn")
     p.add_argument("--ims-per-batch", nargs="+", type=int, help="default: 2 8")
-    p.add_argument("--norms", nargs="+", help="default: BN EvalNorm MABN SyncBN GhostBN GN FrozenBN")
+    p.add_argument("--norms", nargs="+", help="default: " + " ".join(TRAIN_NORMS))
     p.add_argument("--repeats", type=int, help="interleaved rounds (default 5)")
     p.add_argument("--iters", type=int, help="training iterations per norm per round (default 2)")
     p.add_argument("--warmup", type=int, help="untimed training iterations per norm first (default 2)")
