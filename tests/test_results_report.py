@@ -710,7 +710,7 @@ def test_readme_table_not_run_and_the_line_under_it(lab_results):
     root, experiments = lab_results
     text = report_readme.render_which_norm([], experiments)
     rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
-    assert len(rows) == len(report_readme.ROWS) <= 14
+    assert len(rows) == len(report_readme.ROWS) <= 17  # every norm the project ships, one row each
     for line in rows:
         entries = [c.strip() for c in line.strip("|").split("|")][1:3]
         assert set(entries) <= {"not run", "—"} and "not run" in entries, line

@@ -66,6 +66,11 @@ ROWS: Tuple[Row, ...] = (
     _e2("GhostBN head", "GhostBN (box head)"),
     _e2("FrozenBN late", "BN, FrozenBN late"),
     _e2("FrozenBN (frozen setting)", "FrozenBN", settings=(None, "frozen")),
+    _e2("Batch Renormalization", "BatchRenorm"),
+    _e2("Cross-Iteration BN", "CrossIterBN"),
+    _e2("GN + Weight Standardization", "GN+WS", settings=("scratch", None)),
+    _e2("BN + Weight Standardization", "BN+WS", settings=("scratch", None)),
+    _e2("Batch-Channel Normalization", "BCN", settings=("scratch", None)),
     Row("8 images per batch, BN + EMA (large-batch reference)", "e1", _benchmark(8)),
 )
 
