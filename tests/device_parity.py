@@ -277,6 +277,7 @@ def norm_variants(channels: int) -> Dict[str, Callable[[], nn.Module]]:
     controls, and variants that reach the code paths the defaults do not at test sizes: Ghost BN with
     several (equal and unequal) sub-batches, RoI-shuffle BN with 3 groups, MABN past its warm-up
     (moving averages, renormalization), EvalNorm in its other evaluation modes."""
+    from d2_bnstats.layers.batch_channel_norm import BatchChannelNorm2d, WSBatchChannelNorm2d
     from d2_bnstats.layers.cross_iteration_bn import CrossIterationBatchNorm2d
     from d2_bnstats.layers.evalnorm import EvalNorm2d
     from d2_bnstats.layers.ghost_bn import GhostBatchNorm2d
@@ -299,6 +300,12 @@ def norm_variants(channels: int) -> Dict[str, Callable[[], nn.Module]]:
         "EvalNorm(rule)": lambda: EvalNorm2d(channels, mode="rule"),
         "EvalNorm(fixed)": lambda: EvalNorm2d(channels, mode="fixed", alpha=0.25, beta=0.5),
         "EvalNorm(ema)": lambda: EvalNorm2d(channels, mode="ema"),
+        # Batch-Channel Norm's defaults (32 groups) at 32 channels make groups of one channel, whose
+        # normalization cancels the batch part's per-channel affine: its gradients are exactly zero and
+        # a comparison would weigh rounding noise. Groups of 4 channels, as the layer meets in a model
+        # (256 channels, 32 groups: 8), keep every quantity meaningful.
+        "BCN": lambda: BatchChannelNorm2d(channels, num_groups=max(1, channels // 4)),
+        "BCN+WS": lambda: WSBatchChannelNorm2d(channels, num_groups=max(1, channels // 4)),
     })
     return variants
 
