@@ -47,7 +47,8 @@ def build_settings(args) -> BenchmarkSettings:
             raise SystemExit(f"config overrides must come as KEY VALUE pairs, got {args.opts}")
         s = dataclasses.replace(s, opts=tuple(s.opts) + tuple(args.opts))
     clock = args.clock or ("wall" if args.device.startswith("cuda") else "cpu")
-    return dataclasses.replace(s, clock=clock, memory=not args.no_memory, inference=not args.no_inference,
+    return dataclasses.replace(s, clock=clock, training=not args.no_training, memory=not args.no_memory,
+                               inference=not args.no_inference,
                                precise_bn=not args.no_precise_bn, device=args.device)
 
 
@@ -66,6 +67,7 @@ def main(argv=None):
     p.add_argument("--inference-images", type=int, help="images per inference round, the same for every model (default 32)")
     p.add_argument("--precise-bn-images", nargs="+", type=int, help="n values (default 100 300 1000; the full sizes: 100 1000 10000)")
     p.add_argument("--precise-bn-repeats", type=int, help="repetitions at the smallest n (default 3; fewer at larger n)")
+    p.add_argument("--no-training", action="store_true", help="skip the training timing")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-inference", action="store_true", help="skip the inference timing")
     p.add_argument("--no-precise-bn", action="store_true", help="skip the PreciseBN cost measurement")

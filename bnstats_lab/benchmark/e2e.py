@@ -20,7 +20,9 @@ module; this one holds the settings and runs them all (:func:`run_benchmark`):
 * **Inference** (:mod:`.inference`): seconds per image, one image per call as detectron2's
   evaluation runs it, each model in eval mode on the same images, as a ratio to FrozenBN at every norm
   position (the model BN folds to). Each norm's model first trains ``train_steps`` iterations (EvalNorm
-  records its batch size and learns alpha/beta, MABN fills its buffers). EvalNorm is timed in each of
+  records its batch size and learns alpha/beta, MABN fills its buffers), then gets population
+  statistics estimated on the training batches (PreciseBN), as a deployed model has; a model whose
+  number of detections differs from FrozenBN's is marked as not comparable. EvalNorm is timed in each of
   its evaluation modes; MABN also with its weight centralization folded (deployment). To make every
   model do the same work whatever its weights, ``SCORE_THRESH_TEST`` is 0 (every model returns
   ``DETECTIONS_PER_IMAGE`` boxes, and Mask R-CNN runs its mask head on all of them).
@@ -75,6 +77,7 @@ class BenchmarkSettings:
     iters: int = 2  # per round; with the rounds' interleaving this keeps `make bench` near an hour
     warmup: int = 2
     num_batches: int = 4
+    training: bool = True
     memory: bool = True
     memory_norms: Optional[Tuple[str, ...]] = None  # default: the same as norms
     memory_iters: int = 3
@@ -142,13 +145,14 @@ def _run_arch(settings: BenchmarkSettings, arch: str, out: dict, progress) -> No
     opts = _arch_opts(settings, arch)
     targets = _targets(settings)
     for ipb in settings.ims_per_batch:
-        syncs = {} if is_cuda(settings.device) else None
-        rows = benchmark_training(arch, ipb, settings.norms, settings.repeats, settings.iters, settings.warmup,
-                                  settings.num_batches, opts, settings.clock, progress, targets["train"], syncs)
-        out["train"] += [dataclasses.asdict(r) for r in rows]
-        if syncs is not None:
-            out.setdefault("host_syncs", []).extend(
-                {"arch": arch, "ims_per_batch": ipb, "norm": n, "per_iteration": c} for n, c in syncs.items())
+        if settings.training:
+            syncs = {} if is_cuda(settings.device) else None
+            rows = benchmark_training(arch, ipb, settings.norms, settings.repeats, settings.iters, settings.warmup,
+                                      settings.num_batches, opts, settings.clock, progress, targets["train"], syncs)
+            out["train"] += [dataclasses.asdict(r) for r in rows]
+            if syncs is not None:
+                out.setdefault("host_syncs", []).extend(
+                    {"arch": arch, "ims_per_batch": ipb, "norm": n, "per_iteration": c} for n, c in syncs.items())
         if settings.memory:
             out["memory"] += [dataclasses.asdict(r) for r in _run_memory(settings, arch, ipb, opts, progress)]
     if settings.inference:

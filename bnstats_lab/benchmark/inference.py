@@ -7,12 +7,23 @@ its batch size and learns alpha/beta, MABN fills its buffers). EvalNorm is timed
 evaluation modes, each set on the EvalNorm model before its block runs; MABN and the Weight
 Standardization norms also with their weight transform folded into the convs (deployment, :data:`FOLDS`). ``SCORE_THRESH_TEST`` is 0 (:func:`~.models.load_bench_config`),
 so every model does the same post-processing and mask work whatever its weights.
+
+That holds only while a model's outputs are finite: detectron2 drops boxes with non-finite scores,
+and a model that returns no detections skips the mask head and most of the post-processing. After
+two training steps the running statistics are still near their initial values; a BN model whose
+convs are weight-standardized (unit-variance filters) then normalizes activations whose scale grows
+with every layer, overflows and detects nothing. So every model with population statistics gets
+them estimated on the training batches (:func:`d2_bnstats.precise_bn`) before it is timed, as a
+deployed model has; and every timed block counts its detections: a row whose count differs from its
+reference's is marked not comparable (:func:`mark_incomparable`) and gets no target status.
 """
 import copy
+import statistics
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from d2_bnstats import population_layers, precise_bn
 from d2_bnstats.layers.evalnorm import set_evalnorm_mode
 from d2_bnstats.layers.weight_centralization import fold_weight_centralization
 from d2_bnstats.layers.weight_standardization import fold_weight_standardization
@@ -34,6 +45,9 @@ from .models import (
 from .timing import TimingRow, clock_for, interleave, short_error, summarize, sync
 
 Block = Callable[[], float]
+# Healthy models all return DETECTIONS_PER_IMAGE boxes at score threshold 0, unless non-maximum
+# suppression leaves fewer; a relative difference above this means the models did different work.
+DETECTIONS_TOLERANCE = 0.1
 # Norms whose deployed model differs from the trained one by a weight transform folded into the
 # convs; each is timed as trained and folded.
 FOLDS: Dict[str, Callable] = {"MABN": fold_weight_centralization, "GN+WS": fold_weight_standardization,
@@ -58,26 +72,46 @@ def _row_keys(norm: str, evalnorm_modes: Sequence[str]) -> List[str]:
 
 
 def _timed_inference(model, device: str, inputs: List[dict], now: Callable[[], float],
-                     prepare: Optional[Callable[[], None]] = None) -> Block:
-    """A block that runs ``model`` in eval mode on every input and returns the seconds per image."""
+                     prepare: Optional[Callable[[], None]] = None,
+                     detections: Optional[List[float]] = None) -> Block:
+    """A block that runs ``model`` in eval mode on every input and returns the seconds per image;
+    each run appends its detections per image to ``detections``."""
 
     def run():
         if prepare is not None:
             prepare()
         model.eval()
+        found = 0
         with torch.no_grad():
             sync(device)
             start = now()
             for x in inputs:
-                model([x])
+                found += len(model([x])[0]["instances"])
             sync(device)
-        return (now() - start) / len(inputs)
+            elapsed = now() - start
+        if detections is not None:
+            detections.append(found / len(inputs))
+        return elapsed / len(inputs)
 
     return run
 
 
+def mark_incomparable(rows: Dict[str, TimingRow], detections: Dict[str, List[float]]) -> None:
+    """Mark (in place) each timed row whose models returned another number of detections per image
+    than its reference's: its ratio times different work, so it gets a note and no target status."""
+    for key, row in rows.items():
+        ref = row.reference
+        if row.skipped or not ref or ref == key or key not in detections or ref not in detections:
+            continue
+        mine, theirs = statistics.mean(detections[key]), statistics.mean(detections[ref])
+        if abs(mine - theirs) > DETECTIONS_TOLERANCE * max(theirs, 1.0):
+            row.note = (f"not comparable: {mine:.3g} detections per image against {theirs:.3g} of "
+                        f"{ref} (non-finite outputs?)")
+            row.status, row.meets_target = None, None
+
+
 def _model_blocks(norm: str, model, device: str, inputs: List[dict], now, evalnorm_modes: Sequence[str],
-                  rows: Dict[str, TimingRow]) -> Dict[str, Block]:
+                  rows: Dict[str, TimingRow], detections: Dict[str, List[float]]) -> Dict[str, Block]:
     """The timed blocks of one trained model: EvalNorm per mode, MABN as trained and folded."""
     if norm == "EvalNorm":
         blocks = {}
@@ -85,23 +119,26 @@ def _model_blocks(norm: str, model, device: str, inputs: List[dict], now, evalno
             kw = {"alpha": EVALNORM_FIXED_ALPHA} if m == "fixed" else {}
             set_evalnorm_mode(model, m, **kw)  # checks the mode now rather than mid-timing
             blocks[f"EvalNorm/{m}"] = _timed_inference(
-                model, device, inputs, now, prepare=lambda m=m, kw=kw, model=model: set_evalnorm_mode(model, m, **kw))
+                model, device, inputs, now, prepare=lambda m=m, kw=kw, model=model: set_evalnorm_mode(model, m, **kw),
+                detections=detections.setdefault(f"EvalNorm/{m}", []))
         return blocks
-    blocks = {norm: _timed_inference(model, device, inputs, now)}
+    blocks = {norm: _timed_inference(model, device, inputs, now, detections=detections.setdefault(norm, []))}
     if norm in FOLDS:
         try:  # MABN's fold raises while a conv's centralization ramp has not finished
             folded = copy.deepcopy(model)
             FOLDS[norm](folded)
-            blocks[f"{norm} (folded)"] = _timed_inference(folded, device, inputs, now)
+            key = f"{norm} (folded)"
+            blocks[key] = _timed_inference(folded, device, inputs, now, detections=detections.setdefault(key, []))
         except Exception as e:
             rows[f"{norm} (folded)"].skipped = f"failed: {short_error(e)}"
     return blocks
 
 
 def _inference_blocks(arch, norms, evalnorm_modes, num_images, train_steps, ims_per_batch, opts, now,
-                      rows: Dict[str, TimingRow]) -> Dict[str, Block]:
-    """Train each norm's model ``train_steps`` iterations and return all its timed blocks; a norm that
-    is not available or fails gets the reason in its rows (the reference's failure is raised)."""
+                      rows: Dict[str, TimingRow], detections: Dict[str, List[float]]) -> Dict[str, Block]:
+    """Train each norm's model ``train_steps`` iterations, estimate its population statistics on the
+    training batches, and return all its timed blocks; a norm that is not available or fails gets
+    the reason in its rows (the reference's failure is raised)."""
     blocks: Dict[str, Block] = {}
     inputs = batches = None
     for norm in norms:
@@ -121,7 +158,10 @@ def _inference_blocks(arch, norms, evalnorm_modes, num_images, train_steps, ims_
             trainer = build_trainer(cfg, batches)
             for _ in range(train_steps):
                 trainer.run_step()
-            blocks.update(_model_blocks(norm, trainer.model, cfg.MODEL.DEVICE, inputs, now, evalnorm_modes, rows))
+            if population_layers(trainer.model):
+                precise_bn(trainer.model, batches, len(batches))
+            blocks.update(_model_blocks(norm, trainer.model, cfg.MODEL.DEVICE, inputs, now, evalnorm_modes, rows,
+                                        detections))
         except Exception as e:
             if norm == INFERENCE_REFERENCE:
                 raise
@@ -149,9 +189,10 @@ def benchmark_inference(
 
     norms = with_references(norms, INFERENCE_REFERENCE, INFERENCE_RELATIVE_TO)
     rows: Dict[str, TimingRow] = {}
+    detections: Dict[str, List[float]] = {}
     with EventStorage(0):
         entries = _inference_blocks(arch, norms, evalnorm_modes, num_images, train_steps, ims_per_batch, opts,
-                                    clock_for(clock), rows)
+                                    clock_for(clock), rows, detections)
         if progress is not None:
             progress(f"inference {arch}: {len(entries)} models/modes, {repeats} rounds x {num_images} images")
         for run in entries.values():  # warm-up
@@ -159,4 +200,5 @@ def benchmark_inference(
         times = interleave(entries, repeats, progress)
     summarize(rows, times, INFERENCE_REFERENCE, INFERENCE_TARGETS if targets is None else targets,
               INFERENCE_RELATIVE_TO)
+    mark_incomparable(rows, detections)
     return list(rows.values())

@@ -60,7 +60,7 @@ def _timing_tables(result: dict, tabulate) -> List[str]:
     if result["inference"]:
         parts.append("### Inference: seconds per image, ratio to FrozenBN (same run, interleaved)")
         parts.append(tabulate([[r["arch"], r["norm"], _fmt(r["median_s"], "{:.4f}"), _ratio_cell(r, INFERENCE_REFERENCE),
-                                _interval_cell(r), _target_cell(r), r["skipped"] or ""]
+                                _interval_cell(r), _target_cell(r), r["skipped"] or r.get("note") or ""]
                                for r in result["inference"]],
                               headers=["model", "norm / mode", "s/image", "/ FrozenBN", "95% interval", "target",
                                        "note"],

@@ -129,6 +129,7 @@ class TimingRow:
     status: Optional[str] = None  # "met", "missed", "unresolved" (target_status); None without a target
     rounds: int = 0
     skipped: Optional[str] = None  # "not available: ..." or why it could not be measured
+    note: Optional[str] = None  # measured, but with a caveat (e.g. inference: not comparable work)
     reference: Optional[str] = None  # the row the ratio is to (the table's reference unless said)
     round_s: List[float] = dataclasses.field(default_factory=list)  # per round, in round order: the raw data
 
