@@ -52,6 +52,25 @@ def test_standardize_is_the_papers_equation_with_its_gradient():
     assert torch.autograd.gradcheck(lambda w: standardize(w, 1e-3), (weight,))
 
 
+@pytest.mark.parametrize("shape", [(8, 16, 3, 3), (5, 7, 1, 1), (4, 1, 1, 1), (3, 10)])
+def test_standardize_in_float32_matches_the_float64_equation_and_its_gradient(shape):
+    """The working precision, every weight layout (one value per filter included), output and gradient
+    against the float64 equation differentiated by autograd."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(shape, generator=g) * 0.05 + 0.01
+    upstream = torch.randn(shape, generator=g)
+    w32 = weight.clone().requires_grad_(True)
+    standardize(w32).backward(upstream)
+    w64 = weight.double().requires_grad_(True)
+    n = w64[0].numel()
+    flat = w64.reshape(shape[0], -1)
+    mu = flat.sum(1, keepdim=True) / n
+    ref = ((flat - mu) / torch.sqrt(((flat - mu) ** 2).sum(1, keepdim=True) / n + 1e-5)).reshape(shape)
+    ref.backward(upstream.double())
+    torch.testing.assert_close(standardize(weight).double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w32.grad.double(), w64.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_the_public_codes_variant_differs_by_a_scale_the_next_norm_removes():
     """The authors' code divides by the unbiased std + 1e-5; per filter that is the paper's Ŵ times
     about sqrt((n-1)/n), a constant scale that GN after the conv removes (up to ε)."""
