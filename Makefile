@@ -44,8 +44,8 @@ output/pretrain/r18_gn_fashion_mnist.pkl: | env
 output/pretrain/r18_fashion_mnist_wc.pkl: | env
 	@$(PY) -W ignore tools/pretrain_backbone.py --weight-centralization --output $@ --json $(@:.pkl=.json)
 
-# The whole suite, slow tests included (what CI runs: .ci/run): two pytest-xdist processes; 15.4 minutes measured
-# in a fresh clone beside a 1-thread training run, 9.5 minutes in CI.
+# The whole suite, slow tests included (what CI runs: .ci/run): two pytest-xdist processes; 11.7 minutes measured
+# in a fresh clone on the idle 2-core machine, 15.4 beside a 1-thread training run.
 test: env
 	@$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
