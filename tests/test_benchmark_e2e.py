@@ -125,6 +125,16 @@ def test_rows_whose_models_detect_other_numbers_of_boxes_are_not_comparable():
     assert rows["BN+WS"].note is None and rows["FrozenBN"].note is None and rows["Gone"].note is None
 
 
+def test_switching_every_part_off_is_refused_before_anything_runs(tmp_path, capsys):
+    tool = _load_tool()
+    out = tmp_path / "bench"
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["--no-training", "--no-memory", "--no-inference", "--no-precise-bn", "--output", str(out)])
+    assert exit_info.value.code == 2
+    assert "leave nothing to measure" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_norm_placement():
     # FrozenBN trains in the backbone only (detectron2's default); as the inference reference it is everywhere
     assert norm_overrides("FrozenBN", mask=True) == [

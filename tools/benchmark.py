@@ -79,6 +79,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, help="torch threads (default 1)")
     p.add_argument("--output", default="output/bench", help="folder for results.json, report.md and ratios.png")
     args = p.parse_args(argv)
+    if args.no_training and args.no_memory and args.no_inference and args.no_precise_bn:
+        p.error("--no-training, --no-memory, --no-inference and --no-precise-bn together leave nothing to "
+                "measure: keep at least one of the four parts")
     for name in args.norms or ():
         if not isinstance(name, str) or not name:
             p.error(f"--norms: bad norm name {name!r}")

@@ -21,8 +21,8 @@ module; this one holds the settings and runs them all (:func:`run_benchmark`):
   evaluation runs it, each model in eval mode on the same images, as a ratio to FrozenBN at every norm
   position (the model BN folds to). Each norm's model first trains ``train_steps`` iterations (EvalNorm
   records its batch size and learns alpha/beta, MABN fills its buffers), then gets population
-  statistics estimated on the training batches (PreciseBN), as a deployed model has; a model whose
-  number of detections differs from FrozenBN's is marked as not comparable. EvalNorm is timed in each of
+  statistics estimated on the training batches (PreciseBN), as a deployed model has; a row whose
+  number of detections differs from its reference's is marked as not comparable. EvalNorm is timed in each of
   its evaluation modes; MABN also with its weight centralization folded (deployment). To make every
   model do the same work whatever its weights, ``SCORE_THRESH_TEST`` is 0 (every model returns
   ``DETECTIONS_PER_IMAGE`` boxes, and Mask R-CNN runs its mask head on all of them).
