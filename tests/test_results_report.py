@@ -418,6 +418,43 @@ def test_convergence_check_on_the_batch_size_axis(results):
     assert "| scratch_8img (unconverged) |" in text and "inconclusive (unconverged" in text
 
 
+def test_converged_claims_judge_final_checkpoints_by_the_revised_rule_only(tmp_path):
+    """The converged detectors' claims: one row per final checkpoint cell (the 2-image cell's
+    intermediate checkpoints are not judged), the 8-image cell checked for convergence against the
+    long 2-image cell (same epochs) and not its intermediate checkpoints, and no verdict under the
+    rule before the revision (they were declared with it)."""
+    from bnstats_lab.experiments.claims import converged_claims
+    root = str(tmp_path / "results")
+    base = {"setting": "scratch", "scenes": "d200", "diversity": 2.0, "norm": "EvalNorm"}
+    cells = {  # cell -> (extra factors, ema per seed, evalnorm_learned per seed, detection loss)
+        "scratch_2img_3200it": ({"images_per_batch": 2, "checkpoint": "final"}, [30.0, 32.0, 31.0], [37.0, 40.0, 38.0], 0.50),
+        "scratch_2img_3200it_at800": ({"images_per_batch": 2, "checkpoint": "after 800 iterations"},
+                                      [6.0, 6.5, 5.5], [8.0, 9.5, 7.0], 0.90),
+        "scratch_8img_800it": ({"images_per_batch": 8, "checkpoint": "final"}, [40.0, 41.0, 39.0], [40.1, 41.2, 38.9], 0.52),
+    }
+    for cell, (extra, ema, learned, loss) in cells.items():
+        for seed in range(3):
+            record = make_record("e5", cell, seed, dict(base, **extra),
+                                 {"ema": ema[seed], "evalnorm_learned": learned[seed]}, loss=loss)
+            record["train"]["final_losses"]["detection_loss"] = loss
+            write_record(root, record)
+    records = report.load_records(root)
+    claims = {c.id: c for c in converged_claims("e5", "d200")}
+    assert set(claims) == {"evalnorm-scratch-2img-converged", "evalnorm-finetune-2img-converged",
+                           "evalnorm-8img-equal-converged", "precise-bn-2img-converged", "batch-stats-2img-converged"}
+    rows = report.evaluate_claims(records, [claims["evalnorm-scratch-2img-converged"]])
+    assert [r["cell"] for r in rows] == ["scratch_2img_3200it"]
+    differences = [7.0, 8.0, 7.0]
+    assert rows[0]["difference"]["mean"] == pytest.approx(statistics.mean(differences))
+    assert rows[0]["verdict"] == "holds" and rows[0]["previous_verdict"] is None
+    equal = report.evaluate_claims(records, [claims["evalnorm-8img-equal-converged"]])
+    assert [r["cell"] for r in equal] == ["scratch_8img_800it"]
+    assert "note" not in equal[0]  # 0.52 / 0.50 = 1.04x: converged against the final 2-image cell
+    assert equal[0]["verdict"] == "holds"  # differences +0.1, +0.2, -0.1: 90% interval inside +-0.5
+    text = report.render_markdown(records, [claims["evalnorm-8img-equal-converged"]])
+    assert "| holds | — (declared with the revision) |" in text
+
+
 # ----------------------------------------------------------------------------------------- markdown
 def _table_row(markdown, first_cell):
     rows = [line for line in markdown.splitlines() if line.startswith(f"| {first_cell} |")]

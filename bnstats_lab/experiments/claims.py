@@ -25,7 +25,7 @@ from typing import Any, Mapping, Tuple
 
 from .catalog import BENCHMARK_SCENES
 
-__all__ = ["Claim", "CLAIMS", "e1_claims", "e2_claims", "EVALNORM", "MABN", "PaperTable", "PAPER_TABLES",
+__all__ = ["Claim", "CLAIMS", "converged_claims", "e1_claims", "e2_claims", "EVALNORM", "MABN", "PaperTable", "PAPER_TABLES",
            "RETHINKING", "TrainingsClaim", "TrendClaim", "trend_claims"]
 
 EVALNORM = "Singh & Shrivastava, EvalNorm: Estimating Batch Normalization Statistics for Evaluation, ICCV 2019"
@@ -45,6 +45,8 @@ class Claim:
     strategy_b: str
     expected_sign: int  # +1: a > b; -1: a < b; 0: no difference
     metric: Tuple[str, str] = ("bbox", "AP")
+    # declared with the protocol's revision: judged by the revised rule only
+    declared_with_revision: bool = False
 
     def __post_init__(self):
         if self.expected_sign not in (-1, 0, 1):
@@ -190,7 +192,32 @@ def trend_claims(experiment: str = "e1") -> Tuple[TrendClaim, ...]:
     )
 
 
-CLAIMS: Tuple[Any, ...] = e1_claims() + e2_claims() + trend_claims()
+CONVERGED_SUFFIX = "-converged"
+
+
+def converged_claims(experiment: str = "e5", scenes: Any = BENCHMARK_SCENES) -> Tuple[Claim, ...]:
+    """E1's claims judged again on the converged detectors of ``experiment`` (4x the schedule at 2
+    images, the same epochs at 8), on their final checkpoints; the id gains ``-converged``. Only the
+    claims whose two strategies those cells evaluate (not offline EvalNorm)."""
+    out = []
+    for claim in e1_claims(experiment, scenes):
+        if claim.strategy_a == "evalnorm_offline:500":
+            continue
+        out.append(dataclasses.replace(
+            claim, id=claim.id + CONVERGED_SUFFIX, factors=dict(claim.factors, checkpoint="final"),
+            declared_with_revision=True,
+            text=claim.text + " Judged on detectors trained to convergence (3200 iterations at 2 images, "
+                              "800 at 8: the same epochs)."))
+    return tuple(out)
+
+
+def _each_followed_by_its_converged(claims: Tuple[Claim, ...], converged: Tuple[Claim, ...]) -> Tuple[Claim, ...]:
+    by_id = {c.id[:-len(CONVERGED_SUFFIX)]: c for c in converged}
+    return tuple(x for c in claims for x in ((c, by_id[c.id]) if c.id in by_id else (c,)))
+
+
+CLAIMS: Tuple[Any, ...] = (_each_followed_by_its_converged(e1_claims(), converged_claims()) + e2_claims()
+                           + trend_claims())
 
 
 @dataclasses.dataclass(frozen=True)
