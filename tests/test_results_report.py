@@ -557,6 +557,35 @@ def test_precise_bn_images_figure_when_several_n(tmp_path):
     assert report.make_figures(one_n, str(tmp_path / "fig1")) == {}
 
 
+def test_gain_vs_iterations_figure_for_checkpoints_along_one_training(tmp_path):
+    """Cells that are checkpoints of one training (factor ``checkpoint``, different iterations) get
+    the gain-over-EMA figure, one panel per training; a cell alone at its iterations (the 8-image
+    run) is not a line and gets none."""
+    from bnstats_lab.experiments import report_figures
+    records = []
+    for setting in ("scratch", "finetune"):
+        for iterations, checkpoint in ((800, "after 800 iterations"), (3200, "final")):
+            for seed in (0, 1):
+                record = make_record("e5", f"{setting}_2img_{checkpoint[:5]}", seed,
+                                     {"setting": setting, "images_per_batch": 2, "checkpoint": checkpoint},
+                                     {"ema": 10.0 + iterations / 100, "evalnorm_learned": 12.0 + iterations / 100 + seed})
+                record["train"]["iterations"] = iterations
+                records.append(record)
+    alone = make_record("e5", "scratch_8img", 0, {"setting": "scratch", "images_per_batch": 8, "checkpoint": "final"},
+                        {"ema": 40.0, "evalnorm_learned": 40.1})
+    alone["train"]["iterations"] = 800
+    groups = report_figures._runs_along_iterations(records + [alone], "e5")
+    assert sorted(sorted(g.items()) for g in groups.values()) == [
+        [(800, "finetune_2img_after"), (3200, "finetune_2img_final")],
+        [(800, "scratch_2img_after"), (3200, "scratch_2img_final")]]
+    figures = report.make_figures(records + [alone], str(tmp_path / "fig"))
+    path = [p for p in figures["e5"] if p.endswith("e5_gain_vs_iterations.png")]
+    assert len(path) == 1
+    with open(path[0], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert report_figures._runs_along_iterations([alone], "e5") == {}
+
+
 def test_evalnorm_weights_figure_from_trained_records(tmp_path):
     records = []
     for images in (2, 8):

@@ -13,7 +13,7 @@ from d2_bnstats.outputs import save_figure
 
 from .records import is_number
 from .report_layout import REFERENCE, value_key, varying_factors
-from .report_stats import summarize, trend
+from .report_stats import paired_difference, summarize, trend
 
 __all__ = ["make_figures", "make_trend_figures", "plot_which_norm"]
 
@@ -71,6 +71,9 @@ def _plot_ap_vs_images(summary: List[dict], experiment: str, path: str) -> str:
         _, lines = panels.setdefault(panel, (s["factors"], {}))
         lines.setdefault(s["strategy"], []).append(
             (s["factors"]["images_per_batch"], s["bbox"]["mean"], s["bbox"]["std"] or 0.0))
+    # a panel with one batch size has no line to draw (e.g. a checkpoint taken along a long run)
+    panels = {k: v for k, v in panels.items()
+              if len({p[0] for pts in v[1].values() for p in pts}) > 1} or panels
     sizes = sorted({s["factors"]["images_per_batch"] for s in summary})
     ncols = min(3, len(panels))
     nrows = -(-len(panels) // ncols)
@@ -241,6 +244,67 @@ def _plot_gain_vs_factor(records: Sequence[dict], claim: Any, cells: Sequence[st
     return _save(plt, fig, path)
 
 
+def _iteration(record: Mapping[str, Any]) -> Any:
+    train = record.get("train")
+    return train.get("iterations") if isinstance(train, dict) else None
+
+
+def _runs_along_iterations(records: Sequence[dict], experiment: str) -> Dict[tuple, Dict[int, str]]:
+    """The cells of ``experiment`` that are checkpoints of one training at several iterations:
+    {the factors other than ``checkpoint``: {iterations: cell}}, groups with two iterations or more."""
+    groups: Dict[tuple, Dict[int, str]] = {}
+    for r in records:
+        if r["experiment"] != experiment or "checkpoint" not in r["factors"] or not is_number(_iteration(r)):
+            continue
+        key = tuple(sorted((k, repr(v)) for k, v in r["factors"].items() if k != "checkpoint"))
+        groups.setdefault(key, {})[int(_iteration(r))] = r["cell"]
+    return {k: v for k, v in groups.items() if len(v) > 1}
+
+
+def _plot_gain_vs_iterations(records: Sequence[dict], experiment: str, groups: Dict[tuple, Dict[int, str]],
+                             path: str) -> str:
+    """Per training evaluated along the way (one panel each): each strategy's paired difference to
+    EMA against the iterations trained, per-seed points and the mean with its 95% t interval; the
+    x labels carry EMA's mean box AP, so that the gain reads against how far the detector got."""
+    plt = _pyplot()
+    keys = sorted(groups)
+    varying = [k for k, _ in keys[0] if len({dict(g)[k] for g in keys}) > 1] if len(keys) > 1 else []
+    ema_ap = {s["cell"]: s["bbox"]["mean"] for s in summarize(records, experiment)
+              if s["strategy"] == REFERENCE and s["n"]}
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.9), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        by_iteration = groups[key]
+        xs = sorted(by_iteration)
+        labels = [f"{x}\nEMA {ema_ap[by_iteration[x]]:.1f}" if by_iteration[x] in ema_ap else str(x) for x in xs]
+        strategies = sorted({s["strategy"] for r in records if r["cell"] in by_iteration.values()
+                             and r["experiment"] == experiment for s in r["strategies"]} - {REFERENCE})
+        width = 0.04 * (max(xs) - min(xs))
+        for i, strategy in enumerate(strategies):
+            shift = (i - (len(strategies) - 1) / 2) * width
+            diffs = {x: paired_difference(records, experiment, by_iteration[x], strategy, REFERENCE) for x in xs}
+            shown = [x for x in xs if diffs[x]["n"]]
+            if not shown:
+                continue
+            means = [diffs[x]["mean"] for x in shown]
+            low = [diffs[x]["mean"] - diffs[x]["ci95"][0] if diffs[x]["ci95"] else 0.0 for x in shown]
+            high = [diffs[x]["ci95"][1] - diffs[x]["mean"] if diffs[x]["ci95"] else 0.0 for x in shown]
+            line = ax.errorbar([x + shift for x in shown], means, yerr=[low, high], marker="o", capsize=3,
+                               label=f"{strategy} − {REFERENCE}")
+            for x in shown:
+                ax.scatter([x + shift] * diffs[x]["n"], diffs[x]["values"], s=9, alpha=0.5, color=line[0].get_color())
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_xlabel("iterations trained")
+        ax.set_ylabel(f"box AP difference to {REFERENCE}")
+        ax.set_title(", ".join(f"{k}={dict(key)[k]}" for k in varying).replace("'", "") or experiment, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{experiment}: gain over EMA as training goes on (mean, 95% interval over seeds; dots: seeds)",
+                 fontsize=10)
+    return _save(plt, fig, path)
+
+
 def make_trend_figures(records: Sequence[dict], claims: Sequence[Any], experiments: Sequence[Any],
                        figures_dir: str) -> Dict[str, List[str]]:
     """Per trend claim whose cells have records at two levels or more of its factor,
@@ -270,7 +334,9 @@ def make_figures(records: Sequence[dict], figures_dir: str) -> Dict[str, List[st
     ``<experiment>_discrepancy_vs_diversity.png`` (``discrepancy_l1`` of EMA statistics against the
     factor ``diversity``) when that factor is present with a measured discrepancy, and
     ``<experiment>_ap_vs_precise_bn_images.png`` (PreciseBN(N) against N, EMA as a reference line) when
-    PreciseBN was evaluated with more than one N, and ``<experiment>_evalnorm_alpha_beta.png`` (the learned
+    PreciseBN was evaluated with more than one N, ``<experiment>_gain_vs_iterations.png`` (each strategy's
+    paired difference to EMA against the iterations trained) when cells are checkpoints of one training
+    at several iterations (factor ``checkpoint``), and ``<experiment>_evalnorm_alpha_beta.png`` (the learned
     α̂, β̂ per layer, EvalNorm's Figure 3) when trained records list their EvalNorm layers. Returns
     {experiment: [paths]}."""
     out: Dict[str, List[str]] = {}
@@ -289,6 +355,10 @@ def make_figures(records: Sequence[dict], figures_dir: str) -> Dict[str, List[st
         if trained:
             paths.append(_plot_evalnorm_parameters(
                 trained, experiment, os.path.join(figures_dir, f"{_slug(experiment)}_evalnorm_alpha_beta.png")))
+        along = _runs_along_iterations(records, experiment)
+        if along:
+            paths.append(_plot_gain_vs_iterations(
+                records, experiment, along, os.path.join(figures_dir, f"{_slug(experiment)}_gain_vs_iterations.png")))
         if len(_precise_bn_sizes(summary)) > 1:
             paths.append(_plot_ap_vs_precise_bn_images(
                 summary, experiment, os.path.join(figures_dir, f"{_slug(experiment)}_ap_vs_precise_bn_images.png")))
