@@ -208,6 +208,19 @@ def _plot_evalnorm_parameters(records: Sequence[dict], experiment: str, path: st
 DOSE_STRATEGIES = ("evalnorm_learned", "batch_stats:2", "precise_bn:500")
 
 
+def _differences_with_seeds(ax, by_x: Mapping[float, dict], shift: float, label: str) -> None:
+    """One line of paired differences ({x: paired_difference}): the mean with its 95% t interval
+    (no bar without one) and each seed's value as a dot, shifted by ``shift`` along x."""
+    xs = sorted(by_x)
+    means = [by_x[x]["mean"] for x in xs]
+    low = [by_x[x]["mean"] - by_x[x]["ci95"][0] if by_x[x]["ci95"] else 0.0 for x in xs]
+    high = [by_x[x]["ci95"][1] - by_x[x]["mean"] if by_x[x]["ci95"] else 0.0 for x in xs]
+    line = ax.errorbar([x + shift for x in xs], means, yerr=[low, high], marker="o", capsize=3, label=label)
+    for x in xs:
+        ax.scatter([x + shift] * len(by_x[x]["values"]), by_x[x]["values"], s=9, alpha=0.5,
+                   color=line[0].get_color())
+
+
 def _plot_gain_vs_factor(records: Sequence[dict], claim: Any, cells: Sequence[str], path: str) -> str:
     """Per strategy of :data:`DOSE_STRATEGIES`, its paired difference to the claim's reference
     against the claim's factor: per-seed points and the mean with its 95% t interval."""
@@ -224,16 +237,7 @@ def _plot_gain_vs_factor(records: Sequence[dict], claim: Any, cells: Sequence[st
                 levels[float(level)] = diff
         if not levels:
             continue
-        xs = sorted(levels)
-        shift = offsets[strategy]
-        means = [levels[x]["mean"] for x in xs]
-        low = [levels[x]["mean"] - levels[x]["ci95"][0] if levels[x]["ci95"] else 0.0 for x in xs]
-        high = [levels[x]["ci95"][1] - levels[x]["mean"] if levels[x]["ci95"] else 0.0 for x in xs]
-        line = ax.errorbar([x + shift for x in xs], means, yerr=[low, high], marker="o", capsize=3,
-                           label=f"{strategy} − {claim.strategy_b}")
-        for x in xs:
-            ax.scatter([x + shift] * len(levels[x]["values"]), levels[x]["values"], s=9, alpha=0.5,
-                       color=line[0].get_color())
+        _differences_with_seeds(ax, levels, offsets[strategy], f"{strategy} − {claim.strategy_b}")
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xlabel(f"{claim.x} (appearance diversity of the scenes)" if claim.x == "diversity" else claim.x)
     ax.set_ylabel(f"box AP difference to {claim.strategy_b}")
@@ -282,16 +286,9 @@ def _plot_gain_vs_iterations(records: Sequence[dict], experiment: str, groups: D
         for i, strategy in enumerate(strategies):
             shift = (i - (len(strategies) - 1) / 2) * width
             diffs = {x: paired_difference(records, experiment, by_iteration[x], strategy, REFERENCE) for x in xs}
-            shown = [x for x in xs if diffs[x]["n"]]
-            if not shown:
-                continue
-            means = [diffs[x]["mean"] for x in shown]
-            low = [diffs[x]["mean"] - diffs[x]["ci95"][0] if diffs[x]["ci95"] else 0.0 for x in shown]
-            high = [diffs[x]["ci95"][1] - diffs[x]["mean"] if diffs[x]["ci95"] else 0.0 for x in shown]
-            line = ax.errorbar([x + shift for x in shown], means, yerr=[low, high], marker="o", capsize=3,
-                               label=f"{strategy} − {REFERENCE}")
-            for x in shown:
-                ax.scatter([x + shift] * diffs[x]["n"], diffs[x]["values"], s=9, alpha=0.5, color=line[0].get_color())
+            shown = {x: d for x, d in diffs.items() if d["n"]}
+            if shown:
+                _differences_with_seeds(ax, shown, shift, f"{strategy} − {REFERENCE}")
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_xticks(xs)
         ax.set_xticklabels(labels, fontsize=8)
