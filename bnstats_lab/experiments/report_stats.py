@@ -312,15 +312,15 @@ def _measured_row(base: dict, diff: dict, claim: Any, checked_cell: str, checks:
     """A claim's row with its difference, its ``verdict`` (the revised rule) and ``previous_verdict``
     (the rule before the revision, with its convergence check on the total loss); each inconclusive
     when its convergence check of ``checked_cell`` (the cell the batch-size axis compares) failed."""
+    previous_verdict = None if getattr(claim, "declared_with_revision", False) else spread_verdict(
+        diff["mean"], diff["std"], diff["n"], claim.expected_sign)
     row = dict(base, status="measured", difference=diff, verdict=verdict(diff, claim.expected_sign),
-               previous_verdict=spread_verdict(diff["mean"], diff["std"], diff["n"], claim.expected_sign))
-    if getattr(claim, "declared_with_revision", False):
-        row["previous_verdict"] = None
+               previous_verdict=previous_verdict)
     check = checks["detection"].get(checked_cell)
     if check and not check["converged"]:
         row.update(verdict=INCONCLUSIVE, note=_unconverged(check))
     previous = checks["total"].get(checked_cell)
-    if previous and not previous["converged"] and row["previous_verdict"] is not None:
+    if previous and not previous["converged"] and previous_verdict is not None:
         row.update(previous_verdict=INCONCLUSIVE)
     return row
 
