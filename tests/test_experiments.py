@@ -14,7 +14,7 @@ import pytest
 
 from bnstats_lab.experiments.cell import LOSS_WINDOW, run_folder, training_metrics
 from bnstats_lab.experiments.catalog import default_experiments
-from bnstats_lab.experiments.records import iter_records, read_record, record_path, rows
+from bnstats_lab.experiments.records import initial_weights, iter_records, read_record, record_path, rows
 from bnstats_lab.experiments.spec import Cell, Experiment, evaluation_of
 
 from .conftest import REPO
@@ -72,6 +72,7 @@ def test_runner_records_skips_and_reports_failures(tmp_path, datasets_root):
     assert record["train"]["resumed"] is False
     assert os.path.isfile(os.path.join(folder, "model_final.pth"))
     assert len(record["config_hash"]) == 64 and record["commit"]
+    assert record["initial_weights"] is None  # random init: MODEL.WEIGHTS is empty
     # the learned α̂, β̂ and B of every EvalNorm layer, as the checkpoint holds them, backbone first
     import torch
 
@@ -98,6 +99,7 @@ def test_runner_records_skips_and_reports_failures(tmp_path, datasets_root):
     assert not os.path.exists(record_path(results, "tiny_eval", "evalnorm", 1))
     again = read_record(record_path(results, "tiny_eval", "evalnorm", 0))
     assert again["train"]["checkpoint_of"] == "tiny/evalnorm" and again["train"]["iterations"] == 3
+    assert "initial_weights" in again and again["initial_weights"] == record["initial_weights"]
     assert os.path.getmtime(os.path.join(folder, "model_final.pth")) < os.path.getmtime(path)  # not retrained
     # EMA is deterministic given the checkpoint: the same AP as the training run's own evaluation
     assert again["strategies"][0]["bbox"] == record["strategies"][0]["bbox"]
@@ -261,3 +263,18 @@ def test_intermediate_checkpoint_cells_point_at_kept_checkpoints(tmp_path):
     for cell in e5.cells:
         if cell.checkpoint_iteration is not None:
             assert cell.checkpoint_iteration in e5.cell(cell.checkpoint_of[1]).keep_iterations
+
+
+def test_initial_weights_name_the_file_by_content(tmp_path):
+    import hashlib
+
+    weights = tmp_path / "backbone.pkl"
+    weights.write_bytes(bytes(range(256)) * 5000)  # over one read block
+    entry = initial_weights(str(weights))
+    assert entry == {"path": str(weights), "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+                     "bytes": 256 * 5000}
+    weights.write_bytes(b"re-made")
+    assert initial_weights(str(weights))["sha256"] != entry["sha256"]
+    assert initial_weights("") is None
+    assert initial_weights("detectron2://ImageNetPretrained/MSRA/R-50.pkl") == {
+        "path": "detectron2://ImageNetPretrained/MSRA/R-50.pkl", "sha256": None, "bytes": None}

@@ -491,6 +491,20 @@ def test_markdown_tables_and_not_run(results):
     assert [line for line in text.splitlines() if line.startswith("| **c-")][0].endswith("| not run | not run |")
 
 
+def test_cells_whose_seeds_started_from_different_weights_are_named(results):
+    records = report.load_records(results)
+    assert report.mixed_starting_weights(records) == []  # no record names a weights file
+    for r in records:
+        if r["cell"] == "finetune_2img":
+            r["initial_weights"] = {"path": "backbone.pkl", "sha256": "ab" * 32 if r["seed"] else "cd" * 32, "bytes": 1}
+        elif r["cell"] == "scratch_2img":
+            r["initial_weights"] = {"path": "backbone.pkl", "sha256": "ef" * 32, "bytes": 1}
+    assert report.mixed_starting_weights(records) == [("finetune_2img", 2)]
+    text = report.render_markdown(records, [])
+    assert "Seeds of finetune_2img started from 2 different pre-trained weights files" in text
+    assert "Seeds of scratch_2img" not in text
+
+
 def test_tables_in_the_papers_layout(results):
     from bnstats_lab.experiments.claims import PaperTable
 

@@ -20,7 +20,8 @@ from typing import Dict, List, Optional
 
 from d2_bnstats.d2.losses import DETECTION_LOSS_KEY
 
-from .records import config_hash, evalnorm_parameters, now, source_version, write_record
+from .records import (config_hash, evalnorm_parameters, initial_weights, now, read_record, record_path,
+                      source_version, write_record)
 from .spec import Cell, Experiment
 
 logger = logging.getLogger("bnstats_lab.experiments")
@@ -183,12 +184,31 @@ def recipe_hash(cell: Cell) -> str:
     return config_hash(load_config(cell.config, cell.overrides).dump())
 
 
+def starting_weights(cell: Cell) -> Optional[Dict[str, object]]:
+    """:func:`initial_weights` of the cell's ``MODEL.WEIGHTS``, read before training starts."""
+    from d2_bnstats.d2.train import load_config
+
+    return initial_weights(load_config(cell.config, cell.overrides).MODEL.WEIGHTS)
+
+
+def trained_from(cell: Cell, seed: int, results_root: str) -> Dict[str, object]:
+    """``{"initial_weights": ...}`` as the record of the training an evaluation cell evaluates has it;
+    empty when that record is missing or predates the field (unknown, which is not random init)."""
+    path = record_path(results_root, *cell.checkpoint_of, seed)
+    source = read_record(path) if os.path.isfile(path) else {}
+    return {"initial_weights": source["initial_weights"]} if "initial_weights" in source else {}
+
+
 def run_cell(experiment: Experiment, cell: Cell, seed: int, results_root: str, work_root: str, repo: str = ".") -> dict:
     """Train, evaluate, write and return the record of ``cell`` with ``seed``."""
     start = time.perf_counter()
     source = source_version(repo)  # the code this process runs was loaded now, not when the run ends
     output_dir = run_folder(work_root, experiment.name, cell.name, seed)
     weights = source_checkpoint(cell, seed, work_root)
+    # hashed before training: the file may be re-made while this cell trains; an evaluation started
+    # from what its training cell's record says (the file may have been re-made since)
+    started_from = ({"initial_weights": starting_weights(cell)} if weights is None
+                    else trained_from(cell, seed, results_root))
     if weights is None:
         training = train(cell, seed, output_dir)
     else:  # an evaluation of another cell's checkpoint: its training is that cell's
@@ -206,7 +226,7 @@ def run_cell(experiment: Experiment, cell: Cell, seed: int, results_root: str, w
     record = {
         "experiment": experiment.name, "cell": cell.name, "seed": seed, "factors": cell.factor_dict,
         "config": cell.config, "overrides": list(cell.overrides), "config_hash": recipe_hash(cell),
-        **source, "train": training,
+        **started_from, **source, "train": training,
         "evaluation_seconds": round(time.perf_counter() - evaluation_start, 1),
         "wall_seconds": round(time.perf_counter() - start, 1), "created": now(),
         "strategies": strategy_entries(cell, summary),

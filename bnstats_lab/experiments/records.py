@@ -35,6 +35,7 @@ __all__ = [
     "metric_value",
     "is_number",
     "config_hash",
+    "initial_weights",
     "source_version",
     "now",
 ]
@@ -235,6 +236,21 @@ def rows(records: Iterable[dict]) -> List[dict]:
 def config_hash(config_text: str) -> str:
     """SHA-256 of a full config dump: equal hashes mean the same training recipe."""
     return hashlib.sha256(config_text.encode("utf-8")).hexdigest()
+
+
+def initial_weights(weights: str) -> Optional[Dict[str, object]]:
+    """What a training started from (``MODEL.WEIGHTS``): ``None`` for random init; else the path and,
+    for a local file, its size and SHA-256, so two records can be told to share a pre-trained backbone
+    even when the file at that path is re-made between them (pre-training is not bit-reproducible)."""
+    if not weights:
+        return None
+    if not os.path.isfile(weights):  # a URL or a model-zoo name: only the name is known here
+        return {"path": weights, "sha256": None, "bytes": None}
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": weights, "sha256": digest.hexdigest(), "bytes": os.path.getsize(weights)}
 
 
 def source_version(repo: str) -> Dict[str, object]:

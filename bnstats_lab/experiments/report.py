@@ -25,7 +25,7 @@ verdicts in :mod:`.report_stats`, the figures in :mod:`.report_figures`.
 import argparse
 import os
 import sys
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from d2_bnstats.outputs import write_text
 
@@ -99,6 +99,17 @@ def _missing(cell_recs: List[dict], planned: Optional[Tuple[str, ...]], strategy
     return NOT_RUN
 
 
+def mixed_starting_weights(records: Sequence[dict]) -> List[Tuple[str, int]]:
+    """(cell, number of distinct files) for each cell whose records name more than one pre-trained
+    weights file by content; records without a hash (older ones, random init) are left out."""
+    digests: Dict[str, set] = {}
+    for r in records:
+        digest = (r.get("initial_weights") or {}).get("sha256")
+        if digest:
+            digests.setdefault(r["cell"], set()).add(digest)
+    return [(cell, len(d)) for cell, d in sorted(digests.items()) if len(d) > 1]
+
+
 def _experiment_section(records: List[dict], experiment: str, experiments: Sequence[Any], reference: str,
                         figures: Sequence[str], markdown_dir: str) -> List[str]:
     recs = [r for r in records if r["experiment"] == experiment]
@@ -122,7 +133,9 @@ def _experiment_section(records: List[dict], experiment: str, experiments: Seque
         + (f", seeds {', '.join(map(str, seeds))}" if seeds else "")
         + (f"; commit {', '.join(commits)}" if commits else "")
         + (f"; {dirty} from a tree with uncommitted changes" if dirty else "") + "."
-        + (" Same in every cell: " + ", ".join(f"{k} = {v}" for k, v in constant.items()) + "." if constant else ""))
+        + (" Same in every cell: " + ", ".join(f"{k} = {v}" for k, v in constant.items()) + "." if constant else "")
+        + "".join(f" Seeds of {cell} started from {n} different pre-trained weights files (by SHA-256)."
+                  for cell, n in mixed_starting_weights(recs)))
     planned = [s for _, _, p in cells for s in (p or ())]
     strategies = strategy_order(recs, planned, reference)
     summary = {(s["cell"], s["strategy"]): s for s in summarize(recs, experiment)}
