@@ -177,18 +177,17 @@ def strategy_entries(cell: Cell, summary: dict) -> List[dict]:
     return entries
 
 
-def recipe_hash(cell: Cell) -> str:
-    """Hash of the cell's full training config (the seed and output folder left out)."""
+def recipe(cell: Cell, read_weights: bool = True) -> Dict[str, object]:
+    """The record's ``config_hash`` (of the cell's full training config, the seed and output folder
+    left out) and, with ``read_weights``, its ``initial_weights`` (:func:`initial_weights` of
+    ``MODEL.WEIGHTS``), from one load of the config."""
     from d2_bnstats.d2.train import load_config
 
-    return config_hash(load_config(cell.config, cell.overrides).dump())
-
-
-def starting_weights(cell: Cell) -> Optional[Dict[str, object]]:
-    """:func:`initial_weights` of the cell's ``MODEL.WEIGHTS``, read before training starts."""
-    from d2_bnstats.d2.train import load_config
-
-    return initial_weights(load_config(cell.config, cell.overrides).MODEL.WEIGHTS)
+    cfg = load_config(cell.config, cell.overrides)
+    described = {"config_hash": config_hash(cfg.dump())}
+    if read_weights:
+        described["initial_weights"] = initial_weights(cfg.MODEL.WEIGHTS)
+    return described
 
 
 def trained_from(cell: Cell, seed: int, results_root: str) -> Dict[str, object]:
@@ -205,10 +204,11 @@ def run_cell(experiment: Experiment, cell: Cell, seed: int, results_root: str, w
     source = source_version(repo)  # the code this process runs was loaded now, not when the run ends
     output_dir = run_folder(work_root, experiment.name, cell.name, seed)
     weights = source_checkpoint(cell, seed, work_root)
-    # hashed before training: the file may be re-made while this cell trains; an evaluation started
-    # from what its training cell's record says (the file may have been re-made since)
-    started_from = ({"initial_weights": starting_weights(cell)} if weights is None
-                    else trained_from(cell, seed, results_root))
+    # read before training: the config file or the weights file may change while this cell trains;
+    # an evaluation started from what its training cell's record says (the file may be re-made since)
+    described = recipe(cell, read_weights=weights is None)
+    if weights is not None:
+        described.update(trained_from(cell, seed, results_root))
     if weights is None:
         training = train(cell, seed, output_dir)
     else:  # an evaluation of another cell's checkpoint: its training is that cell's
@@ -225,8 +225,7 @@ def run_cell(experiment: Experiment, cell: Cell, seed: int, results_root: str, w
     summary = evaluate(cell, output_dir, weights)
     record = {
         "experiment": experiment.name, "cell": cell.name, "seed": seed, "factors": cell.factor_dict,
-        "config": cell.config, "overrides": list(cell.overrides), "config_hash": recipe_hash(cell),
-        **started_from, **source, "train": training,
+        "config": cell.config, "overrides": list(cell.overrides), **described, **source, "train": training,
         "evaluation_seconds": round(time.perf_counter() - evaluation_start, 1),
         "wall_seconds": round(time.perf_counter() - start, 1), "created": now(),
         "strategies": strategy_entries(cell, summary),
