@@ -19,6 +19,10 @@ worker. The launcher therefore adopts such orphans (Linux: it is a "child subrea
 workers run) and, when a worker fails, waits briefly for them to end (then ends them) before it
 raises torch's exception, so the last line of a run's output names the rank and the signal or
 error (:func:`collecting_orphans`).
+
+A worker whose function returns leaves no process group behind (:func:`ending_the_process_group`):
+one still alive when the interpreter shuts down can abort the process (gloo's threads still hold
+tensors, "terminate called without an active exception", SIGABRT) after all its work is done.
 """
 import contextlib
 import ctypes
@@ -187,9 +191,25 @@ def _run_tied_to_launcher(launcher_pid, main_func, *args):
     """``main_func(*args)``, in a worker that ends with its launcher (detectron2 calls it in the
     launcher itself for a single process: then there is nothing to watch)."""
     silence_library_noise()
-    if os.getpid() != launcher_pid:
-        exit_with_parent(launcher_pid)
-    return main_func(*args)
+    if os.getpid() == launcher_pid:
+        return main_func(*args)
+    exit_with_parent(launcher_pid)
+    with ending_the_process_group():
+        return main_func(*args)
+
+
+@contextlib.contextmanager
+def ending_the_process_group():
+    """Once the block has returned in every process, destroy the default process group (and with it
+    detectron2's per-machine group), so that none is left for the interpreter's shutdown.
+
+    Only after success: a worker that raises leaves the group as it is, since waiting for the other
+    processes at a barrier could hang where one of them has died; torch ends the run then anyway.
+    """
+    yield
+    if dist.is_available() and dist.is_initialized():
+        comm.synchronize()  # no process destroys the group while another still uses it
+        dist.destroy_process_group()
 
 
 def exit_with_parent(parent_pid: int, poll_interval: float = 0.5) -> None:
@@ -235,7 +255,8 @@ def _cpu_worker(
         raise
     setup_local_process_group(per_machine, machine_rank)
     comm.synchronize()
-    main_func(*args)
+    with ending_the_process_group():
+        main_func(*args)
 
 
 def setup_local_process_group(per_machine: int, machine_rank: int) -> None:
